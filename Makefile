@@ -1,0 +1,32 @@
+# The two set-up commands of the README, and the rest of the project's chores.
+VENV ?= .venv
+BIN := $(VENV)/bin
+export NO_ALBUMENTATIONS_UPDATE := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export HF_HUB_OFFLINE := 1
+
+.PHONY: quickstart test install ui clean
+
+# A virtual environment with torch (CPU/CUDA wheel from pip) and cnnlab in editable mode.
+$(BIN)/cnnlab: pyproject.toml
+	python3 -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(BIN)/cnnlab
+
+# Train the quick-start recipe on the built-in digits, tracked in mlruns/; prints test accuracy and the UI command.
+quickstart: install
+	$(BIN)/cnnlab fit --config recipes/quickstart.yaml
+
+# The whole test suite (what .ci/run runs).
+test: install
+	$(BIN)/python -m pytest
+
+ui: install
+	$(BIN)/cnnlab ui
+
+clean:
+	rm -rf mlruns/*.db mlruns/[0-9]* build *.egg-info

@@ -1,0 +1,196 @@
+"""The DataModule: any source, split once with a fixed seed, augmented by albumentations, batched as uint8.
+
+Batches stay uint8 (N, 3, H, W) until they reach the device; the model normalizes them there, which
+keeps host-to-device copies four times smaller and the logged model self-contained.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing
+import os
+from pathlib import Path
+from typing import Literal
+
+import albumentations as A
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+from cnnlab import UserError
+from cnnlab.sources import BadImageError, Samples, open_image, read_source, stratified_split, synthetic_image
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+PRESETS = ("none", "light", "standard", "strong", "cifar")
+
+
+def resolve_path(path: str) -> Path:
+    """A path as given, else relative to the project root (so recipes work from any directory)."""
+    given = Path(path)
+    return given if given.exists() or given.is_absolute() else PROJECT_ROOT / given
+
+
+def load_augment(augment: str) -> A.BasicTransform:
+    """A preset name (recipes/augment/NAME.yaml) or the path of an albumentations-serialized YAML."""
+    path = resolve_path(f"recipes/augment/{augment}.yaml" if augment in PRESETS else augment)
+    if not path.exists():
+        raise UserError(f"data.augment='{augment}' is neither a preset ({', '.join(PRESETS)}) nor an existing file. "
+                        "Copy a preset from recipes/augment/ and point data.augment at it.")
+    try:
+        return A.load(str(path), data_format="yaml")
+    except Exception as err:
+        raise UserError(f"data.augment='{augment}': {path} is not an albumentations pipeline ({err}). "
+                        "Write it with albumentations.save(transform, path, data_format='yaml').") from None
+
+
+def train_transform(augment: str, image_size: int) -> A.Compose:
+    """Shortest side to image_size, a random square crop, then the preset (which keeps the size)."""
+    return A.Compose([A.SmallestMaxSize(max_size=image_size), A.RandomCrop(image_size, image_size),
+                      load_augment(augment)])
+
+
+def eval_transform(image_size: int, crop_pct: float) -> A.Compose:
+    return A.Compose([A.SmallestMaxSize(max_size=round(image_size / crop_pct)), A.CenterCrop(image_size, image_size)])
+
+
+class ImageDataset(Dataset):
+    """Decodes and augments one sample; a bad image raises (naming the file) or is skipped and counted."""
+
+    def __init__(self, samples: Samples, transform, image_size: int, max_pixels: int, skip_bad: bool):
+        self.samples, self.transform, self.image_size = samples, transform, image_size
+        self.max_pixels, self.skip_bad = max_pixels, skip_bad
+        # Shared with the loader workers (forked), so the main process can count what they skipped.
+        self.bad = multiprocessing.Array(ctypes.c_bool, len(samples), lock=False)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        item = self.samples.items[i]
+        if isinstance(item, int):
+            image = synthetic_image(item, self.image_size)
+        else:
+            try:
+                image, _ = open_image(item, self.max_pixels)
+            except BadImageError as err:
+                if not self.skip_bad:
+                    raise BadImageError(f"{self.samples.name(i)}: {err}. Fix or remove the file, check the source "
+                                        "with `cnnlab data check`, or set data.on_bad_image: skip.") from None
+                self.bad[i] = True
+                return None
+        image = self.transform(image=image)["image"]
+        return torch.from_numpy(image).permute(2, 0, 1).contiguous(), self.samples.labels[i]
+
+
+def collate(batch):
+    batch = [sample for sample in batch if sample is not None]
+    return default_collate(batch) if batch else None
+
+
+class DataModule(L.LightningDataModule):
+    """Image classification data from any source.
+
+    Args:
+        source: ImageFolder root (with train/ val/ test/, or one folder that is split), CSV manifest
+            (path,label[,split]), folder of WebDataset shards, `digits` or `synthetic`.
+        augment: preset name (none, light, standard, strong, cifar) or path of an albumentations YAML.
+        val_fraction, test_fraction: split off the training data (stratified) where the source has no such split.
+        on_bad_image: `error` stops on a bad image and names it; `skip` skips it and counts it.
+        crop_pct: eval resizes the short side to image_size / crop_pct, then center-crops.
+    """
+
+    def __init__(self, source: str = "digits", augment: str = "none", image_size: int = 32, batch_size: int = 64,
+                 num_workers: int | None = None, val_fraction: float = 0.1, test_fraction: float = 0.1,
+                 split_seed: int = 0, on_bad_image: Literal["error", "skip"] = "error",
+                 max_pixels: int = 89_478_485, crop_pct: float | None = None, synthetic_size: int = 2048,
+                 pin_memory: bool = True, persistent_workers: bool = True):
+        super().__init__()
+        self.save_hyperparameters(logger=False)
+        for key, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+            if not 0 <= value < 1:
+                raise UserError(f"data.{key}={value} must be in [0, 1).")
+        if val_fraction + test_fraction >= 1:
+            raise UserError(f"data.val_fraction + data.test_fraction = {val_fraction + test_fraction} leaves no "
+                            "training data. Lower them.")
+        self.source, self.image_size, self.batch_size = source, image_size, batch_size
+        self.crop_pct = crop_pct or (1.0 if image_size <= 64 else 0.875)
+        self.train_tf = train_transform(augment, image_size)  # fail on a bad preset now, not in a worker
+        self.classes, found = read_source(source, synthetic_size)
+        fractions = {s: f for s, f in (("val", val_fraction), ("test", test_fraction)) if s not in found}
+        base = found.get("train", found.get("all"))
+        splits = {**stratified_split(base, fractions, split_seed), **{s: found[s] for s in ("val", "test") if s in found}}
+        self.splits = {name: samples for name, samples in splits.items() if len(samples) or name == "train"}
+        self.datasets: dict[str, ImageDataset] = {}
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def dataset(self, split: str) -> ImageDataset:
+        if split not in self.datasets:
+            if split not in self.splits or not len(self.splits[split]):
+                raise UserError(f"data.source='{self.source}' has no {split} split. Add a {split}/ folder or "
+                                f"set data.{split}_fraction above 0.")
+            transform = self.train_tf if split == "train" else eval_transform(self.image_size, self.crop_pct)
+            self.datasets[split] = ImageDataset(self.splits[split], transform, self.image_size,
+                                                self.hparams.max_pixels, self.hparams.on_bad_image == "skip")
+        return self.datasets[split]
+
+    @property
+    def skipped(self) -> int:
+        """Distinct bad images skipped so far, in every split."""
+        return sum(sum(ds.bad) for ds in self.datasets.values())
+
+    def workers(self) -> int:
+        if self.hparams.num_workers is not None:
+            return self.hparams.num_workers
+        world = self.trainer.world_size if self.trainer else 1
+        return max(1, min(16, len(os.sched_getaffinity(0)) // world))
+
+    def loader(self, split: str, shuffle: bool = False) -> DataLoader:
+        dataset, workers = self.dataset(split), self.workers()
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=workers,
+                          collate_fn=collate, drop_last=shuffle and len(dataset) > self.batch_size,
+                          pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
+                          persistent_workers=self.hparams.persistent_workers and workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self.loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.loader("val") if "val" in self.splits else []
+
+    def test_dataloader(self) -> DataLoader:
+        return self.loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.loader("test")
+
+
+def preview(datamodule: DataModule, path: Path, n: int = 32, seed: int = 0):
+    """A grid of augmented training samples with their class names, saved as PNG; returns the figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    dataset = datamodule.dataset("train")
+    picks = np.random.default_rng(seed).choice(len(dataset), size=min(n, len(dataset)), replace=False)
+    cols = 8
+    fig, axes = plt.subplots((len(picks) + cols - 1) // cols, cols, figsize=(cols * 1.4, 1.6 * ((len(picks) + cols - 1) // cols)),
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, picks):
+        sample = dataset[int(i)]
+        if sample is None:
+            ax.set_title("(skipped)", fontsize=7)
+            continue
+        ax.imshow(sample[0].permute(1, 2, 0).numpy())
+        ax.set_title(datamodule.classes[sample[1]], fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

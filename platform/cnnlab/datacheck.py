@@ -1,0 +1,92 @@
+"""`cnnlab data check SOURCE`: every image of a source opened and decoded, and every problem named."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from cnnlab import UserError
+from cnnlab.sources import BadImageError, Samples, open_image, read_source, scan_folder
+
+MODE_NAMES = {"L": "grey", "LA": "grey+alpha", "RGBA": "RGBA", "CMYK": "CMYK", "P": "palette", "1": "1-bit",
+              "I;16": "16-bit grey", "I;16B": "16-bit grey", "I;16L": "16-bit grey", "I": "32-bit grey",
+              "F": "float grey", "YCbCr": "YCbCr", "PA": "palette+alpha"}
+
+
+def check(source: str, max_pixels: int = 89_478_485) -> dict:
+    """Returns {'splits': {split: n}, 'classes': [...], 'modes': Counter, 'errors': [(where, what)], 'ignored': [...]}."""
+    errors, ignored = [], []
+    path = Path(source)
+    if source not in ("digits", "synthetic") and path.is_dir() and not any(
+            p.name.endswith((".tar", ".tar.gz", ".tgz")) for p in path.iterdir()):
+        scan = scan_folder(path)
+        classes, splits, ignored = scan["classes"], scan["splits"], scan["ignored"]
+        errors += [(str(d), "class folder with no images") for d in scan["empty"]]
+    else:
+        classes, splits = read_source(source)
+    samples = [(split, s, i) for split, s in splits.items() for i in range(len(s))]
+    modes: Counter = Counter()
+
+    def inspect(entry: tuple[str, Samples, int]):
+        _, s, i = entry
+        if isinstance(s.items[i], int):
+            return None, "RGB"
+        try:
+            return None, open_image(s.items[i], max_pixels)[1]
+        except BadImageError as err:
+            return (s.name(i), str(err)), None
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
+        for error, mode in pool.map(inspect, samples, chunksize=64):
+            if error:
+                errors.append(error)
+            else:
+                modes[mode] += 1
+    return {"classes": classes, "splits": {k: len(v) for k, v in splits.items()}, "modes": modes,
+            "errors": errors, "ignored": [str(p) for p in ignored]}
+
+
+def report(source: str, max_pixels: int) -> int:
+    """Print the check and return the exit status: 1 when anything is unusable."""
+    result = check(source, max_pixels)
+    total = sum(result["splits"].values())
+    splits = ", ".join(f"{k} {v:,}" for k, v in result["splits"].items())
+    print(f"{source}: {total:,} images in {len(result['classes'])} classes ({splits})")
+    odd = {m: n for m, n in result["modes"].items() if m != "RGB"}
+    if odd:
+        print("converted to RGB: " + ", ".join(f"{n:,} {MODE_NAMES.get(m, m)} ({m})" for m, n in sorted(odd.items())))
+    if result["ignored"]:
+        shown = ", ".join(result["ignored"][:5]) + (" ..." if len(result["ignored"]) > 5 else "")
+        print(f"ignored (no image extension): {len(result['ignored'])}: {shown}")
+    if not result["errors"]:
+        print("ok: every image is usable")
+        return 0
+    print(f"unusable ({len(result['errors'])}):")
+    for where, what in result["errors"]:
+        print(f"  {where}: {what}")
+    print("Fix or remove them, or train with data.on_bad_image: skip (bad images are then skipped and counted).")
+    return 1
+
+
+def preview_recipe(recipe: str, out: str, n: int) -> int:
+    """`cnnlab data preview --config RECIPE`: augmented training samples of the recipe's data, as a PNG grid."""
+    import yaml
+    from jsonargparse import ArgumentParser
+
+    from cnnlab.data import DataModule, preview
+
+    if not Path(recipe).exists():
+        raise UserError(f"--config {recipe}: no such file.")
+    data = (yaml.safe_load(Path(recipe).read_text()) or {}).get("data") or {}
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(DataModule, "data")
+    try:
+        config = parser.parse_object({"data": data})
+    except Exception as err:
+        raise UserError(f"{recipe}: the data section is not valid: {err}") from None
+    datamodule = parser.instantiate_classes(config).data
+    path = preview(datamodule, Path(out), n)
+    print(f"wrote {path}: {n} augmented training samples of {datamodule.source}")
+    return 0

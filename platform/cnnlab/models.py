@@ -1,0 +1,184 @@
+"""The model zoo: the classic CNN families by name (timm, torchvision where timm lacks one), any timm
+name besides, with an activation swap that reaches every family and a stem for 32 px inputs."""
+
+from __future__ import annotations
+
+import difflib
+import re
+
+import timm
+import torch
+import torchvision
+from timm.layers import activations as timm_acts
+from timm.layers import create_act_layer
+from torch import nn
+
+from cnnlab import UserError
+
+# name: (family, native input px, paper ImageNet top-1 %, where the paper says so)
+CLASSIC = {
+    "alexnet": ("AlexNet", 224, 59.3, "Krizhevsky et al. 2012, Table 2: 1 CNN, 40.7% top-1 error"),
+    "vgg11": ("VGG", 224, 70.4, "Simonyan & Zisserman 2015, Table 3: config A, 29.6% error"),
+    "vgg13": ("VGG", 224, 71.3, "Simonyan & Zisserman 2015, Table 3: config B, 28.7% error"),
+    "vgg16": ("VGG", 224, 74.4, "Simonyan & Zisserman 2015, Table 3: config D, S=[256;512], 25.6% error"),
+    "vgg19": ("VGG", 224, 74.5, "Simonyan & Zisserman 2015, Table 3: config E, S=[256;512], 25.5% error"),
+    "vgg11_bn": ("VGG", 224, None, "BN variant postdates the paper"),
+    "vgg13_bn": ("VGG", 224, None, "BN variant postdates the paper"),
+    "vgg16_bn": ("VGG", 224, None, "BN variant postdates the paper"),
+    "vgg19_bn": ("VGG", 224, None, "BN variant postdates the paper"),
+    "googlenet": ("GoogLeNet", 224, None, "Szegedy et al. 2015, Table 4: top-5 only (89.9%, 1 model, 1 crop)"),
+    "resnet18": ("ResNet", 224, 72.1, "He et al. 2016, Table 2: 27.88% error (10-crop)"),
+    "resnet34": ("ResNet", 224, 75.0, "He et al. 2016, Table 2: 25.03% error (10-crop)"),
+    "resnet50": ("ResNet", 224, 77.2, "He et al. 2016, Table 3: 22.85% error (10-crop)"),
+    "resnet101": ("ResNet", 224, 78.3, "He et al. 2016, Table 3: 21.75% error (10-crop)"),
+    "resnet152": ("ResNet", 224, 78.6, "He et al. 2016, Table 3: 21.43% error (10-crop)"),
+    "densenet121": ("DenseNet", 224, 75.0, "Huang et al. 2017, Table 3: 25.02% error (1 crop)"),
+    "densenet169": ("DenseNet", 224, 76.2, "Huang et al. 2017, Table 3: 23.80% error (1 crop)"),
+    "densenet201": ("DenseNet", 224, 77.4, "Huang et al. 2017, Table 3: 22.58% error (1 crop)"),
+    "inception_v4": ("Inception-v4", 299, 80.0, "Szegedy et al. 2017, Table 2: 20.0% error (1 crop)"),
+    "inception_resnet_v2": ("Inception-ResNet-v2", 299, 80.1, "Szegedy et al. 2017, Table 2: 19.9% error (1 crop)"),
+}
+TORCHVISION = ("alexnet", "googlenet")
+SMALL_INPUT_FAMILIES = "resnet*, densenet*, vgg*, alexnet, googlenet"
+MIN_INPUT = {"inception_v4": 75, "inception_resnet_v2": 75, "alexnet": 63}
+
+# Hidden-unit activations (not the sigmoid/tanh gates of attention blocks), torch's and timm's own.
+ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+               nn.PReLU, nn.Hardswish, timm_acts.GELU, timm_acts.GELUTanh, timm_acts.QuickGELU,
+               timm_acts.Swish, timm_acts.Mish, timm_acts.HardSwish, timm_acts.HardMish, timm_acts.PReLU)
+ACT_CHOICES = ("relu", "relu6", "leaky_relu", "elu", "selu", "celu", "gelu", "silu", "mish", "prelu", "hard_swish")
+
+
+def family_of(name: str) -> str:
+    """'resnet' for resnet50, 'vgg' for vgg16_bn ...: the family a stem adaptation is written for."""
+    match = re.match(r"(resnet|densenet|vgg)\d+(_bn)?$", name)
+    return match.group(1) if match else name
+
+
+def create_model(name: str, num_classes: int = 1000, act: str | None = None, drop_rate: float | None = None,
+                 drop_path_rate: float = 0.0, in_chans: int = 3, small_input: bool = False,
+                 pretrained: bool = False) -> nn.Module:
+    """Build any zoo model; `drop_rate=None` keeps the family's own dropout (AlexNet 0.5, GoogLeNet 0.2)."""
+    if name in TORCHVISION:
+        if drop_path_rate:
+            raise UserError(f"model='{name}' has no stochastic depth: set drop_path_rate to 0 "
+                            "(resnet* supports it).")
+        model = _torchvision_model(name, num_classes, drop_rate, in_chans, pretrained)
+    else:
+        _check_known(name)
+        kwargs = {"drop_rate": drop_rate} if drop_rate is not None else {}
+        if drop_path_rate:
+            kwargs["drop_path_rate"] = drop_path_rate
+        try:
+            model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
+        except TypeError as err:
+            if "drop_path_rate" in str(err):
+                raise UserError(f"model='{name}' has no stochastic depth: set drop_path_rate to 0 "
+                                "(resnet* supports it).") from None
+            raise
+    if small_input:
+        _small_input_stem(name, model)
+    if act is not None:
+        swap_activation(model, act)
+    return model
+
+
+def swap_activation(model: nn.Module, act: str) -> nn.Module:
+    """Replace every hidden activation module with `act` (timm's names: relu, gelu, silu, mish ...)."""
+    try:
+        create_act_layer(act)
+    except KeyError:
+        raise UserError(f"act='{act}' is not a known activation. Choices: {', '.join(ACT_CHOICES)}.") from None
+    for parent in list(model.modules()):
+        for child_name, child in parent.named_children():
+            if isinstance(child, ACTIVATIONS):
+                setattr(parent, child_name, create_act_layer(act, inplace=True))
+    return model
+
+
+def _check_known(name: str) -> None:
+    if timm.is_model(name):
+        return
+    close = difflib.get_close_matches(name, sorted({*CLASSIC, *timm.list_models()}), n=2, cutoff=0.6)
+    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    raise UserError(f"model='{name}' is not a known model.{hint} `cnnlab zoo` lists the architectures.")
+
+
+def _torchvision_model(name, num_classes, drop_rate, in_chans, pretrained) -> nn.Module:
+    kwargs = {"dropout": drop_rate} if drop_rate is not None else {}
+    if name == "googlenet":
+        kwargs.update(aux_logits=False, init_weights=not pretrained)
+    model = getattr(torchvision.models, name)(weights="DEFAULT" if pretrained else None,
+                                              num_classes=1000 if pretrained else num_classes, **kwargs)
+    if pretrained and num_classes != 1000:
+        head = model.fc if name == "googlenet" else model.classifier[-1]
+        new = nn.Linear(head.in_features, num_classes)
+        if name == "googlenet":
+            model.fc = new
+        else:
+            model.classifier[-1] = new
+    if name == "googlenet":
+        # torchvision's GoogLeNet applies relu functionally; a module makes it swappable like every other family.
+        for parent in list(model.modules()):
+            for child_name, child in parent.named_children():
+                if type(child).__name__ == "BasicConv2d":
+                    setattr(parent, child_name, nn.Sequential(child.conv, child.bn, nn.ReLU(inplace=True)))
+    if in_chans != 3:
+        first = model.features[0] if name == "alexnet" else model.conv1[0]
+        replacement = nn.Conv2d(in_chans, first.out_channels, first.kernel_size, first.stride, first.padding,
+                                bias=first.bias is not None)
+        if name == "alexnet":
+            model.features[0] = replacement
+        else:
+            model.conv1[0] = replacement
+    return model
+
+
+def _conv3x3_like(conv: nn.Conv2d) -> nn.Conv2d:
+    return nn.Conv2d(conv.in_channels, conv.out_channels, 3, 1, 1, bias=conv.bias is not None)
+
+
+def _small_input_stem(name: str, model: nn.Module) -> None:
+    """CIFAR-style stem: a stride-1 3x3 first conv and no early pooling, so 32 px keeps spatial detail."""
+    family = family_of(name)
+    if family == "resnet" and isinstance(model.conv1, nn.Conv2d):
+        model.conv1, model.maxpool = _conv3x3_like(model.conv1), nn.Identity()
+    elif family == "densenet":
+        model.features.conv0, model.features.pool0 = _conv3x3_like(model.features.conv0), nn.Identity()
+    elif family == "alexnet":
+        model.features[0] = _conv3x3_like(model.features[0])
+    elif family == "googlenet":
+        model.conv1[0] = _conv3x3_like(model.conv1[0])
+        model.maxpool1, model.maxpool2 = nn.Identity(), nn.Identity()
+    elif family == "vgg":
+        pass  # five 2x2 pools take 32 px to 1x1, and timm's head pools adaptively: nothing to adapt
+    else:
+        need = MIN_INPUT.get(name)
+        size = f" It needs inputs of at least {need} px: upscale with data.image_size (e.g. 96)." if need else ""
+        raise UserError(f"model='{name}' cannot adapt its stem for small inputs (small_input: true).{size} "
+                        f"Families with a small-input stem: {SMALL_INPUT_FAMILIES}.")
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def measure(name: str, image_size: int | None = None, num_classes: int = 1000, small_input: bool = False) -> dict:
+    """Params and multiply-adds of one forward pass, on the meta device (no memory, no weights)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    size = image_size or CLASSIC.get(name, (None, 224))[1]
+    with torch.device("meta"):
+        model = create_model(name, num_classes=num_classes, small_input=small_input).eval()
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            model(torch.empty(1, 3, size, size))
+    return {"params": count_params(model), "gmacs": counter.get_total_flops() / 2e9, "input": size}
+
+
+def zoo_table() -> list[dict]:
+    """One row per classic architecture: params, GMACs at its native size, the paper's top-1."""
+    rows = []
+    for name, (family, _, top1, source) in CLASSIC.items():
+        rows.append({"name": name, "family": family, **measure(name), "paper_top1": top1, "source": source})
+    return rows

@@ -1,0 +1,151 @@
+"""ClassifierModule: one LightningModule for every zoo model, taking uint8 images straight from the loader."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup
+from timm.loss import SoftTargetCrossEntropy
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score)
+
+from cnnlab import UserError
+from cnnlab.models import MIN_INPUT, SMALL_INPUT_FAMILIES, create_model
+
+
+class ClassifierModule(L.LightningModule):
+    """Single-label image classifier around any zoo model.
+
+    Args:
+        model: a zoo name (`cnnlab zoo`) or any timm model name.
+        classes, num_classes, image_size: come from the data (linked by the CLI).
+        act: replace every activation (relu, leaky_relu, elu, gelu, silu, mish, ...).
+        drop_rate, drop_path_rate: dropout before the classifier; stochastic depth (resnet*).
+        small_input: CIFAR-style stem for 32 px inputs.
+        label_smoothing, mixup, cutmix: loss-side regularization (mixup/cutmix alphas; 0 turns them off).
+        optimizer: any torch or timm optimizer by class_path; norms and biases get no weight decay.
+        mean, std: per-channel normalization, applied on the device to 0..255 pixels.
+        channels_last: default on when training on a GPU.
+        compile: wrap the network in torch.compile (mode `compile_mode`).
+    """
+
+    def __init__(self, model: str = "resnet18", classes: list[str] | None = None, num_classes: int = 10,
+                 image_size: int = 224, act: str | None = None, drop_rate: float | None = None,
+                 drop_path_rate: float = 0.0, small_input: bool = False, pretrained: bool = False,
+                 label_smoothing: float = 0.0, mixup: float = 0.0, cutmix: float = 0.0,
+                 optimizer: OptimizerCallable = torch.optim.AdamW,
+                 mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN,
+                 std: tuple[float, float, float] = IMAGENET_DEFAULT_STD,
+                 channels_last: bool | None = None, compile: bool = False, compile_mode: str | None = None):
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer"], logger=False)
+        if classes is not None:
+            num_classes = len(classes)
+        self.classes = classes or [str(i) for i in range(num_classes)]
+        self.net = create_model(model, num_classes=num_classes, act=act, drop_rate=drop_rate,
+                                drop_path_rate=drop_path_rate, small_input=small_input, pretrained=pretrained)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255, persistent=False)
+        self.optimizer = optimizer
+        self.mixup = (Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=label_smoothing,
+                            num_classes=num_classes) if mixup or cutmix else None)
+        self.loss = SoftTargetCrossEntropy() if self.mixup else nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.eval_loss = nn.CrossEntropyLoss()
+        metrics = {"acc": MulticlassAccuracy(num_classes, average="micro"),
+                   "f1": MulticlassF1Score(num_classes, average="macro")}
+        if num_classes >= 5:
+            metrics["top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_metrics = MetricCollection(metrics, prefix="val/", compute_groups=False)
+        self.test_metrics = MetricCollection(metrics, prefix="test/", compute_groups=False).clone()
+        self.confusion = MulticlassConfusionMatrix(num_classes)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """0..255 pixels (uint8 or float, N x 3 x H x W) to the network's normalized float input."""
+        x = (images.float() - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else x
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(self.normalize(images))
+
+    def setup(self, stage: str) -> None:
+        self._check_input_size()
+        on_gpu = self.trainer.accelerator.__class__.__name__ == "CUDAAccelerator"
+        if self.hparams.channels_last is None:
+            self.hparams.channels_last = on_gpu
+        if self.hparams.channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        if self.hparams.mixup or self.hparams.cutmix:
+            batch = getattr(self.trainer.datamodule, "batch_size", 2)
+            if batch % 2:
+                raise UserError(f"data.batch_size={batch} must be even with model.mixup/model.cutmix.")
+        if self.hparams.compile and not isinstance(self.net, torch._dynamo.eval_frame.OptimizedModule):
+            self.net = torch.compile(self.net, mode=self.hparams.compile_mode)
+
+    def _check_input_size(self) -> None:
+        size, name = self.hparams.image_size, self.hparams.model
+        training = self.net.training
+        try:
+            with torch.inference_mode():
+                self.net.eval()(torch.zeros(1, 3, size, size))
+        except RuntimeError as err:
+            need = f" It needs at least {MIN_INPUT[name]} px." if name in MIN_INPUT else ""
+            raise UserError(f"model='{name}' cannot take {size}x{size} inputs ({str(err).splitlines()[0]}).{need} "
+                            f"Raise data.image_size, or for 32 px inputs set model.small_input: true with one of "
+                            f"{SMALL_INPUT_FAMILIES}.") from None
+        finally:
+            self.net.train(training)
+
+    def training_step(self, batch, batch_idx):
+        if batch is None:  # every image of this batch was bad and skipped
+            return None
+        images, targets = batch
+        x = self.normalize(images)
+        if self.mixup:
+            x, soft_targets = self.mixup(x, targets)
+            loss = self.loss(self.net(x), soft_targets)
+        else:
+            logits = self.net(x)
+            loss = self.loss(logits, targets)
+            self.train_acc(logits, targets)
+            self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
+        return loss
+
+    def _evaluate(self, batch, metrics: MetricCollection, stage: str):
+        if batch is None:
+            return None
+        images, targets = batch
+        logits = self(images)
+        self.log(f"{stage}/loss", self.eval_loss(logits.float(), targets), prog_bar=stage == "val", sync_dist=True)
+        metrics.update(logits, targets)
+        self.log_dict(metrics, prog_bar=stage == "val")
+        return logits
+
+    def validation_step(self, batch, batch_idx):
+        self._evaluate(batch, self.val_metrics, "val")
+
+    def test_step(self, batch, batch_idx):
+        logits = self._evaluate(batch, self.test_metrics, "test")
+        if logits is not None:
+            self.confusion.update(logits, batch[1])
+
+    def on_test_epoch_end(self) -> None:
+        from cnnlab.tracking import log_confusion
+
+        matrix = self.confusion.compute().cpu()  # collective under DDP: every rank computes
+        self.confusion.reset()
+        per_class = matrix.diag() / matrix.sum(1).clamp(min=1)
+        for name, acc in zip(self.classes, per_class):
+            self.log(f"test/acc_class/{name}", acc.item(), rank_zero_only=True)
+        log_confusion(self.trainer, matrix, self.classes)
+
+    def predict_step(self, batch, batch_idx):
+        return self(batch[0]).float().softmax(-1)
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        return self.optimizer([{"params": [p for p in params if p.ndim > 1]},
+                               {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}])

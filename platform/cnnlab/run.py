@@ -1,0 +1,149 @@
+"""`cnnlab fit|validate|test|predict`: a recipe run through LightningCLI, tracked in MLflow."""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import importlib
+import inspect
+import re
+import warnings
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
+
+from cnnlab import UserError
+from cnnlab.data import DataModule
+from cnnlab.module import ClassifierModule
+from cnnlab.tracking import LogRecipe, Tracking, mlflow_logger, resumable_run
+
+LOGGER = "cnnlab.tracking.MLflowLogger"
+
+
+def trainer_defaults() -> dict:
+    """Defaults a recipe may override: MLflow tracking, and the GPU fast path when there is a GPU."""
+    cuda = torch.cuda.is_available()
+    return {"logger": {"class_path": LOGGER}, "default_root_dir": "mlruns", "log_every_n_steps": 10,
+            "precision": "bf16-mixed" if cuda else "32-true", "benchmark": cuda, "callbacks": [Tracking()]}
+
+
+class CnnlabCLI(LightningCLI):
+    """LightningCLI with the data linked into the model, a best-and-last checkpoint, one MLflow run per
+    fit (resumed with --ckpt_path), and a test of the best checkpoint after every fit."""
+
+    def __init__(self, args=None, run: bool = True, **kwargs):
+        quiet = {"exit_on_error": False}  # errors come back to us, to be explained in one paragraph
+        super().__init__(ClassifierModule, DataModule, save_config_callback=LogRecipe, trainer_defaults=trainer_defaults(),
+                         auto_configure_optimizers=False, args=args, run=run,
+                         parser_kwargs={**quiet, **{name: quiet for name in self.subcommands()}}, **kwargs)
+
+    def parse_arguments(self, parser, args) -> None:
+        from jsonargparse import ArgumentError
+
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            parsers = [parser, *getattr(self, "_subcommand_parsers", {}).values()]
+            keys = [o.lstrip("-") for p in parsers for a in p._actions for o in a.option_strings]
+            raise UserError(explain_recipe_error(str(err), keys)) from None
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("data.classes", "model.classes", apply_on="instantiate")
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.image_size", "model.image_size")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.monitor": "val/acc", "checkpoint.mode": "max", "checkpoint.save_last": True,
+                             "checkpoint.filename": "best", "checkpoint.auto_insert_metric_name": False})
+        parser.add_argument("--test_after_fit", type=bool, default=True,
+                            help="after `fit`, test the best checkpoint on the test split (same MLflow run)")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        logger = config.trainer.logger
+        if getattr(logger, "class_path", None) == LOGGER and logger.init_args.run_name is None and config.get("config"):
+            logger.init_args.run_name = Path(str(config.config[-1])).stem
+
+    def _resume_run(self) -> None:
+        """Continue the MLflow run that wrote the checkpoint we start from."""
+        config, logger = self.config_init[self.subcommand], mlflow_logger(self.trainer)
+        ckpt_path = config.get("ckpt_path")
+        if not ckpt_path or logger is None:
+            return
+        found = resumable_run(str(ckpt_path), logger, logger._run_name, self.trainer.default_root_dir)
+        if found:
+            logger._run_id, config["ckpt_path"] = found
+            rank_zero_info(f"cnnlab: continuing MLflow run {found[0]} from {found[1]}")
+        elif ckpt_path == "last":
+            config["ckpt_path"] = None
+            rank_zero_info(f"cnnlab: no last.ckpt for run '{logger._run_name}' yet: starting a fresh fit")
+
+    def before_fit(self) -> None:
+        self._resume_run()
+        checkpoint = self.trainer.checkpoint_callback
+        if "val" not in self.datamodule.splits and checkpoint.monitor and checkpoint.monitor.startswith("val/"):
+            checkpoint.monitor = None  # nothing to rank by: keep the latest
+
+    before_validate = before_test = before_predict = _resume_run
+
+    def fit(self, model, datamodule, **kwargs) -> None:
+        self.trainer.fit(model, datamodule=datamodule, **kwargs)
+        if self.trainer.interrupted or not self.config_init.fit.test_after_fit or "test" not in datamodule.splits:
+            return
+        best = self.trainer.checkpoint_callback.best_model_path if self.trainer.checkpoint_callback else ""
+        results = self.trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+        logger = mlflow_logger(self.trainer)
+        if self.trainer.is_global_zero and results:
+            summary = ", ".join(f"{k} {v:.4f}" for k, v in sorted(results[0].items()) if k.count("/") == 1)
+            print(f"cnnlab: {summary}" + (f"\ncnnlab: MLflow run {logger.run_id} in {logger._tracking_uri}; "
+                                          "browse it with `cnnlab ui`" if logger else ""))
+
+    def predict(self, model, datamodule, **kwargs) -> None:
+        batches = self.trainer.predict(model, datamodule=datamodule, **kwargs)
+        if not self.trainer.is_global_zero or not batches:
+            return
+        probs = torch.cat(batches)
+        samples = datamodule.splits["test"]
+        out = Path(self.trainer.default_root_dir) / "predictions.csv"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["item", "label", "predicted", "probability"])
+            for i, row in enumerate(probs):
+                writer.writerow([samples.name(i), datamodule.classes[samples.labels[i]],
+                                 datamodule.classes[int(row.argmax())], f"{float(row.max()):.4f}"])
+        accuracy = (probs.argmax(1) == torch.tensor(samples.labels[:len(probs)])).float().mean()
+        print(f"cnnlab: {len(probs)} predictions (top-1 {accuracy:.4f}) written to {out}")
+
+
+def _did_you_mean(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, sorted(set(choices)), n=2, cutoff=0.6)
+    return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+
+
+def explain_recipe_error(message: str, keys: list[str]) -> str:
+    """jsonargparse's error as one paragraph that names the key and the valid choices."""
+    where = re.search(r'Parser key "([^"]+)"', message)
+    prefix = f"recipe key '{where[1]}': " if where else "recipe: "
+    if unknown := re.search(r"does not accept option '([^']+)'", message):
+        return (f"recipe key '{unknown[1]}' is not known.{_did_you_mean(unknown[1], keys)} "
+                "`cnnlab fit --help` lists every key.")
+    option, class_path = re.search(r"Option '(\w+)' is not accepted", message), re.search(r"class_path[ =]'([\w.]+)'", message)
+    if option and class_path:
+        module, _, name = class_path[1].rpartition(".")
+        accepted = [p for p in inspect.signature(getattr(importlib.import_module(module), name)).parameters
+                    if p not in ("self", "params", "args", "kwargs")]
+        return (f"{prefix}{class_path[1]} has no argument '{option[1]}'.{_did_you_mean(option[1], accepted)} "
+                f"It accepts: {', '.join(accepted)}.")
+    if missing := re.search(r"module '([\w.]+)' has no attribute '(\w+)'", message):
+        names = [n for n in dir(importlib.import_module(missing[1])) if n[:1].isupper()]
+        return f"{prefix}{missing[1]}.{missing[2]} does not exist.{_did_you_mean(missing[2], names)}"
+    lines = [line.strip() for line in message.splitlines() if line.strip() and not line.strip().startswith("Given value")]
+    return prefix + " ".join(lines[1:] if where else lines)
+
+
+def run_recipe(argv: list[str]) -> None:
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+    CnnlabCLI(args=argv)

@@ -1,0 +1,221 @@
+"""Reading a `data.source` into labelled samples: ImageFolder roots, CSV manifests, WebDataset shards,
+the built-in `digits` and `synthetic`; decoding one image to RGB uint8 with clear errors."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import tarfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from cnnlab import UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+SPLITS = ("train", "val", "test")
+# open_image enforces data.max_pixels itself; PIL's own warning would only repeat it.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+SOURCE_HELP = "Give an ImageFolder root, a CSV manifest (path,label), a folder of WebDataset shards, 'digits' or 'synthetic'."
+
+
+class BadImageError(UserError):
+    """An image that cannot be used: unreadable, truncated, not an image, or over the pixel limit."""
+
+
+@dataclass
+class Samples:
+    """Items (file paths, encoded bytes, or ints for `synthetic`) with their class indices."""
+
+    items: list
+    labels: list[int]
+    names: list[str] = field(default_factory=list)  # how errors name an item, where it is not a path
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def name(self, i: int) -> str:
+        return self.names[i] if self.names else str(self.items[i])
+
+    def subset(self, index) -> Samples:
+        return Samples([self.items[i] for i in index], [self.labels[i] for i in index],
+                       [self.names[i] for i in index] if self.names else [])
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CNNLAB_CACHE", Path.home() / ".cache" / "cnnlab"))
+
+
+def read_source(source: str, synthetic_size: int = 2048) -> tuple[list[str], dict[str, Samples]]:
+    """Classes and the splits the source itself defines ('all' where it defines none)."""
+    if source == "digits":
+        source = str(digits_folder())
+    if source == "synthetic":
+        return [f"class_{i}" for i in range(10)], {"all": Samples(list(range(synthetic_size)),
+                                                                  [i % 10 for i in range(synthetic_size)])}
+    path = Path(source)
+    if not path.exists():
+        raise UserError(f"data.source='{source}' does not exist. {SOURCE_HELP}")
+    if path.suffix == ".csv":
+        return _read_csv(path)
+    if path.is_dir() and any(p.name.endswith((".tar", ".tar.gz", ".tgz")) for p in path.iterdir()):
+        return _read_shards(path)
+    if path.is_dir():
+        return _read_folder(path)
+    raise UserError(f"data.source='{source}' is a file but not a .csv manifest. {SOURCE_HELP}")
+
+
+def scan_folder(root: Path) -> dict:
+    """An ImageFolder root: classes, splits, and what does not fit (class folders with no images, other files)."""
+    split_dirs = {s: root / s for s in SPLITS if (root / s).is_dir()}
+    if split_dirs and "train" not in split_dirs:
+        raise UserError(f"data.source='{root}' has {'/'.join(split_dirs)}/ but no train/ folder. Add train/.")
+    class_root = split_dirs.get("train", root)
+    classes = sorted(d.name for d in class_root.iterdir() if d.is_dir())
+    if not classes:
+        raise UserError(f"data.source='{root}' has no class folders. An ImageFolder root holds one folder per "
+                        "class (optionally under train/, val/, test/).")
+    scan = {"classes": classes, "splits": {}, "empty": [], "ignored": []}
+    for split, folder in (split_dirs or {"all": root}).items():
+        items, labels = [], []
+        for d in sorted(x for x in folder.iterdir() if x.is_dir()):
+            if d.name not in classes:
+                raise UserError(f"data.source='{root}': class folder {d} is not in train/. "
+                                f"Classes: {', '.join(classes)}.")
+            files = [p for p in sorted(d.rglob("*")) if p.is_file()]
+            images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+            scan["ignored"] += [p for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
+            if not images and split in ("train", "all"):
+                scan["empty"].append(d)
+            items += [str(p) for p in images]
+            labels += [classes.index(d.name)] * len(images)
+        scan["splits"][split] = Samples(items, labels)
+    return scan
+
+
+def _read_folder(root: Path) -> tuple[list[str], dict[str, Samples]]:
+    scan = scan_folder(root)
+    if scan["empty"]:
+        raise UserError(f"data.source='{root}' has a class folder with no images: "
+                        f"{', '.join(map(str, scan['empty']))}. Remove the folder or add images to it.")
+    return scan["classes"], scan["splits"]
+
+
+def _read_csv(manifest: Path) -> tuple[list[str], dict[str, Samples]]:
+    with open(manifest, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or not {"path", "label"} <= set(rows[0]):
+        raise UserError(f"data.source='{manifest}' needs a header with the columns path,label "
+                        "(and optionally split: train/val/test).")
+    names = sorted({r["label"] for r in rows}, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
+    splits: dict[str, Samples] = {}
+    for line, row in enumerate(rows, start=2):
+        split = row.get("split") or "all"
+        if split not in (*SPLITS, "all"):
+            raise UserError(f"data.source='{manifest}' line {line}: split='{split}' must be train, val or test.")
+        target = splits.setdefault(split, Samples([], []))
+        target.items.append(str(manifest.parent / row["path"]))
+        target.labels.append(names.index(row["label"]))
+    return names, splits
+
+
+def _read_shards(folder: Path) -> tuple[list[str], dict[str, Samples]]:
+    """WebDataset shards (`{split}-*.tar[.gz]`, members KEY.jpg + KEY.cls), read once into memory as bytes."""
+    classes_file = folder / "classes.txt"
+    classes = classes_file.read_text().split() if classes_file.exists() else None
+    splits: dict[str, Samples] = {}
+    for shard in sorted(p for p in folder.iterdir() if p.name.endswith((".tar", ".tar.gz", ".tgz"))):
+        split = shard.name.split("-")[0] if shard.name.split("-")[0] in SPLITS else "all"
+        target = splits.setdefault(split, Samples([], [], []))
+        pending: dict[str, dict] = {}
+        try:
+            with tarfile.open(shard, "r:*") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    key, _, ext = member.name.partition(".")
+                    sample = pending.setdefault(key, {})
+                    sample[ext] = tar.extractfile(member).read()
+                    if "cls" in sample and (image := next((e for e in sample if e in ("jpg", "jpeg", "png", "webp")), None)):
+                        target.items.append(sample[image])
+                        target.labels.append(int(sample["cls"]))
+                        target.names.append(f"{shard}:{key}.{image}")
+                        del pending[key]
+        except (tarfile.TarError, OSError, EOFError) as err:
+            raise UserError(f"data.source='{folder}': shard {shard.name} is unreadable ({err}). "
+                            "Check it with `sha256sum -c SHA256SUMS` or remove it.") from None
+    if classes is None:
+        classes = [str(i) for i in range(max(max(s.labels, default=0) for s in splits.values()) + 1)]
+    return classes, splits
+
+
+def digits_folder() -> Path:
+    """scikit-learn's bundled digits (1,797 8x8 images), written once as a PNG ImageFolder."""
+    folder = cache_dir() / "digits"
+    if folder.exists():
+        return folder
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    tmp = folder.with_name(f"digits.tmp{os.getpid()}")
+    for i, (image, label) in enumerate(zip(digits.images, digits.target)):
+        (tmp / str(label)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray((image * 255 / 16).astype(np.uint8)).save(tmp / str(label) / f"{i:04d}.png")
+    try:
+        tmp.rename(folder)  # atomic: several ranks may race to write it
+    except OSError:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def stratified_split(samples: Samples, fractions: dict[str, float], seed: int) -> dict[str, Samples]:
+    """Split per class with a fixed seed, so every split keeps the class balance and never moves."""
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(samples.labels)
+    index = {name: [] for name in ("train", *fractions)}
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        start = 0
+        for name, fraction in fractions.items():
+            n = int(round(len(members) * fraction))
+            index[name] += members[start:start + n].tolist()
+            start += n
+        index["train"] += members[start:].tolist()
+    return {name: samples.subset(sorted(ix)) for name, ix in index.items()}
+
+
+def open_image(item, max_pixels: int) -> tuple[np.ndarray, str]:
+    """Decode a path or encoded bytes to an RGB uint8 array; also returns the original mode."""
+    try:
+        with Image.open(io.BytesIO(item) if isinstance(item, bytes) else item) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise BadImageError(f"{width}x{height} is over data.max_pixels={max_pixels} (a decompression bomb?)")
+            image.load()
+            return to_rgb(image), image.mode
+    except UnidentifiedImageError:
+        raise BadImageError("not an image") from None
+    except Image.DecompressionBombError as err:
+        raise BadImageError(f"over the pixel limit ({err})") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise BadImageError(f"unreadable or truncated ({err})") from None
+
+
+def to_rgb(image: Image.Image) -> np.ndarray:
+    if image.mode == "RGB":
+        return np.asarray(image)
+    if image.mode.startswith("I"):  # 16/32-bit grey: keep the top 8 bits instead of clipping
+        grey = np.asarray(image).astype(np.uint32)
+        grey = (grey >> 8) if grey.max() > 255 else grey
+        return np.repeat(grey.clip(0, 255).astype(np.uint8)[..., None], 3, axis=2)
+    return np.asarray(image.convert("RGB"))
+
+
+def synthetic_image(index: int, size: int) -> np.ndarray:
+    return np.random.default_rng(index).integers(0, 256, (size, size, 3), dtype=np.uint8)

@@ -1,0 +1,66 @@
+"""Shared fixtures: every test works in its own folder with its own MLflow store, and never downloads."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+CIFAR10 = ROOT.parent / "shared" / "data" / "cifar10"
+QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
+
+os.environ.update(HF_HUB_OFFLINE="1", NO_ALBUMENTATIONS_UPDATE="1", MLFLOW_DISABLE_TELEMETRY="true",
+                  PYTHONUNBUFFERED="1")
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache(tmp_path_factory):
+    os.environ["CNNLAB_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """A fresh project folder: `mlruns/` (the default store) lands here."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # mlflow.set_tracking_uri() exports it
+    return tmp_path
+
+
+def cnnlab(*args: str, cwd: Path, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The real command, in a subprocess, on the store of `cwd` unless `env` names another."""
+    base = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # mlflow exports it in-process
+    return subprocess.run([sys.executable, "-m", "cnnlab", *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**base, **(env or {})})
+
+
+def mlflow_client(uri: str | None = None):
+    from mlflow import MlflowClient
+
+    from cnnlab.tracking import default_tracking_uri
+
+    return MlflowClient(uri or default_tracking_uri())
+
+
+def only_run(client, experiment: str = "cnnlab"):
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    runs = client.search_runs([experiment_id])
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    return runs[0]
+
+
+def make_image_folder(root: Path, classes=("cat", "dog"), per_class: int = 6, size: int = 20) -> Path:
+    """A tiny ImageFolder of random RGB images, distinct per class."""
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = np.clip(rng.integers(0, 60, (size, size, 3)) + 90 * c, 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root

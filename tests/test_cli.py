@@ -1,0 +1,83 @@
+"""The command line: every recipe runs, typos are explained, `--help` stays light."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cnnlab.cli import main
+from conftest import QUICKSTART, ROOT
+
+RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml")
+                 if p.parent.name not in ("augment", "spaces", "studies", "tuned"))
+TINY = ["--data.source=synthetic", "--data.synthetic_size=20", "--data.val_fraction=0.5", "--data.test_fraction=0",
+        "--data.batch_size=2", "--data.num_workers=0", "--trainer.fast_dev_run=1", "--trainer.accelerator=cpu",
+        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(ROOT / "recipes")))
+def test_every_recipe_instantiates_and_runs_a_step(recipe, workdir):
+    assert main(["fit", "--config", str(recipe), *TINY]) == 0
+
+
+def test_every_recipe_header_says_how_to_run_it_and_what_to_expect():
+    for recipe in RECIPES:
+        header = recipe.read_text().split("\nseed_everything")[0]
+        assert "cnnlab fit --config recipes/" in header and "Expect:" in header, recipe
+
+
+def test_help_does_not_import_the_heavy_libraries():
+    code = ("import sys; from cnnlab.cli import main\ntry: main(['--help'])\nexcept SystemExit: pass\n"
+            "print(sorted(m for m in ('torch', 'lightning', 'mlflow', 'timm', 'albumentations') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "usage: cnnlab" in out and out.strip().endswith("[]")
+
+
+def test_print_config_shows_the_resolved_recipe(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(QUICKSTART), "--print_config"])
+    out = capsys.readouterr().out
+    assert "model: resnet18" in out and "class_path: cnnlab.callbacks.OneCycle" in out
+
+
+@pytest.mark.parametrize("change, expected", [
+    ("max_epochs: 8", "recipe key 'trainer.max_epoc' is not known. Did you mean 'trainer.max_epochs'"),
+    ("pct_start: 0.25", "OneCycle has no argument 'pct_strat'. Did you mean 'pct_start'? It accepts: max_lr"),
+    ("nesterov: true", "torch.optim.SGD has no argument 'nestrov'. Did you mean 'nesterov'?"),
+    ("torch.optim.SGD", "torch.optim.SDG does not exist. Did you mean 'SGD'?"),
+    ("augment: none", "recipe key 'data.augment'"),
+    ("batch_size: 64", "recipe key 'data.batch_size': Expected a <class 'int'>"),
+])
+def test_recipe_typos_name_the_key_and_the_choices(change, expected, tmp_path, capsys):
+    typo = {"max_epochs: 8": "max_epoc: 8", "pct_start: 0.25": "pct_strat: 0.25", "nesterov: true": "nestrov: true",
+            "torch.optim.SGD": "torch.optim.SDG", "augment: none": "augment: [none]",
+            "batch_size: 64": "batch_size: lots"}[change]
+    recipe = tmp_path / "typo.yaml"
+    recipe.write_text(QUICKSTART.read_text().replace(change, typo))
+    assert main(["fit", "--config", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "usage:" not in err
+
+
+def test_bad_values_get_one_line_with_the_fix(workdir, capsys):
+    assert main(["fit", "--config", str(QUICKSTART), "--model.model=resnet5"]) == 2
+    assert "Did you mean 'resnet50'" in capsys.readouterr().err
+    assert main(["fit", "--config", str(QUICKSTART), "--data.on_bad_image=sk"]) == 2
+    assert "'error', 'skip'" in capsys.readouterr().err
+    assert main(["fit", "--config", str(QUICKSTART), "--model.model=inception_v4", "--model.small_input=false"]) == 2
+    assert "cannot take 16x16 inputs" in capsys.readouterr().err
+
+
+def test_zoo_lists_every_classic_architecture(capsys):
+    assert main(["zoo"]) == 0
+    out = capsys.readouterr().out
+    for name in ("alexnet", "vgg16_bn", "googlenet", "resnet152", "densenet201", "inception_v4", "inception_resnet_v2"):
+        assert f"\n{name} " in out
+    assert "He et al. 2016" in out and "25.56M" in out
+
+
+def test_the_console_script_is_installed():
+    script = Path(sys.executable).parent / "cnnlab"
+    result = subprocess.run([str(script), "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.startswith("cnnlab ")

@@ -1,0 +1,157 @@
+"""Data sources, splits, augmentation presets and bad-data handling."""
+
+import io
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cnnlab import UserError
+from cnnlab.cli import main
+from cnnlab.data import PRESETS, DataModule, load_augment, preview, train_transform
+from conftest import CIFAR10, QUICKSTART, make_image_folder, mlflow_client, only_run
+
+
+def labels_of(dm, split):
+    return sorted(dm.splits[split].labels)
+
+
+def test_image_folder_with_split_folders(tmp_path):
+    for split, n in (("train", 6), ("val", 2), ("test", 3)):
+        make_image_folder(tmp_path / split, per_class=n)
+    dm = DataModule(str(tmp_path), num_workers=0)
+    assert dm.classes == ["cat", "dog"]
+    assert {k: len(v) for k, v in dm.splits.items()} == {"train": 12, "val": 4, "test": 6}
+
+
+def test_single_folder_split_is_stratified_and_fixed(tmp_path):
+    make_image_folder(tmp_path, per_class=20)
+    a = DataModule(str(tmp_path), val_fraction=0.25, test_fraction=0.25, num_workers=0)
+    b = DataModule(str(tmp_path), val_fraction=0.25, test_fraction=0.25, num_workers=0)
+    assert labels_of(a, "val") == [0] * 5 + [1] * 5 and labels_of(a, "test") == [0] * 5 + [1] * 5
+    assert a.splits["val"].items == b.splits["val"].items
+    assert not set(a.splits["train"].items) & set(a.splits["test"].items)
+
+
+def test_csv_manifest_paths_relative_to_the_csv(tmp_path):
+    make_image_folder(tmp_path / "images", per_class=10)
+    rows = ["path,label"] + [f"images/{c}/{i}.png,{c}" for c in ("cat", "dog") for i in range(10)]
+    (tmp_path / "m.csv").write_text("\n".join(rows))
+    dm = DataModule(str(tmp_path / "m.csv"), val_fraction=0.2, test_fraction=0.2, num_workers=0)
+    images, labels = next(iter(dm.loader("train")))
+    assert dm.classes == ["cat", "dog"] and images.dtype == torch.uint8 and images.shape[1:] == (3, 32, 32)
+
+
+def test_webdataset_shards(tmp_path):
+    for split, n in (("train", 8), ("test", 4)):
+        with tarfile.open(tmp_path / f"{split}-00000.tar.gz", "w:gz") as tar:
+            for i in range(n):
+                buf = io.BytesIO()
+                Image.fromarray(np.full((8, 8, 3), 40 * (i % 2), np.uint8)).save(buf, "JPEG")
+                for ext, data in (("jpg", buf.getvalue()), ("cls", str(i % 2).encode())):
+                    info = tarfile.TarInfo(f"{i:05d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    (tmp_path / "classes.txt").write_text("dark\nlight\n")
+    dm = DataModule(str(tmp_path), val_fraction=0.25, num_workers=0, batch_size=4)
+    assert dm.classes == ["dark", "light"]
+    assert {k: len(v) for k, v in dm.splits.items()} == {"train": 6, "val": 2, "test": 4}
+    assert next(iter(dm.test_dataloader()))[0].shape == (4, 3, 32, 32)
+
+
+@pytest.mark.skipif(not CIFAR10.exists(), reason="the shared CIFAR-10 shards are not on this machine")
+def test_cifar10_shards_read_whole_and_balanced():
+    dm = DataModule(str(CIFAR10), num_workers=0)
+    assert dm.classes[:2] == ["airplane", "automobile"]
+    assert {k: len(v) for k, v in dm.splits.items()} == {"train": 45000, "val": 5000, "test": 10000}
+    assert np.bincount(dm.splits["val"].labels).tolist() == [500] * 10
+
+
+def test_digits_is_written_once_as_an_image_folder():
+    dm = DataModule("digits", num_workers=0)
+    assert dm.classes == [str(i) for i in range(10)] and sum(len(s) for s in dm.splits.values()) == 1797
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_presets_load_and_keep_the_size(preset):
+    transform = train_transform(preset, 32)
+    for shape in ((8, 8, 3), (40, 60, 3)):
+        out = transform(image=np.random.randint(0, 255, shape, np.uint8))["image"]
+        assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+
+
+def test_bad_augment_names_the_key():
+    with pytest.raises(UserError, match="data.augment='nope'"):
+        load_augment("nope")
+
+
+def test_preview_writes_a_png_grid(tmp_path, workdir):
+    assert main(["data", "preview", "--config", str(QUICKSTART), "--out", str(tmp_path / "p.png")]) == 0
+    assert Image.open(tmp_path / "p.png").size[0] > 500
+    dm = DataModule("digits", num_workers=0)
+    assert preview(dm, tmp_path / "q.png", n=4).exists()
+
+
+@pytest.fixture
+def bad_folder(tmp_path):
+    root = make_image_folder(tmp_path / "src", classes=("cat", "dog", "lynx"), per_class=4)
+    Image.fromarray(np.zeros((20, 20, 4), np.uint8)).save(root / "cat" / "rgba.png")
+    Image.new("CMYK", (20, 20)).save(root / "dog" / "cmyk.jpg")
+    Image.fromarray(np.full((20, 20), 40000, np.uint16)).save(root / "dog" / "grey16.png")
+    (root / "cat" / "notes.txt").write_text("not an image")
+    (root / "cat" / "fake.jpg").write_text("<html>not an image</html>")
+    full = io.BytesIO()
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(full, "JPEG")
+    (root / "dog" / "truncated.jpg").write_bytes(full.getvalue()[:200])
+    Image.new("L", (400, 300)).save(root / "lynx" / "huge.png")
+    return root
+
+
+def test_data_check_reports_every_kind_of_bad_image(bad_folder, capsys):
+    assert main(["data", "check", str(bad_folder), "--max-pixels", "100000"]) == 1
+    out = capsys.readouterr().out
+    assert "fake.jpg: not an image" in out and "truncated.jpg: unreadable or truncated" in out
+    assert "huge.png: 400x300 is over data.max_pixels=100000" in out
+    assert "1 CMYK" in out and "1 RGBA" in out and "1 16-bit grey" in out and "notes.txt" in out
+    (bad_folder / "cat" / "fake.jpg").unlink()
+    (bad_folder / "dog" / "truncated.jpg").unlink()
+    assert main(["data", "check", str(bad_folder)]) == 0
+
+
+def test_empty_class_folder_is_named(tmp_path, capsys):
+    make_image_folder(tmp_path, per_class=3)
+    (tmp_path / "lynx").mkdir()
+    assert main(["data", "check", str(tmp_path)]) == 1
+    assert "lynx: class folder with no images" in capsys.readouterr().out
+    with pytest.raises(UserError, match="class folder with no images.*lynx.*Remove the folder"):
+        DataModule(str(tmp_path))
+
+
+def test_odd_modes_are_converted_to_rgb(bad_folder):
+    dm = DataModule(str(bad_folder), val_fraction=0, test_fraction=0, num_workers=0)
+    names = dm.splits["train"].items
+    for name in ("rgba.png", "cmyk.jpg", "grey16.png"):
+        image, _ = dm.dataset("train")[next(i for i, n in enumerate(names) if n.endswith(name))]
+        assert image.shape == (3, 32, 32)
+    grey16 = dm.dataset("train")[next(i for i, n in enumerate(names) if n.endswith("grey16.png"))][0]
+    assert int(grey16.float().mean()) == 40000 >> 8  # scaled to 8 bits, not clipped to 255
+
+
+FIT = ["fit", "--data.val_fraction=0", "--data.test_fraction=0", "--data.num_workers=0", "--data.batch_size=64",
+       "--data.image_size=16", "--model.model=resnet18", "--trainer.max_epochs=1", "--trainer.accelerator=cpu",
+       "--trainer.enable_progress_bar=false"]
+
+
+def test_training_on_a_bad_file_names_it(bad_folder, workdir, capsys):
+    assert main([*FIT, f"--data.source={bad_folder}"]) == 2
+    err = capsys.readouterr().err
+    assert "src/cat/fake.jpg: not an image" in err or "truncated.jpg" in err
+    assert "data.on_bad_image: skip" in err and "Traceback" not in err
+
+
+def test_skip_bad_images_counts_them_in_mlflow(bad_folder, workdir):
+    assert main([*FIT, f"--data.source={bad_folder}", "--data.on_bad_image=skip", "--data.max_pixels=100000"]) == 0
+    run = only_run(mlflow_client())
+    assert run.data.metrics["data/skipped_images"] == 3  # fake.jpg, truncated.jpg, huge.png

@@ -1,0 +1,99 @@
+"""Whole fits through the real command: quick-start accuracy and its MLflow run, resume, DDP."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cnnlab.data import DataModule
+from cnnlab.module import ClassifierModule
+from conftest import QUICKSTART, cnnlab, mlflow_client, only_run
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory):
+    """The README's main job, once: `cnnlab fit --config recipes/quickstart.yaml` in a fresh folder."""
+    cwd = tmp_path_factory.mktemp("quickstart")
+    result = cnnlab("fit", "--config", QUICKSTART, cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = mlflow_client(f"sqlite:///{cwd}/mlruns/mlflow.db")
+    return client, only_run(client), result
+
+
+def test_quickstart_reaches_95_percent(quickstart):
+    _, run, result = quickstart
+    assert run.data.metrics["test/acc"] >= 0.95
+    assert "test/acc" in result.stdout and "cnnlab ui" in result.stdout
+
+
+def test_quickstart_run_holds_recipe_params_metrics_checkpoint_and_confusion_matrix(quickstart):
+    client, run, _ = quickstart
+    assert run.info.run_name == "quickstart" and run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["model.model"] == "resnet18" and params["data.source"] == "digits"
+    assert params["model.optimizer.init_args.lr"] == "0.1" and params["trainer.max_epochs"] == "8"
+    assert len(client.get_metric_history(run.info.run_id, "val/acc")) == 8
+    assert len(client.get_metric_history(run.info.run_id, "train/loss_epoch")) == 8
+    assert {"test/acc", "test/f1", "test/top5", "test/loss", "test/acc_class/7"} <= set(run.data.metrics)
+    artifacts = {a.path for top in client.list_artifacts(run.info.run_id)
+                 for a in ([top] if not top.is_dir else client.list_artifacts(run.info.run_id, top.path))}
+    assert {"recipe.yaml", "checkpoints/best.ckpt", "plots/confusion_matrix.png"} <= artifacts
+    recipe = Path(client.download_artifacts(run.info.run_id, "recipe.yaml")).read_text()
+    assert "model: resnet18" in recipe and "OneCycle" in recipe
+
+
+def test_resume_after_a_kill_continues_the_same_mlflow_run(workdir):
+    args = ["fit", "--config", QUICKSTART, "--trainer.max_epochs=4", "--data.num_workers=0",
+            "--trainer.enable_progress_bar=false"]
+    first = subprocess.Popen([sys.executable, "-m", "cnnlab", *map(str, args)], cwd=workdir,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    deadline = time.time() + 300
+    while not list(workdir.glob("mlruns/*/*/checkpoints/last.ckpt")) and time.time() < deadline:
+        assert first.poll() is None, "the fit ended before its first checkpoint"
+        time.sleep(0.2)
+    time.sleep(1.5)  # into the second epoch
+    assert first.poll() is None, "the fit ended before it could be killed mid-epoch"
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    client = mlflow_client()
+    killed = only_run(client)
+    assert killed.info.status == "RUNNING"
+    assert len(client.get_metric_history(killed.info.run_id, "val/acc")) == 1
+
+    resumed = cnnlab(*args, "--ckpt_path", "last", cwd=workdir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    run = only_run(client)
+    assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
+    for key in ("val/acc", "train/loss_epoch"):  # one value per epoch, before and after the kill, in order
+        history = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.timestamp)
+        steps = [m.step for m in history]
+        assert len(steps) == 4 and steps == sorted(set(steps)), (key, steps)
+    assert "test/acc" in run.data.metrics
+
+
+def test_ddp_on_two_cpu_processes_makes_one_run_with_synced_metrics(workdir):
+    result = cnnlab("fit", "--config", QUICKSTART, "--trainer.max_epochs=2", "--trainer.devices=2",
+                    "--trainer.strategy=ddp", "--trainer.accelerator=cpu", "--data.num_workers=0",
+                    "--data.val_fraction=0.25",  # 450 images: an even split over two ranks, no padding
+                    "--trainer.enable_progress_bar=false", cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = mlflow_client()
+    run = only_run(client)
+    logged = client.get_metric_history(run.info.run_id, "val/acc")
+    assert len(logged) == 2
+    # The last checkpoint holds the weights of the last validation: evaluate them on the whole val split alone.
+    last = next(workdir.glob("mlruns/*/*/checkpoints/last.ckpt"))
+    model = ClassifierModule.load_from_checkpoint(last, map_location="cpu").eval()
+    data = DataModule("digits", image_size=16, val_fraction=0.25, test_fraction=0.2, num_workers=0)
+    correct = total = 0
+    with torch.no_grad():
+        for images, labels in data.loader("val"):
+            correct += (model(images).argmax(1) == labels).sum().item()
+            total += len(labels)
+    assert total == 450
+    assert max(logged, key=lambda m: m.step).value == pytest.approx(correct / total, abs=1e-6)

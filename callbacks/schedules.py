@@ -1,6 +1,7 @@
-"""Learning-rate schedules as callbacks: a torch scheduler stepped after every optimizer step, the LR logged.
+"""Learning-rate schedules as callbacks: a torch scheduler stepped after every optimizer step.
 
-Each one restores exactly on resume (closed-form in the step count, state in the checkpoint).
+Each one restores exactly on resume (closed-form in the step count, state in the checkpoint). The LR
+of every step reaches MLflow as `lr` (cnnlab.tracking.Tracking), whichever schedule runs.
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ class _Schedule(Callback):
             self._stepped += 1
             if self._stepped < self.total_steps:
                 self.scheduler.step()
-        pl_module.log("lr", trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
 
     def state_dict(self) -> dict:
         return self.scheduler.state_dict() if self.scheduler is not None else (self._state or {})
@@ -125,7 +125,7 @@ class ReduceOnPlateau(_Schedule):
                                                           patience=self.patience, min_lr=self.min_lr)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        pl_module.log("lr", trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+        pass  # stepped by validation, not by optimizer steps
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or self.scheduler is None:

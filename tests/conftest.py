@@ -40,6 +40,25 @@ def cnnlab(*args: str, cwd: Path, timeout: float = 600, env: dict | None = None)
                           timeout=timeout, env={**base, **(env or {})})
 
 
+def require(variable: str, what: str) -> str:
+    """A service address that .ci/services exports; CI (CNNLAB_REQUIRE_SERVICES=1) fails without it."""
+    value = os.environ.get(variable)
+    if not value:
+        message = f"{what} is not running: `source .ci/services` starts it ({variable})"
+        pytest.fail(message) if os.environ.get("CNNLAB_REQUIRE_SERVICES") else pytest.skip(message)
+    return value
+
+
+@pytest.fixture(scope="session")
+def quickstart(tmp_path_factory):
+    """The README's main job, once per session, registered as `digits`: (folder, client, run)."""
+    cwd = tmp_path_factory.mktemp("quickstart")
+    result = cnnlab("fit", "--config", QUICKSTART, "--register", "digits", cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = mlflow_client(f"sqlite:///{cwd}/mlruns/mlflow.db")
+    return cwd, client, only_run(client), result
+
+
 def mlflow_client(uri: str | None = None):
     from mlflow import MlflowClient
 

@@ -78,7 +78,7 @@ def test_digits_is_written_once_as_an_image_folder():
 def test_presets_load_and_keep_the_size(preset):
     transform = train_transform(preset, 32)
     for shape in ((8, 8, 3), (40, 60, 3)):
-        out = transform(image=np.random.randint(0, 255, shape, np.uint8))["image"]
+        out = transform(np.random.randint(0, 255, shape, np.uint8))
         assert out.shape == (32, 32, 3) and out.dtype == np.uint8
 
 

@@ -15,24 +15,14 @@ from cnnlab.module import ClassifierModule
 from conftest import QUICKSTART, cnnlab, mlflow_client, only_run
 
 
-@pytest.fixture(scope="module")
-def quickstart(tmp_path_factory):
-    """The README's main job, once: `cnnlab fit --config recipes/quickstart.yaml` in a fresh folder."""
-    cwd = tmp_path_factory.mktemp("quickstart")
-    result = cnnlab("fit", "--config", QUICKSTART, cwd=cwd)
-    assert result.returncode == 0, result.stderr[-3000:]
-    client = mlflow_client(f"sqlite:///{cwd}/mlruns/mlflow.db")
-    return client, only_run(client), result
-
-
 def test_quickstart_reaches_95_percent(quickstart):
-    _, run, result = quickstart
+    _, _, run, result = quickstart
     assert run.data.metrics["test/acc"] >= 0.95
     assert "test/acc" in result.stdout and "cnnlab ui" in result.stdout
 
 
 def test_quickstart_run_holds_recipe_params_metrics_checkpoint_and_confusion_matrix(quickstart):
-    client, run, _ = quickstart
+    _, client, run, _ = quickstart
     assert run.info.run_name == "quickstart" and run.info.status == "FINISHED"
     params = run.data.params
     assert params["model.model"] == "resnet18" and params["data.source"] == "digits"
@@ -80,10 +70,11 @@ def test_ddp_on_two_cpu_processes_makes_one_run_with_synced_metrics(workdir):
     result = cnnlab("fit", "--config", QUICKSTART, "--trainer.max_epochs=2", "--trainer.devices=2",
                     "--trainer.strategy=ddp", "--trainer.accelerator=cpu", "--data.num_workers=0",
                     "--data.val_fraction=0.25",  # 450 images: an even split over two ranks, no padding
-                    "--trainer.enable_progress_bar=false", cwd=workdir)
+                    "--trainer.enable_progress_bar=false", "--register", "ddp", cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     client = mlflow_client()
-    run = only_run(client)
+    run = only_run(client)  # rank 0 alone talks to MLflow: one run, one registered version
+    assert [v.run_id for v in client.search_model_versions("name='ddp'")] == [run.info.run_id]
     logged = client.get_metric_history(run.info.run_id, "val/acc")
     assert len(logged) == 2
     # The last checkpoint holds the weights of the last validation: evaluate them on the whole val split alone.

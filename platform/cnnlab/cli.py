@@ -47,9 +47,32 @@ def _ui(args) -> int:
     from cnnlab.tracking import default_tracking_uri
 
     uri = args.backend_store_uri or default_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        raise UserError(f"MLFLOW_TRACKING_URI points at an MLflow server ({uri}): open that address in a browser.")
     print(f"MLflow UI for {uri} at http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
     return subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
                             "--host", args.host, "--port", str(args.port)])
+
+
+def _register(args) -> int:
+    from cnnlab.registry import register
+
+    version = register(args.run_id, args.name)
+    print(f"registered {args.name} v{version.version} from run {args.run_id} (alias challenger); "
+          f"promote it with `cnnlab promote {args.name}`")
+    return 0
+
+
+def _promote(args) -> int:
+    from cnnlab.registry import promote
+
+    return promote(args.name, args.version, args.metric, args.min_delta, args.data, args.force)
+
+
+def _models(args) -> int:
+    from cnnlab.registry import models_table
+
+    return models_table(args.name)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,6 +98,24 @@ def build_parser() -> argparse.ArgumentParser:
     preview.add_argument("--out", default="preview.png", help="where to write the PNG (default: preview.png)")
     preview.add_argument("-n", type=int, default=32, help="how many samples (default: 32)")
     data.set_defaults(func=_data)
+
+    register = commands.add_parser("register", help="register a run's model as a new version (alias challenger)")
+    register.add_argument("run_id", help="the MLflow run id of a finished fit")
+    register.add_argument("--name", required=True, help="the registered model's name")
+    register.set_defaults(func=_register)
+
+    promote = commands.add_parser("promote", help="move the `champion` alias to a version, if it beats the champion")
+    promote.add_argument("name", help="the registered model's name")
+    promote.add_argument("--version", help="the candidate (default: the `challenger` alias, else the latest)")
+    promote.add_argument("--metric", default="test/acc", help="test/acc, test/top5, test/f1 or test/loss")
+    promote.add_argument("--min-delta", type=float, default=0.0, help="how much better the candidate must be")
+    promote.add_argument("--data", help="evaluate on this source's test split instead of the recipe's")
+    promote.add_argument("--force", action="store_true", help="promote even if worse (recorded); also for rollback")
+    promote.set_defaults(func=_promote)
+
+    models = commands.add_parser("models", help="list registered models, versions, aliases and key metrics")
+    models.add_argument("name", nargs="?", help="one model only")
+    models.set_defaults(func=_models)
 
     ui = commands.add_parser("ui", help="open the MLflow UI on the project's store (mlruns/ or MLFLOW_TRACKING_URI)")
     ui.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, this machine only)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import multiprocessing
 import os
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -18,7 +19,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from cnnlab import UserError
-from cnnlab.sources import BadImageError, Samples, open_image, read_source, stratified_split, synthetic_image
+from cnnlab.cnnlab_model import center_crop
+from cnnlab.sources import (BadImageError, Samples, digits_folder, open_image, read_source, stratified_split,
+                            synthetic_image)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PRESETS = ("none", "light", "standard", "strong", "cifar")
@@ -43,14 +46,20 @@ def load_augment(augment: str) -> A.BasicTransform:
                         "Write it with albumentations.save(transform, path, data_format='yaml').") from None
 
 
-def train_transform(augment: str, image_size: int) -> A.Compose:
+def train_transform(augment: str, image_size: int):
     """Shortest side to image_size, a random square crop, then the preset (which keeps the size)."""
-    return A.Compose([A.SmallestMaxSize(max_size=image_size), A.RandomCrop(image_size, image_size),
-                      load_augment(augment)])
+    pipeline = A.Compose([A.SmallestMaxSize(max_size=image_size, area_for_downscale="image"),
+                          A.RandomCrop(image_size, image_size), load_augment(augment)])
+    return partial(_apply, pipeline)
 
 
-def eval_transform(image_size: int, crop_pct: float) -> A.Compose:
-    return A.Compose([A.SmallestMaxSize(max_size=round(image_size / crop_pct)), A.CenterCrop(image_size, image_size)])
+def _apply(pipeline: A.Compose, image):
+    return pipeline(image=image)["image"]
+
+
+def eval_transform(image_size: int, crop_pct: float):
+    """The logged model's own preprocessing, so evaluation here and predictions there see the same pixels."""
+    return partial(center_crop, size=image_size, crop_pct=crop_pct)
 
 
 class ImageDataset(Dataset):
@@ -78,7 +87,7 @@ class ImageDataset(Dataset):
                                         "with `cnnlab data check`, or set data.on_bad_image: skip.") from None
                 self.bad[i] = True
                 return None
-        image = self.transform(image=image)["image"]
+        image = self.transform(image)
         return torch.from_numpy(image).permute(2, 0, 1).contiguous(), self.samples.labels[i]
 
 
@@ -135,6 +144,18 @@ class DataModule(L.LightningDataModule):
             self.datasets[split] = ImageDataset(self.splits[split], transform, self.image_size,
                                                 self.hparams.max_pixels, self.hparams.on_bad_image == "skip")
         return self.datasets[split]
+
+    def describe(self) -> dict:
+        """Dataset fingerprint for tracking: a hash of every split's file list, split sizes, class counts."""
+        source = Path(digits_folder() if self.source == "digits" else self.source).resolve()
+        root = "" if self.source == "synthetic" else str(source.parent if source.suffix == ".csv" else source)
+        counts = [0] * len(self.classes)
+        for samples in self.splits.values():
+            for label in samples.labels:
+                counts[label] += 1
+        return {"fingerprint": "-".join(self.splits[s].fingerprint(root) for s in sorted(self.splits)),
+                "sizes": {s: len(v) for s, v in self.splits.items()},
+                "class_counts": dict(zip(self.classes, counts)), "root": root}
 
     @property
     def skipped(self) -> int:

@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from cnnlab import UserError
 from cnnlab.data import DataModule
 from cnnlab.module import ClassifierModule
-from cnnlab.tracking import LogRecipe, Tracking, mlflow_logger, resumable_run
+from cnnlab.tracking import LogRecipe, Tracking, log_model, mlflow_logger, resumable_run
 
 LOGGER = "cnnlab.tracking.MLflowLogger"
 
@@ -59,6 +59,10 @@ class CnnlabCLI(LightningCLI):
                              "checkpoint.filename": "best", "checkpoint.auto_insert_metric_name": False})
         parser.add_argument("--test_after_fit", type=bool, default=True,
                             help="after `fit`, test the best checkpoint on the test split (same MLflow run)")
+        parser.add_argument("--log_model", type=bool, default=True,
+                            help="after `fit`, log the best weights as an MLflow model (pytorch + raw-image pyfunc)")
+        parser.add_argument("--register", type=str | None, default=None, metavar="NAME",
+                            help="after `fit`, register the logged model as a new version of NAME (alias challenger)")
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -89,16 +93,31 @@ class CnnlabCLI(LightningCLI):
     before_validate = before_test = before_predict = _resume_run
 
     def fit(self, model, datamodule, **kwargs) -> None:
+        """Fit; then test the best checkpoint, log it as an MLflow model and register it, in the same run."""
         self.trainer.fit(model, datamodule=datamodule, **kwargs)
-        if self.trainer.interrupted or not self.config_init.fit.test_after_fit or "test" not in datamodule.splits:
+        if self.trainer.interrupted:
             return
+        config, logger = self.config_init.fit, mlflow_logger(self.trainer)
         best = self.trainer.checkpoint_callback.best_model_path if self.trainer.checkpoint_callback else ""
-        results = self.trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
-        logger = mlflow_logger(self.trainer)
-        if self.trainer.is_global_zero and results:
-            summary = ", ".join(f"{k} {v:.4f}" for k, v in sorted(results[0].items()) if k.count("/") == 1)
-            print(f"cnnlab: {summary}" + (f"\ncnnlab: MLflow run {logger.run_id} in {logger._tracking_uri}; "
-                                          "browse it with `cnnlab ui`" if logger else ""))
+        if config.test_after_fit and "test" in datamodule.splits:
+            results = self.trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+            if self.trainer.is_global_zero and results:
+                print("cnnlab: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(results[0].items()) if k.count("/") == 1))
+        elif best:
+            model.load_state_dict(torch.load(best, map_location=model.device, weights_only=False)["state_dict"])
+        if logger is None or not self.trainer.is_global_zero:
+            return
+        if config.log_model:
+            log_model(logger, model, datamodule)
+        if config.register:
+            from cnnlab.registry import register
+
+            version = register(logger.run_id, config.register)
+            print(f"cnnlab: registered {config.register} v{version.version} (alias challenger); "
+                  f"promote it with `cnnlab promote {config.register}`")
+        where = logger._tracking_uri
+        browse = f"open {where}" if where.startswith("http") else "browse it with `cnnlab ui`"
+        print(f"cnnlab: MLflow run {logger.run_id} in {where}; {browse}")
 
     def predict(self, model, datamodule, **kwargs) -> None:
         batches = self.trainer.predict(model, datamodule=datamodule, **kwargs)

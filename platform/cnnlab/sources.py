@@ -4,6 +4,7 @@ the built-in `digits` and `synthetic`; decoding one image to RGB uint8 with clea
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import os
 import tarfile
@@ -15,6 +16,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from cnnlab import UserError
+from cnnlab.cnnlab_model import to_rgb
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 SPLITS = ("train", "val", "test")
@@ -40,6 +42,25 @@ class Samples:
 
     def name(self, i: int) -> str:
         return self.names[i] if self.names else str(self.items[i])
+
+    def fingerprint(self, root: str = "") -> str:
+        """A hash of the file list (names relative to the source, with labels): same data, same hash."""
+        digest = hashlib.sha256()
+        for i, label in enumerate(self.labels):
+            name = self.name(i)
+            digest.update(f"{os.path.relpath(name, root) if root and not name.isdigit() else name}\t{label}\n".encode())
+        return digest.hexdigest()[:16]
+
+    def raw(self, i: int, image_size: int = 32) -> bytes:
+        """Item i as encoded image bytes, the way a client would send it."""
+        item = self.items[i]
+        if isinstance(item, bytes):
+            return item
+        if isinstance(item, int):
+            buffer = io.BytesIO()
+            Image.fromarray(synthetic_image(item, image_size)).save(buffer, "PNG")
+            return buffer.getvalue()
+        return Path(item).read_bytes()
 
     def subset(self, index) -> Samples:
         return Samples([self.items[i] for i in index], [self.labels[i] for i in index],
@@ -205,16 +226,6 @@ def open_image(item, max_pixels: int) -> tuple[np.ndarray, str]:
         raise BadImageError(f"over the pixel limit ({err})") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise BadImageError(f"unreadable or truncated ({err})") from None
-
-
-def to_rgb(image: Image.Image) -> np.ndarray:
-    if image.mode == "RGB":
-        return np.asarray(image)
-    if image.mode.startswith("I"):  # 16/32-bit grey: keep the top 8 bits instead of clipping
-        grey = np.asarray(image).astype(np.uint32)
-        grey = (grey >> 8) if grey.max() > 255 else grey
-        return np.repeat(grey.clip(0, 255).astype(np.uint8)[..., None], 3, axis=2)
-    return np.asarray(image.convert("RGB"))
 
 
 def synthetic_image(index: int, size: int) -> np.ndarray:

@@ -3,7 +3,11 @@ metrics, the best checkpoint and the test plots; a resumed fit continues its own
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import tempfile
+import time
 from pathlib import Path
 
 import yaml
@@ -91,22 +95,63 @@ class LogRecipe(SaveConfigCallback):
         text = self.parser.dump(self.config, skip_none=False)
         logger.experiment.log_text(logger.run_id, text, "recipe.yaml")
         recipe = yaml.safe_load(text)
-        for key in ("ckpt_path", "config", "register"):
+        for key in ("ckpt_path", "config", "register", "log_model", "test_after_fit"):
             recipe.pop(key, None)
         logger.log_hyperparams(recipe)
 
 
 class Tracking(Callback):
-    """Per-fit bookkeeping: the run's checkpoint folder as a tag, the best checkpoint as an artifact, the
-    count of skipped bad images as a metric."""
+    """Per-fit bookkeeping on rank 0: system info, the dataset fingerprint and an augmentation preview at
+    the start; the LR of every optimizer step; the count of skipped bad images; the best checkpoint."""
+
+    def __init__(self) -> None:
+        self._lrs: list = []
 
     def on_fit_start(self, trainer, pl_module) -> None:
         logger = mlflow_logger(trainer)
-        if logger is not None and trainer.is_global_zero and trainer.checkpoint_callback:
-            logger.experiment.set_tag(logger.run_id, "cnnlab.checkpoint_dir",
-                                      str(Path(trainer.checkpoint_callback.dirpath).resolve()))
+        if logger is None or not trainer.is_global_zero:
+            return
+        client, run_id = logger.experiment, logger.run_id
+        tags = system_info()
+        if trainer.checkpoint_callback:
+            tags["cnnlab.checkpoint_dir"] = str(Path(trainer.checkpoint_callback.dirpath).resolve())
+        datamodule = trainer.datamodule
+        if hasattr(datamodule, "describe"):
+            data = datamodule.describe()
+            tags.update({"cnnlab.data.source": datamodule.source, "cnnlab.data.fingerprint": data["fingerprint"],
+                         "cnnlab.data.sizes": json.dumps(data["sizes"])})
+            counts = json.dumps(data["class_counts"])
+            if len(counts) <= 5000:
+                tags["cnnlab.data.class_counts"] = counts
+            client.log_dict(run_id, data, "data/fingerprint.json")
+            with tempfile.TemporaryDirectory() as tmp:
+                from cnnlab.data import preview
+
+                client.log_artifact(run_id, str(preview(datamodule, Path(tmp) / "augment_preview.png")), "plots")
+        for key, value in tags.items():
+            client.set_tag(run_id, key, value)
+        client.log_text(run_id, pip_freeze(), "system/requirements.txt")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not trainer.is_global_zero or not trainer.optimizers:
+            return
+        self._lrs.append((trainer.global_step, trainer.optimizers[0].param_groups[0]["lr"]))
+        if len(self._lrs) >= trainer.log_every_n_steps:
+            self._flush_lr(trainer)
+
+    def _flush_lr(self, trainer) -> None:
+        logger = mlflow_logger(trainer)
+        if logger is not None and self._lrs:
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            logger.experiment.log_batch(logger.run_id, metrics=[Metric("lr", lr, now, step) for step, lr in self._lrs],
+                                        synchronous=False)
+        self._lrs = []
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            self._flush_lr(trainer)
         datamodule = trainer.datamodule
         if getattr(datamodule, "hparams", {}).get("on_bad_image") == "skip":
             pl_module.log("data/skipped_images", float(datamodule.skipped), reduce_fx="sum", sync_dist=True)
@@ -117,6 +162,66 @@ class Tracking(Callback):
             return
         logger.experiment.log_artifact(logger.run_id, checkpoint.best_model_path, "checkpoints")
         logger.experiment.set_tag(logger.run_id, "cnnlab.best_checkpoint", Path(checkpoint.best_model_path).name)
+
+
+def system_info() -> dict[str, str]:
+    """Versions, hardware and the source commit, as run tags."""
+    import platform
+
+    import torch
+
+    from cnnlab import __version__
+
+    info = {"cnnlab.version": __version__, "sys.python": platform.python_version(), "sys.torch": torch.__version__,
+            "sys.cuda": torch.version.cuda or "none", "sys.host_cpus": str(os.cpu_count()),
+            "sys.gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"}
+    try:
+        root = Path(__file__).resolve().parents[2]
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5)
+        if commit.returncode == 0:
+            info["cnnlab.git_commit"] = commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return info
+
+
+def pip_freeze() -> str:
+    """What `pip freeze` prints, without a subprocess."""
+    from importlib.metadata import distributions
+
+    return "\n".join(sorted({f"{d.metadata['Name']}=={d.version}" for d in distributions() if d.metadata["Name"]},
+                            key=str.lower)) + "\n"
+
+
+def log_model(logger: MLFlowLogger, module, datamodule) -> str:
+    """Log the trained module as an MLflow model (pytorch + raw-image pyfunc); returns its models:/ URI."""
+    import mlflow
+    import torch
+    from mlflow.models import Model
+
+    from cnnlab import cnnlab_model
+
+    split = next(s for s in ("test", "val", "train") if s in datamodule.splits)
+    samples = datamodule.splits[split]
+    examples = [samples.raw(i, datamodule.image_size) for i in range(min(2, len(samples)))] * (2 if len(samples) == 1 else 1)
+    net = module.net
+    if isinstance(net, torch._dynamo.eval_frame.OptimizedModule):
+        module.net = net._orig_mod  # export the plain network, not the compiled wrapper
+    module.eval().cpu()
+    requirements = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", "numpy", "pandas",
+                    "pillow", "opencv-python-headless"]
+    mlflow.set_tracking_uri(logger._tracking_uri)
+    mlflow.set_experiment(experiment_id=logger.experiment_id)  # the logged model belongs beside its run
+    try:
+        info = Model.log(artifact_path=None, name="model", flavor=cnnlab_model, run_id=logger.run_id, pytorch_model=module,
+                         classes=module.classes, image_size=datamodule.image_size, crop_pct=datamodule.crop_pct,
+                         example_images=examples, pip_requirements=requirements)
+    finally:
+        module.net = net
+    logger.experiment.set_tag(logger.run_id, "cnnlab.model_uri", info.model_uri)
+    return info.model_uri
 
 
 def resumable_run(ckpt_path: str, logger: MLflowLogger, run_name: str | None, root: str) -> tuple[str, str] | None:

@@ -89,7 +89,7 @@ def test_bad_augment_names_the_key():
 
 def test_preview_writes_a_png_grid(tmp_path, workdir):
     assert main(["data", "preview", "--config", str(QUICKSTART), "--out", str(tmp_path / "p.png")]) == 0
-    assert Image.open(tmp_path / "p.png").size[0] > 500
+    assert Image.open(tmp_path / "p.png").size == (8 * 100, 4 * 114)
     dm = DataModule("digits", num_workers=0)
     assert preview(dm, tmp_path / "q.png", n=4).exists()
 

@@ -75,6 +75,39 @@ def _models(args) -> int:
     return models_table(args.name)
 
 
+def _tune(args) -> int:
+    from cnnlab import tune
+
+    if args.show:
+        return tune.show(args.show, args.storage)
+    if not args.config or not args.space:
+        raise UserError("cnnlab tune needs --config RECIPE and --space SPACE.yaml (or --show STUDY).")
+    return tune.tune(args.config, args.space, args.n_trials, args.timeout, args.study, args.storage, args.workers,
+                     args.sampler, args.pruner, args.metric, args.direction, args.seed)
+
+
+def _export(args) -> int:
+    from cnnlab.export import export
+
+    export(args.model_uri, args.out, args.format, args.int8, args.calib_batches, args.register)
+    return 0
+
+
+def _compress(args) -> int:
+    from cnnlab.compress import report
+
+    report(args.model_uris, args.threads, args.runs, args.data)
+    return 0
+
+
+def _serve(args) -> int:
+    from cnnlab.serve import serve
+
+    return serve(args.model_uri, args.backend, args.device, args.max_batch_size, args.batch_timeout_ms, args.workers,
+                 args.host, args.port, args.follow_alias, args.poll_seconds, args.api_key_env, args.max_body_bytes,
+                 args.max_pixels, args.threads)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cnnlab", description="Train, tune, track, compress and serve classic "
                                      "CNN image classifiers from one YAML recipe.")
@@ -116,6 +149,58 @@ def build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="list registered models, versions, aliases and key metrics")
     models.add_argument("name", nargs="?", help="one model only")
     models.set_defaults(func=_models)
+
+    tune = commands.add_parser("tune", help="an Optuna study over a recipe: pruned trials, workers, MLflow nesting")
+    tune.add_argument("--config", help="the recipe to tune")
+    tune.add_argument("--space", help="YAML: dotted recipe keys to distributions (see recipes/spaces/)")
+    tune.add_argument("--n-trials", type=int, help="trials to run in this invocation (all workers together)")
+    tune.add_argument("--timeout", type=float, help="start no trial after this many seconds")
+    tune.add_argument("--study", help="study name (default: RECIPE-SPACE); an existing study resumes")
+    tune.add_argument("--storage", help="any SQLAlchemy URL (default: sqlite:///mlruns/optuna.db)")
+    tune.add_argument("--workers", type=int, default=1, help="trials run at once on this machine")
+    tune.add_argument("--sampler", default="tpe", choices=["tpe", "random", "cmaes", "qmc", "grid"])
+    tune.add_argument("--pruner", default="median", choices=["median", "hyperband", "successive_halving", "none"])
+    tune.add_argument("--metric", default="val/acc", help="the validation metric to optimize (default: val/acc)")
+    tune.add_argument("--direction", default="maximize", choices=["maximize", "minimize"])
+    tune.add_argument("--seed", type=int, help="sampler seed")
+    tune.add_argument("--show", metavar="STUDY", help="print a study's leaderboard and exit")
+    tune.set_defaults(func=_tune)
+
+    export = commands.add_parser("export", help="export a model to ONNX (fp32 or int8) or TorchScript, with parity checks")
+    export.add_argument("model_uri", help="models:/NAME@ALIAS, models:/NAME/V, a run id or runs:/RUN_ID, or a .ckpt")
+    export.add_argument("--out", required=True, help="the folder to write")
+    export.add_argument("--format", default="onnx", choices=["onnx", "torchscript"])
+    export.add_argument("--int8", action="store_true", help="static int8 quantization (ONNX Runtime, QOperator)")
+    export.add_argument("--calib-batches", type=int, default=10, help="training batches (of 32) to calibrate on")
+    export.add_argument("--register", metavar="NAME", help="register the ONNX file as a new version of NAME")
+    export.set_defaults(func=_export)
+
+    compress = commands.add_parser("compress", help="compare compressed variants of a model")
+    compress_actions = compress.add_subparsers(dest="action", metavar="ACTION", required=True)
+    compress_report = compress_actions.add_parser("report", help="params, size, CPU latency, top-1 and drop per variant")
+    compress_report.add_argument("model_uris", nargs="+", help="the baseline first, then variants: model URIs, "
+                                 "checkpoints or `cnnlab export` folders")
+    compress_report.add_argument("--threads", type=int, default=2, help="CPU threads for the latency (default: 2)")
+    compress_report.add_argument("--runs", type=int, default=20, help="timed runs at batch 1 (a quarter at 32)")
+    compress_report.add_argument("--data", help="evaluate on this source's test split instead of the baseline's")
+    compress_report.set_defaults(func=_compress)
+
+    serve = commands.add_parser("serve", help="a prediction service (LitServe): batching, alias hot swap, hardening")
+    serve.add_argument("model_uri", help="models:/NAME@ALIAS, models:/NAME/V, a run, a .ckpt or a `cnnlab export` folder")
+    serve.add_argument("--backend", default="onnx", choices=["onnx", "torch"], help="default: onnx (fastest on CPU)")
+    serve.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    serve.add_argument("--max-batch-size", type=int, default=32, help="concurrent requests stacked into one call")
+    serve.add_argument("--batch-timeout-ms", type=float, default=5.0, help="how long a batch waits to fill")
+    serve.add_argument("--workers", type=int, default=1, help="model worker processes")
+    serve.add_argument("--threads", type=int, help="CPU threads per worker (default: cores / workers)")
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (default: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--follow-alias", action="store_true", help="poll the registry and swap when the alias moves")
+    serve.add_argument("--poll-seconds", type=float, default=5.0, help="how often --follow-alias polls")
+    serve.add_argument("--api-key-env", metavar="VAR", help="require the key in this environment variable (401 without)")
+    serve.add_argument("--max-body-bytes", type=int, default=10_000_000, help="larger bodies get 413")
+    serve.add_argument("--max-pixels", type=int, default=40_000_000, help="larger images get 413")
+    serve.set_defaults(func=_serve)
 
     ui = commands.add_parser("ui", help="open the MLflow UI on the project's store (mlruns/ or MLFLOW_TRACKING_URI)")
     ui.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, this machine only)")

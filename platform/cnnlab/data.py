@@ -20,17 +20,10 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from cnnlab import UserError
 from cnnlab.cnnlab_model import center_crop
-from cnnlab.sources import (BadImageError, Samples, digits_folder, open_image, read_source, stratified_split,
-                            synthetic_image)
+from cnnlab.sources import (BadImageError, Samples, digits_folder, open_image, read_source, resolve_path,
+                            stratified_split, synthetic_image)
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PRESETS = ("none", "light", "standard", "strong", "cifar")
-
-
-def resolve_path(path: str) -> Path:
-    """A path as given, else relative to the project root (so recipes work from any directory)."""
-    given = Path(path)
-    return given if given.exists() or given.is_absolute() else PROJECT_ROOT / given
 
 
 def load_augment(augment: str) -> A.BasicTransform:
@@ -147,7 +140,7 @@ class DataModule(L.LightningDataModule):
 
     def describe(self) -> dict:
         """Dataset fingerprint for tracking: a hash of every split's file list, split sizes, class counts."""
-        source = Path(digits_folder() if self.source == "digits" else self.source).resolve()
+        source = (digits_folder() if self.source == "digits" else resolve_path(self.source)).resolve()
         root = "" if self.source == "synthetic" else str(source.parent if source.suffix == ".csv" else source)
         counts = [0] * len(self.classes)
         for samples in self.splits.values():
@@ -188,30 +181,26 @@ class DataModule(L.LightningDataModule):
         return self.loader("test")
 
 
-def preview(datamodule: DataModule, path: Path, n: int = 32, seed: int = 0):
-    """A grid of augmented training samples with their class names, saved as PNG; returns the figure."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def preview(datamodule: DataModule, path: Path, n: int = 32, seed: int = 0, cols: int = 8) -> Path:
+    """A PNG grid of augmented training samples, each captioned with its class name."""
     import numpy as np
+    from PIL import Image, ImageDraw
 
     dataset = datamodule.dataset("train")
     picks = np.random.default_rng(seed).choice(len(dataset), size=min(n, len(dataset)), replace=False)
-    cols = 8
-    fig, axes = plt.subplots((len(picks) + cols - 1) // cols, cols, figsize=(cols * 1.4, 1.6 * ((len(picks) + cols - 1) // cols)),
-                             squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, i in zip(axes.flat, picks):
+    tile = max(96, datamodule.image_size)
+    rows = (len(picks) + cols - 1) // cols
+    grid = Image.new("RGB", (cols * (tile + 4), rows * (tile + 18)), "white")
+    draw = ImageDraw.Draw(grid)
+    for k, i in enumerate(picks):
+        x, y = (k % cols) * (tile + 4), (k // cols) * (tile + 18)
         sample = dataset[int(i)]
         if sample is None:
-            ax.set_title("(skipped)", fontsize=7)
+            draw.text((x + 2, y + tile + 3), "(skipped)", fill="black")
             continue
-        ax.imshow(sample[0].permute(1, 2, 0).numpy())
-        ax.set_title(datamodule.classes[sample[1]], fontsize=7)
-    fig.tight_layout()
+        image = Image.fromarray(sample[0].permute(1, 2, 0).numpy()).resize((tile, tile), Image.NEAREST)
+        grid.paste(image, (x, y))
+        draw.text((x + 2, y + tile + 3), datamodule.classes[sample[1]][:tile // 6], fill="black")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    grid.save(path)
     return path

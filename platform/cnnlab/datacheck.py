@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from cnnlab import UserError
-from cnnlab.sources import BadImageError, Samples, open_image, read_source, scan_folder
+from cnnlab.sources import BadImageError, Samples, open_image, read_source, resolve_path, scan_folder
 
 MODE_NAMES = {"L": "grey", "LA": "grey+alpha", "RGBA": "RGBA", "CMYK": "CMYK", "P": "palette", "1": "1-bit",
               "I;16": "16-bit grey", "I;16B": "16-bit grey", "I;16L": "16-bit grey", "I": "32-bit grey",
@@ -18,7 +18,7 @@ MODE_NAMES = {"L": "grey", "LA": "grey+alpha", "RGBA": "RGBA", "CMYK": "CMYK", "
 def check(source: str, max_pixels: int = 89_478_485) -> dict:
     """Returns {'splits': {split: n}, 'classes': [...], 'modes': Counter, 'errors': [(where, what)], 'ignored': [...]}."""
     errors, ignored = [], []
-    path = Path(source)
+    path = resolve_path(source)
     if source not in ("digits", "synthetic") and path.is_dir() and not any(
             p.name.endswith((".tar", ".tar.gz", ".tgz")) for p in path.iterdir()):
         scan = scan_folder(path)

@@ -55,7 +55,7 @@ class CnnlabCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.image_size", "model.image_size")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.monitor": "val/acc", "checkpoint.mode": "max", "checkpoint.save_last": True,
+        parser.set_defaults({"checkpoint.monitor": "val/acc", "checkpoint.mode": "max", "checkpoint.save_last": "link",
                              "checkpoint.filename": "best", "checkpoint.auto_insert_metric_name": False})
         parser.add_argument("--test_after_fit", type=bool, default=True,
                             help="after `fit`, test the best checkpoint on the test split (same MLflow run)")

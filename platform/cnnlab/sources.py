@@ -67,6 +67,15 @@ class Samples:
                        [self.names[i] for i in index] if self.names else [])
 
 
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def resolve_path(path: str) -> Path:
+    """A path as given, else relative to the project root (so recipes work from any directory)."""
+    given = Path(path)
+    return given if given.exists() or given.is_absolute() or not (PROJECT_ROOT / given).exists() else PROJECT_ROOT / given
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("CNNLAB_CACHE", Path.home() / ".cache" / "cnnlab"))
 
@@ -78,7 +87,7 @@ def read_source(source: str, synthetic_size: int = 2048) -> tuple[list[str], dic
     if source == "synthetic":
         return [f"class_{i}" for i in range(10)], {"all": Samples(list(range(synthetic_size)),
                                                                   [i % 10 for i in range(synthetic_size)])}
-    path = Path(source)
+    path = resolve_path(source)
     if not path.exists():
         raise UserError(f"data.source='{source}' does not exist. {SOURCE_HELP}")
     if path.suffix == ".csv":

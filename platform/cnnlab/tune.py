@@ -1,0 +1,462 @@
+"""`cnnlab tune`: an Optuna study over any recipe, one `cnnlab fit` process per trial, one MLflow parent run.
+
+Each trial draws its values once, here, and writes them into a recipe that a `cnnlab fit` process trains
+(on one device or with DDP alike), with the pruning callback reporting to the study's storage and the MLflow
+logger writing into a run nested under the study's. Several workers share a study through its storage;
+other machines join with the same --study and a PostgreSQL --storage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from cnnlab import UserError
+
+DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
+SAMPLERS = ("tpe", "random", "cmaes", "qmc", "grid")
+PRUNERS = ("median", "hyperband", "successive_halving", "none")
+TYPES = ("float", "int", "categorical")
+
+
+def storage_url(url: str | None) -> str:
+    """The storage URL, sqlite made absolute: trials open it from other processes."""
+    url = url or DEFAULT_STORAGE
+    if url.startswith("sqlite:///"):
+        path = Path(url[len("sqlite:///"):]).resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{path}"
+    return url
+
+
+def open_storage(url: str | None):
+    """Optuna's RDB storage on any SQLAlchemy URL; sqlite waits for locks instead of failing."""
+    import optuna
+
+    url = storage_url(url)
+    kwargs = {"engine_kwargs": {"connect_args": {"timeout": 60}}} if url.startswith("sqlite") else {}
+    return optuna.storages.RDBStorage(url, **kwargs)
+
+
+def make_pruner(name: str, max_epochs: int = 10):
+    import optuna
+
+    if name == "median":  # a few complete trials first, and never on the first epoch alone
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(2, max_epochs))
+    if name == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner()
+    return optuna.pruners.NopPruner()
+
+
+# ---- the search space ------------------------------------------------------------------------------------
+
+def load_space(path: str) -> tuple[dict, dict]:
+    """({dotted recipe key: optuna distribution}, {key: grid values}) from YAML; categorical dicts and lists
+    travel through Optuna as JSON strings."""
+    import optuna.distributions as d
+
+    if not Path(path).exists():
+        raise UserError(f"--space {path}: no such file.")
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(raw, dict) or not raw:
+        raise UserError(f"--space {path}: expected a mapping of recipe keys to distributions, e.g. "
+                        "model.optimizer.init_args.lr: {type: float, low: 1.0e-4, high: 0.1, log: true}")
+    space, grids = {}, {}
+    for key, spec in raw.items():
+        where = f"--space {path}: key '{key}'"
+        if not isinstance(spec, dict) or spec.get("type") not in TYPES:
+            raise UserError(f"{where} needs a `type`: one of {', '.join(TYPES)}.")
+        try:
+            if spec["type"] == "categorical":
+                choices = spec["choices"]
+                if not isinstance(choices, list) or not choices:
+                    raise ValueError("`choices` must be a non-empty list")
+                space[key] = d.CategoricalDistribution([_encode(c) for c in choices])
+            else:
+                low, high = spec["low"], spec["high"]
+                number = float if spec["type"] == "float" else int
+                if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)):
+                    raise ValueError(f"low and high must be numbers, got {low!r} and {high!r}")
+                if spec["type"] == "int" and not all(float(v).is_integer() for v in (low, high)):
+                    raise ValueError(f"an int range needs whole numbers, got {low!r} and {high!r}")
+                if low > high:
+                    raise ValueError(f"low={low} is above high={high}")
+                step = spec.get("step", None if number is float else 1)
+                cls = d.FloatDistribution if number is float else d.IntDistribution
+                space[key] = cls(number(low), number(high), log=bool(spec.get("log", False)), step=step)
+            unknown = set(spec) - {"type", "low", "high", "log", "step", "choices", "grid"}
+            if unknown:
+                raise ValueError(f"unknown fields {sorted(unknown)}")
+        except KeyError as err:
+            raise UserError(f"{where} is missing {err}.") from None
+        except ValueError as err:
+            raise UserError(f"{where}: {err}.") from None
+        if "grid" in spec:
+            grids[key] = spec["grid"]
+    return space, grids
+
+
+def _encode(choice):
+    return json.dumps(choice, sort_keys=True) if isinstance(choice, (dict, list)) else choice
+
+
+def _decode(value):
+    if isinstance(value, str) and value[:1] in "[{":
+        return json.loads(value)
+    return value
+
+
+def apply(recipe: dict, overrides: dict) -> dict:
+    """The recipe with dotted keys set; a whole value (e.g. a class_path choice) first, its inner keys after."""
+    out = copy.deepcopy(recipe)
+    for key in sorted(overrides, key=lambda k: k.count(".")):
+        node, parts = out, key.split(".")
+        for part in parts[:-1]:
+            if isinstance(node, list):
+                node = node[int(part)]
+                continue
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        if isinstance(node, list):
+            node[int(parts[-1])] = _decode(overrides[key])
+        else:
+            node[parts[-1]] = _decode(overrides[key])
+    return out
+
+
+def check_recipe(recipe: dict, what: str) -> None:
+    """Parse a recipe as `cnnlab fit` would (no training); a mistake comes back naming `what`."""
+    from cnnlab.run import CnnlabCLI
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "recipe.yaml"
+        path.write_text(yaml.safe_dump(recipe))
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                CnnlabCLI(args=["fit", "--config", str(path), "--print_config"])
+        except SystemExit:
+            return
+        except UserError as err:
+            raise UserError(f"{what}: {err}") from None
+
+
+def check_space(recipe: dict, space: dict, path: str) -> None:
+    """Every key and every extreme of every distribution must make a valid recipe, before any trial runs."""
+    import optuna.distributions as d
+
+    check_recipe(recipe, "--config")
+    for key, dist in space.items():
+        values = dist.choices if isinstance(dist, d.CategoricalDistribution) else (dist.low, dist.high)
+        for value in values:
+            check_recipe(apply(recipe, {key: value}), f"--space {path}: key '{key}' = {value!r}")
+
+
+# ---- running a study ---------------------------------------------------------------------------------------
+
+class TrialFailed(Exception):
+    """A trial's fit ended in an error; Optuna records the message as the trial's fail reason."""
+
+
+def suggest(trial, key: str, dist):
+    import optuna.distributions as d
+
+    if isinstance(dist, d.CategoricalDistribution):
+        return trial.suggest_categorical(key, dist.choices)
+    if isinstance(dist, d.FloatDistribution):
+        return trial.suggest_float(key, dist.low, dist.high, log=dist.log, step=dist.step)
+    return trial.suggest_int(key, dist.low, dist.high, step=dist.step, log=dist.log)
+
+
+def make_sampler(name: str, space: dict, grids: dict, seed: int | None):
+    import optuna
+    import optuna.distributions as d
+
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed)
+    if name == "qmc":
+        return optuna.samplers.QMCSampler(seed=seed)
+    grid = {}
+    for key, dist in space.items():
+        if key in grids:
+            grid[key] = [_encode(v) for v in grids[key]]
+        elif isinstance(dist, d.CategoricalDistribution):
+            grid[key] = list(dist.choices)
+        elif isinstance(dist, d.IntDistribution) and not dist.log:
+            grid[key] = list(range(dist.low, dist.high + 1, dist.step))
+        else:
+            raise UserError(f"--sampler grid needs the values of '{key}': add `grid: [...]` to it in the space.")
+    return optuna.samplers.GridSampler(grid, seed=seed)
+
+
+class Study:
+    """One `cnnlab tune` invocation: the Optuna study, its MLflow parent run, and the trial runner."""
+
+    def __init__(self, config: str, space_path: str, study_name: str | None, storage: str | None, sampler: str,
+                 pruner: str, metric: str, direction: str, seed: int | None = None):
+        import optuna
+
+        from cnnlab.tracking import default_tracking_uri
+
+        if not Path(config).exists():
+            raise UserError(f"--config {config}: no such file.")
+        self.recipe = yaml.safe_load(Path(config).read_text()) or {}
+        self.space_path, (self.space, grids) = space_path, load_space(space_path)
+        check_space(self.recipe, self.space, space_path)
+        self.name = study_name or f"{Path(config).stem}-{Path(space_path).stem}"
+        self.storage_url = storage_url(storage)
+        self.metric, self.direction, self.pruner_name = metric, direction, pruner
+        trainer = self.recipe.get("trainer") or {}
+        self.max_epochs = int(trainer.get("max_epochs") or 10)
+        self.storage = open_storage(self.storage_url)
+        self.study = optuna.create_study(study_name=self.name, storage=self.storage, direction=direction,
+                                         sampler=make_sampler(sampler, self.space, grids, seed),
+                                         pruner=make_pruner(pruner, self.max_epochs), load_if_exists=True)
+        if self.study.direction.name.lower() != direction:
+            raise UserError(f"--study {self.name} exists with direction {self.study.direction.name.lower()}, "
+                            f"not {direction}. Use another --study name.")
+        self.tracking_uri = default_tracking_uri()
+        logger = trainer.get("logger") if isinstance(trainer.get("logger"), dict) else {}
+        self.experiment = (logger.get("init_args") or {}).get("experiment_name", "cnnlab")
+        self.parent = self._parent_run(sampler)
+
+    def _client(self):
+        import mlflow
+
+        mlflow.set_tracking_uri(self.tracking_uri)
+        return mlflow.MlflowClient(self.tracking_uri)
+
+    def _parent_run(self, sampler: str) -> str:
+        """The study's MLflow run, shared by every worker and every resumption of the study."""
+        client = self._client()
+        parent = self.study.user_attrs.get("mlflow_parent_run")
+        if parent:
+            with contextlib.suppress(Exception):
+                client.get_run(parent)
+                client.update_run(parent, status="RUNNING")
+                return parent
+        experiment = client.get_experiment_by_name(self.experiment)
+        experiment_id = experiment.experiment_id if experiment else client.create_experiment(self.experiment)
+        run = client.create_run(experiment_id, run_name=f"study-{self.name}",
+                                tags={"optuna.study": self.name, "optuna.storage": _redact(self.storage_url),
+                                      "cnnlab.role": "study"})
+        params = {"study": self.name, "sampler": sampler, "pruner": self.pruner_name, "metric": self.metric,
+                  "direction": self.direction, **{f"space.{k}": repr(v)[:500] for k, v in self.space.items()}}
+        for key, value in params.items():
+            client.log_param(run.info.run_id, key, value)
+        client.log_text(run.info.run_id, yaml.safe_dump(self.recipe, sort_keys=False), "base_recipe.yaml")
+        client.log_artifact(run.info.run_id, self.space_path, "space")
+        self.study.set_user_attr("mlflow_parent_run", run.info.run_id)
+        return run.info.run_id
+
+    def objective(self, trial) -> float:
+        import optuna
+        from optuna_integration.pytorch_lightning.pytorch_lightning import _EPOCH_KEY, _INTERMEDIATE_VALUE, _PRUNED_KEY
+
+        overrides = {key: suggest(trial, key, dist) for key, dist in self.space.items()}
+        recipe = apply(self.recipe, overrides)
+        trial.set_user_attr("recipe", json.dumps(recipe))
+        client = self._client()
+        run = client.create_run(client.get_run(self.parent).info.experiment_id, run_name=f"trial-{trial.number}",
+                                tags={"mlflow.parentRunId": self.parent, "optuna.study": self.name,
+                                      "optuna.trial": str(trial.number)})
+        run_id = run.info.run_id
+        trial.set_user_attr("mlflow_run_id", run_id)
+        runnable = apply(recipe, {
+            "trainer.logger": {"class_path": "cnnlab.tracking.MLflowLogger",
+                               "init_args": {"experiment_name": self.experiment, "run_id": run_id}},
+            "checkpoint.monitor": self.metric, "checkpoint.mode": "max" if self.direction == "maximize" else "min"})
+        trainer = runnable.setdefault("trainer", {})
+        trainer["callbacks"] = [*(trainer.get("callbacks") or []), {
+            "class_path": "cnnlab.callbacks.OptunaPruning",
+            "init_args": {"storage": self.storage_url, "study_name": self.name, "trial_id": trial._trial_id,
+                          "monitor": self.metric, "pruner": self.pruner_name, "max_epochs": self.max_epochs}}]
+        started = time.time()
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"trial-{trial.number}.yaml"
+            path.write_text(yaml.safe_dump(runnable, sort_keys=False))
+            env = {**os.environ, "MLFLOW_TRACKING_URI": self.tracking_uri}
+            proc = subprocess.run([sys.executable, "-m", "cnnlab", "fit", "--config", str(path),
+                                   "--test_after_fit=false", "--log_model=false", "--trainer.enable_progress_bar=false",
+                                   "--trainer.enable_model_summary=false",  # the best recipe is refit, not kept:
+                                   "--checkpoint.save_top_k=0", "--checkpoint.save_last=false"],  # no checkpoints
+                                  capture_output=True, text=True, env=env)
+        attrs = self.storage.get_trial_system_attrs(trial._trial_id)
+        scores = {int(k): v for k, v in (attrs.get(_INTERMEDIATE_VALUE) or {}).items()}
+        trial.set_user_attr("epochs", len(scores))
+        trial.set_user_attr("seconds", round(time.time() - started, 1))
+        if proc.returncode != 0 or not scores:
+            reason = _reason(proc.stderr) if proc.returncode else f"the fit never logged {self.metric} (no val split?)"
+            self._finish(trial, run_id, "FAIL", reason)
+            raise TrialFailed(reason)
+        if attrs.get(_PRUNED_KEY):
+            self._finish(trial, run_id, "PRUNED", f"pruned after epoch {attrs.get(_EPOCH_KEY)}")
+            raise optuna.TrialPruned(f"pruned after epoch {attrs.get(_EPOCH_KEY)}")
+        best = (max if self.direction == "maximize" else min)(scores.values())
+        self._finish(trial, run_id, "COMPLETE", f"{self.metric} {best:.4f}")
+        return best
+
+    def _finish(self, trial, run_id: str, state: str, note: str) -> None:
+        """Record the outcome on the trial and on its MLflow run (pruned: KILLED, failed: FAILED)."""
+        print(f"trial {trial.number}: {state.lower()}, {note}", flush=True)
+        if state == "FAIL":
+            trial.set_user_attr("fail_reason", note)
+        client = self._client()
+        client.set_tag(run_id, "optuna.state", state)
+        client.set_tag(run_id, "optuna.outcome", note[:5000])
+        status = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}[state]
+        client.set_terminated(run_id, status)
+
+    def optimize(self, n_trials: int | None, timeout: float | None, workers: int) -> None:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.ERROR)  # each trial prints its own one-line outcome
+        self.study.optimize(self.objective, n_trials=n_trials, timeout=timeout, n_jobs=workers,
+                            catch=(TrialFailed,), gc_after_trial=False)
+
+    def finish(self, out_dir: str = "recipes/tuned") -> Path | None:
+        """The best recipe to recipes/tuned/<study>.yaml, plots and the leaderboard to the parent run."""
+        client = self._client()
+        states = [t.state.name for t in self.study.trials]
+        for state in ("COMPLETE", "PRUNED", "FAIL"):
+            client.log_metric(self.parent, f"trials/{state.lower()}", states.count(state))
+        client.log_text(self.parent, leaderboard(self.study, self.metric), "leaderboard.txt")
+        with tempfile.TemporaryDirectory() as tmp:
+            for path in plots(self.study, Path(tmp)):
+                client.log_artifact(self.parent, str(path), "plots")
+        written = None
+        try:
+            best = self.study.best_trial
+        except ValueError:
+            best = None
+        if best is not None:
+            client.log_metric(self.parent, f"best/{self.metric}", best.value)
+            client.set_tag(self.parent, "optuna.best_trial", str(best.number))
+            written = Path(out_dir) / f"{self.name}.yaml"
+            written.parent.mkdir(parents=True, exist_ok=True)
+            header = (f"# Best trial ({best.number}) of the Optuna study '{self.name}': {self.metric} = {best.value:.4f}\n"
+                      f"# (storage {_redact(self.storage_url)}). Drawn values: "
+                      f"{', '.join(f'{k}={_show(v)}' for k, v in best.params.items())}\n"
+                      f"# Run:    cnnlab fit --config {written}\n"
+                      f"# Expect: about {self.metric} {best.value:.4f} on validation, as in the study.\n")
+            written.write_text(header + yaml.safe_dump(json.loads(best.user_attrs["recipe"]), sort_keys=False))
+            client.log_artifact(self.parent, str(written), "tuned")
+        client.set_terminated(self.parent, "FINISHED")
+        return written
+
+
+def _redact(url: str) -> str:
+    """A storage URL without its password."""
+    import re
+
+    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
+
+
+def _show(value) -> str:
+    value = _decode(value)
+    return f"{value:.4g}" if isinstance(value, float) else json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+
+
+def _reason(stderr: str) -> str:
+    lines = [line.strip() for line in stderr.strip().splitlines() if line.strip()]
+    for line in reversed(lines):
+        if line.startswith("cnnlab: ") or "Error" in line.split(":")[0] or "Exception" in line.split(":")[0]:
+            return line[:1000]
+    return (lines[-1] if lines else "the trial's fit exited with an error")[:1000]
+
+
+def leaderboard(study, metric: str) -> str:
+    """Trials best first: number, state, value, epochs, seconds, drawn values."""
+    reverse = study.direction.name == "MAXIMIZE"
+    trials = sorted(study.trials, key=lambda t: (t.state.name != "COMPLETE", -(t.value or 0) if reverse else
+                                                 (t.value if t.value is not None else math.inf), t.number))
+    rows = [f"study {study.study_name}: {len(trials)} trials, {metric} ({study.direction.name.lower()})",
+            f"{'trial':>5} {'state':<9} {metric:>10} {'epochs':>6} {'seconds':>8}  params"]
+    for t in trials:
+        value = f"{t.value:.4f}" if t.value is not None else "-"
+        params = ", ".join(f"{k}={_show(v)}" for k, v in t.params.items())
+        reason = f"  ({t.user_attrs.get('fail_reason', '')[:100]})" if t.state.name == "FAIL" else ""
+        rows.append(f"{t.number:>5} {t.state.name:<9} {value:>10} {t.user_attrs.get('epochs', '-'):>6} "
+                    f"{t.user_attrs.get('seconds', '-'):>8}  {params}{reason}")
+    return "\n".join(rows) + "\n"
+
+
+def plots(study, folder: Path) -> list[Path]:
+    """Optuna's own matplotlib plots as PNGs (those the finished trials allow)."""
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna.visualization.matplotlib as vis
+
+    out = []
+    for name, fn in (("optimization_history", vis.plot_optimization_history),
+                     ("param_importances", vis.plot_param_importances),
+                     ("parallel_coordinate", vis.plot_parallel_coordinate),
+                     ("intermediate_values", vis.plot_intermediate_values)):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                axes = fn(study)
+            figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
+            figure.set_size_inches(10, 6)
+            figure.tight_layout()
+            figure.savefig(folder / f"{name}.png", dpi=90)
+            plt.close(figure)
+            out.append(folder / f"{name}.png")
+        except (ValueError, RuntimeError, ZeroDivisionError):
+            continue  # e.g. importances need two complete trials
+    return out
+
+
+def show(study_name: str, storage: str | None) -> int:
+    import optuna
+
+    try:
+        study = optuna.load_study(study_name=study_name, storage=open_storage(storage))
+    except KeyError:
+        names = optuna.get_all_study_names(open_storage(storage))
+        raise UserError(f"no study '{study_name}' in {_redact(storage_url(storage))}. Studies: "
+                        f"{', '.join(names) or 'none'}.") from None
+    print(leaderboard(study, study.user_attrs.get("metric", "value")), end="")
+    return 0
+
+
+def tune(config: str, space: str, n_trials: int | None = None, timeout: float | None = None,
+         study: str | None = None, storage: str | None = None, workers: int = 1, sampler: str = "tpe",
+         pruner: str = "median", metric: str = "val/acc", direction: str = "maximize", seed: int | None = None,
+         out_dir: str = "recipes/tuned") -> int:
+    if workers < 1:
+        raise UserError(f"--workers {workers} must be at least 1.")
+    if n_trials is None and timeout is None:
+        raise UserError("give --n-trials N or --timeout SECONDS (or both) so the study ends.")
+    runner = Study(config, space, study, storage, sampler, pruner, metric, direction, seed)
+    runner.study.set_user_attr("metric", metric)
+    print(f"study '{runner.name}' in {_redact(runner.storage_url)}: {n_trials or 'unlimited'} trials, "
+          f"{workers} worker(s), {sampler} sampler, {pruner} pruner, {direction} {metric}", flush=True)
+    runner.optimize(n_trials, timeout, workers)
+    written = runner.finish(out_dir)
+    print(leaderboard(runner.study, metric), end="")
+    if written:
+        print(f"best recipe: {written} (fit it with `cnnlab fit --config {written}`)")
+    print(f"MLflow: parent run {runner.parent} with one nested run per trial, in {runner.tracking_uri}")
+    return 0

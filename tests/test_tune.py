@@ -1,0 +1,141 @@
+"""Optuna studies through `cnnlab tune`: workers, both storages, pruning, failures, nesting, the best recipe."""
+
+import uuid
+
+import optuna
+import pytest
+import yaml
+
+from cnnlab.cli import main
+from cnnlab.tune import open_storage
+from conftest import QUICKSTART, cnnlab, mlflow_client, require
+
+SPACE = {"model.optimizer.init_args.lr": {"type": "float", "low": 0.05, "high": 0.4, "log": True},
+         "model.label_smoothing": {"type": "float", "low": 0.0, "high": 0.2},
+         "data.batch_size": {"type": "int", "low": 64, "high": 128, "step": 64}}
+
+
+@pytest.fixture
+def small(workdir):
+    """The quick-start recipe at 8 px, 3 short epochs, no loader workers: seconds per trial."""
+    recipe = yaml.safe_load(QUICKSTART.read_text())
+    recipe["trainer"].update(max_epochs=3, limit_train_batches=8)
+    recipe["data"].update(image_size=8, num_workers=0)
+    (workdir / "small.yaml").write_text(yaml.safe_dump(recipe))
+    return workdir / "small.yaml"
+
+
+def write_space(workdir, space, name="space.yaml"):
+    (workdir / name).write_text(yaml.safe_dump(space))
+    return workdir / name
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def stores(request, workdir):
+    """(Optuna storage, MLflow tracking URI, env for the command)."""
+    if request.param == "postgres":
+        storage = require("CNNLAB_TEST_POSTGRES", "PostgreSQL")
+        server = require("CNNLAB_TEST_MLFLOW_SERVER", "an MLflow server backed by PostgreSQL")
+        return storage, server, {"MLFLOW_TRACKING_URI": server}
+    return f"sqlite:///{workdir}/mlruns/optuna.db", f"sqlite:///{workdir}/mlruns/mlflow.db", {}
+
+
+def nested_runs(client, parent_id):
+    parent = client.get_run(parent_id)
+    runs = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+    return parent, runs
+
+
+def test_six_trials_with_two_workers_all_accounted_for_and_nested_in_mlflow(small, stores, workdir):
+    storage, tracking, env = stores
+    name = f"six-{uuid.uuid4().hex[:8]}"
+    result = cnnlab("tune", "--config", small, "--space", write_space(workdir, SPACE), "--n-trials", 6, "--workers", 2,
+                    "--study", name, "--storage", storage, "--seed", 0, cwd=workdir, env=env, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = optuna.load_study(study_name=name, storage=open_storage(storage))
+    assert sorted(t.number for t in study.trials) == list(range(6))
+    assert all(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials), [t.state for t in study.trials]
+
+    parent, runs = nested_runs(mlflow_client(tracking), study.user_attrs["mlflow_parent_run"])
+    assert parent.data.tags["optuna.study"] == name and parent.info.status == "FINISHED"
+    assert sorted(r.info.run_name for r in runs) == [f"trial-{n}" for n in range(6)]
+    for trial in study.trials:  # drawn once: the run trained exactly the trial's values
+        run = next(r for r in runs if r.info.run_id == trial.user_attrs["mlflow_run_id"])
+        assert run.data.tags["optuna.state"] == trial.state.name
+        assert float(run.data.params["model.optimizer.init_args.lr"]) == pytest.approx(
+            trial.params["model.optimizer.init_args.lr"])
+        assert len(mlflow_client(tracking).get_metric_history(run.info.run_id, "val/acc")) == trial.user_attrs["epochs"]
+    client = mlflow_client(tracking)
+    plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert {"plots/optimization_history.png", "plots/intermediate_values.png"} <= plots
+
+    tuned = workdir / "recipes" / "tuned" / f"{name}.yaml"
+    assert tuned.exists() and "Best trial" in tuned.read_text()
+    shown = cnnlab("tune", "--show", name, "--storage", storage, cwd=workdir, env=env)
+    assert shown.returncode == 0 and shown.stdout.count("\n") == 8 and f"study {name}" in shown.stdout
+    if storage.startswith("sqlite"):  # the best recipe fits as it is, to the best trial's accuracy
+        refit = cnnlab("fit", "--config", tuned, "--trainer.enable_progress_bar=false", cwd=workdir, env=env)
+        assert refit.returncode == 0, refit.stderr[-3000:]
+        run = max(client.search_runs([parent.info.experiment_id], f"tags.mlflow.runName = '{name}'"),
+                  key=lambda r: r.info.start_time)
+        best = max(m.value for m in client.get_metric_history(run.info.run_id, "val/acc"))
+        assert best >= study.best_value - 0.005
+
+
+def test_median_pruner_stops_clearly_bad_learning_rates_and_the_study_resumes_by_name(small, workdir):
+    name, storage = "prune", f"sqlite:///{workdir}/mlruns/optuna.db"
+    good = cnnlab("tune", "--config", small, "--space", write_space(workdir, SPACE), "--n-trials", 3,
+                  "--study", name, "--seed", 1, cwd=workdir)
+    assert good.returncode == 0, good.stderr[-3000:]
+    bad = write_space(workdir, {"model.optimizer.init_args.lr": {"type": "float", "low": 1e-7, "high": 1e-6,
+                                                                 "log": True}}, "bad.yaml")
+    resumed = cnnlab("tune", "--config", small, "--space", bad, "--n-trials", 2, "--study", name, cwd=workdir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    study = optuna.load_study(study_name=name, storage=open_storage(storage))
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3 + ["PRUNED"] * 2
+    assert all(t.user_attrs["epochs"] < 3 for t in study.trials[3:])  # stopped early
+    assert "pruned after epoch" in resumed.stdout
+
+
+def test_failed_trials_keep_their_reason_and_the_study_goes_on(small, workdir):
+    space = write_space(workdir, {"model.model": {"type": "categorical", "choices": ["resnet18", "inception_v4"]},
+                                  "model.optimizer.init_args.lr": {"type": "categorical", "choices": [0.1, 1.0e+12]}})
+    result = cnnlab("tune", "--config", small, "--space", space, "--sampler", "grid", "--n-trials", 4,
+                    "--workers", 2, "--study", "fail", cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = optuna.load_study(study_name="fail", storage=open_storage(f"sqlite:///{workdir}/mlruns/optuna.db"))
+    outcome = {(t.params["model.model"], t.params["model.optimizer.init_args.lr"]): t for t in study.trials}
+    assert outcome[("resnet18", 0.1)].state.name == "COMPLETE"
+    assert "cannot" in outcome[("inception_v4", 0.1)].user_attrs["fail_reason"]
+    diverged = outcome[("resnet18", 1.0e+12)]
+    assert diverged.state.name == "FAIL" and "diverged" in diverged.user_attrs["fail_reason"]
+
+
+@pytest.mark.parametrize("space, message", [
+    ({"model.optimizer.init_args.lrr": {"type": "float", "low": 0.01, "high": 0.1}}, "key 'model.optimizer.init_args.lrr'"),
+    ({"model.label_smoothing": {"type": "float", "low": 0.3, "high": 0.1}}, "low=0.3 is above high=0.1"),
+    ({"data.batch_size": {"type": "categorical", "choices": ["big"]}}, "key 'data.batch_size' = 'big'"),
+    ({"data.batch_size": {"type": "int", "low": 8.5, "high": 64}}, "whole numbers"),
+    ({"model.act": {"type": "choice", "choices": ["relu"]}}, "needs a `type`"),
+])
+def test_a_bad_space_is_rejected_before_any_trial_runs(space, message, small, workdir, capsys):
+    assert main(["tune", "--config", str(small), "--space", str(write_space(workdir, space)), "--n-trials", "1"]) == 2
+    assert message in capsys.readouterr().err
+    assert not (workdir / "mlruns" / "optuna.db").exists() or not optuna.get_all_study_names(
+        open_storage(f"sqlite:///{workdir}/mlruns/optuna.db"))
+
+
+def test_a_ddp_trial_draws_its_values_once_for_every_rank(small, workdir):
+    recipe = yaml.safe_load(small.read_text())
+    recipe["trainer"].update(devices=2, strategy="ddp", accelerator="cpu", max_epochs=2)
+    (workdir / "ddp.yaml").write_text(yaml.safe_dump(recipe))
+    result = cnnlab("tune", "--config", workdir / "ddp.yaml", "--space", write_space(workdir, SPACE),
+                    "--n-trials", 1, "--study", "ddp", cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = optuna.load_study(study_name="ddp", storage=open_storage(f"sqlite:///{workdir}/mlruns/optuna.db"))
+    (trial,) = study.trials
+    assert trial.state.name == "COMPLETE" and trial.user_attrs["epochs"] == 2
+    _, runs = nested_runs(mlflow_client(), study.user_attrs["mlflow_parent_run"])
+    (run,) = runs
+    assert float(run.data.params["model.optimizer.init_args.lr"]) == pytest.approx(
+        trial.params["model.optimizer.init_args.lr"])

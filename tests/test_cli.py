@@ -1,10 +1,12 @@
 """The command line: every recipe runs, typos are explained, `--help` stays light."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from cnnlab.cli import main
 from conftest import QUICKSTART, ROOT
@@ -16,9 +18,35 @@ TINY = ["--data.source=synthetic", "--data.synthetic_size=20", "--data.val_fract
         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 
 
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """A 32 px checkpoint to stand in for the registered teacher of the distillation recipes."""
+    import os
+
+    folder = tmp_path_factory.mktemp("teacher")
+    old = os.getcwd()
+    os.chdir(folder)
+    try:
+        assert main(["fit", "--model.model=resnet18", "--model.small_input=true", "--data.source=synthetic",
+                     "--data.synthetic_size=40", "--data.image_size=32", "--data.batch_size=4", "--data.num_workers=0",
+                     "--trainer.max_steps=1", "--trainer.limit_val_batches=1", "--trainer.accelerator=cpu",
+                     "--test_after_fit=false", "--log_model=false", "--trainer.enable_progress_bar=false"]) == 0
+    finally:
+        os.chdir(old)
+    return next(folder.glob("mlruns/*/*/checkpoints/best.ckpt"))
+
+
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(ROOT / "recipes")))
-def test_every_recipe_instantiates_and_runs_a_step(recipe, workdir):
-    assert main(["fit", "--config", str(recipe), *TINY]) == 0
+def test_every_recipe_instantiates_and_runs_a_step(recipe, workdir, request):
+    extra = []
+    callbacks = (yaml.safe_load(recipe.read_text()).get("trainer") or {}).get("callbacks") or []
+    if any(c["class_path"].endswith("Distillation") for c in callbacks):
+        teacher = str(request.getfixturevalue("teacher"))
+        for c in callbacks:
+            if c["class_path"].endswith("Distillation"):
+                c["init_args"]["teacher"] = teacher
+        extra = [f"--trainer.callbacks={json.dumps(callbacks)}"]
+    assert main(["fit", "--config", str(recipe), *TINY, *extra]) == 0
 
 
 def test_every_recipe_header_says_how_to_run_it_and_what_to_expect():

@@ -159,6 +159,13 @@ def _small_input_stem(name: str, model: nn.Module) -> None:
                         f"Families with a small-input stem: {SMALL_INPUT_FAMILIES}.")
 
 
+def classifier_of(model: nn.Module) -> nn.Module:
+    """The final Linear layer (timm's get_classifier, torchvision's fc / classifier[-1])."""
+    if hasattr(model, "get_classifier"):
+        return model.get_classifier()
+    return model.fc if hasattr(model, "fc") else model.classifier[-1]
+
+
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -29,6 +29,8 @@ class ClassifierModule(L.LightningModule):
         mean, std: per-channel normalization, applied on the device to 0..255 pixels.
         channels_last: default on when training on a GPU.
         compile: wrap the network in torch.compile (mode `compile_mode`).
+        init_weights: start from another model's weights (fine-tuning): a checkpoint path, a run id or
+            `runs:/RUN_ID`, or `models:/NAME@ALIAS` / `models:/NAME/VERSION`.
     """
 
     def __init__(self, model: str = "resnet18", classes: list[str] | None = None, num_classes: int = 10,
@@ -38,7 +40,8 @@ class ClassifierModule(L.LightningModule):
                  optimizer: OptimizerCallable = torch.optim.AdamW,
                  mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN,
                  std: tuple[float, float, float] = IMAGENET_DEFAULT_STD,
-                 channels_last: bool | None = None, compile: bool = False, compile_mode: str | None = None):
+                 channels_last: bool | None = None, compile: bool = False, compile_mode: str | None = None,
+                 init_weights: str | None = None):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"], logger=False)
         if classes is not None:
@@ -46,6 +49,13 @@ class ClassifierModule(L.LightningModule):
         self.classes = classes or [str(i) for i in range(num_classes)]
         self.net = create_model(model, num_classes=num_classes, act=act, drop_rate=drop_rate,
                                 drop_path_rate=drop_path_rate, small_input=small_input, pretrained=pretrained)
+        if init_weights:
+            from cnnlab.registry import checkpoint_of
+
+            state = torch.load(checkpoint_of(init_weights), map_location="cpu", weights_only=False)["state_dict"]
+            match_shapes(self, state)
+            self.load_state_dict({k: v for k, v in state.items() if k.startswith("net.")}, strict=False)
+        self.loss_hook = None  # callbacks such as Distillation replace the training loss through this
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255, persistent=False)
         self.optimizer = optimizer
@@ -103,14 +113,16 @@ class ClassifierModule(L.LightningModule):
             return None
         images, targets = batch
         x = self.normalize(images)
+        soft_targets = None
         if self.mixup:
             x, soft_targets = self.mixup(x, targets)
-            loss = self.loss(self.net(x), soft_targets)
-        else:
-            logits = self.net(x)
-            loss = self.loss(logits, targets)
+        logits = self.net(x)
+        loss = self.loss(logits, targets if soft_targets is None else soft_targets)
+        if soft_targets is None:
             self.train_acc(logits, targets)
             self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        if self.loss_hook is not None:
+            loss = self.loss_hook(x, logits, loss)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
         return loss
 
@@ -145,7 +157,33 @@ class ClassifierModule(L.LightningModule):
     def predict_step(self, batch, batch_idx):
         return self(batch[0]).float().softmax(-1)
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        match_shapes(self, checkpoint["state_dict"])  # a structurally pruned network keeps its smaller shapes
+
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
         return self.optimizer([{"params": [p for p in params if p.ndim > 1]},
                                {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}])
+
+
+def match_shapes(module: nn.Module, state: dict) -> None:
+    """Resize parameters and buffers to a state dict's shapes (a channel-pruned net is smaller than its recipe)."""
+    for key, tensor in state.items():
+        path, _, attr = key.rpartition(".")
+        try:
+            owner = module.get_submodule(path)
+        except AttributeError:
+            continue
+        current = getattr(owner, attr, None)
+        if not isinstance(current, torch.Tensor) or current.shape == tensor.shape:
+            continue
+        if isinstance(current, nn.Parameter):
+            setattr(owner, attr, nn.Parameter(torch.empty_like(tensor), requires_grad=current.requires_grad))
+        else:
+            owner.register_buffer(attr, torch.empty_like(tensor))
+        if attr == "weight" and isinstance(owner, nn.Conv2d):
+            owner.out_channels, owner.in_channels = tensor.shape[0], tensor.shape[1] * owner.groups
+        elif attr == "weight" and isinstance(owner, nn.Linear):
+            owner.out_features, owner.in_features = tensor.shape
+        elif attr == "weight" and isinstance(owner, nn.modules.batchnorm._BatchNorm):
+            owner.num_features = tensor.shape[0]

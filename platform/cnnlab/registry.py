@@ -57,6 +57,30 @@ def register(run_id: str, name: str):
     return version
 
 
+def checkpoint_of(uri: str) -> Path:
+    """The Lightning checkpoint behind a model: a .ckpt path, a run id or runs:/RUN_ID[/...], or a registered
+    models:/NAME@ALIAS or models:/NAME/VERSION (the best checkpoint its run logged)."""
+    from mlflow.exceptions import MlflowException
+
+    if Path(uri).is_file():
+        return Path(uri)
+    client = _client()
+    try:
+        if uri.startswith("models:/"):
+            name, _, ref = uri[len("models:/"):].partition("@")
+            if ref:
+                run_id = client.get_model_version_by_alias(name, ref).run_id
+            else:
+                name, _, version = name.partition("/")
+                run_id = client.get_model_version(name, version).run_id
+        else:
+            run_id = uri[len("runs:/"):].split("/")[0] if uri.startswith("runs:/") else uri
+        return Path(client.download_artifacts(run_id, "checkpoints/best.ckpt"))
+    except (MlflowException, OSError) as err:
+        raise UserError(f"'{uri}' is not a checkpoint file, a run with a logged checkpoint, or a registered model "
+                        f"version ({str(err).splitlines()[0][:200]}). `cnnlab models` lists registered models.") from None
+
+
 def _version(client, name: str, version: str | None):
     from mlflow.exceptions import MlflowException
 

@@ -1,0 +1,146 @@
+"""Compression: distillation, pruning (unstructured and structured), ONNX and int8 export, the report."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from cnnlab.callbacks.distillation import distillation_loss
+from cnnlab.callbacks.pruning import Pruning
+from cnnlab.cli import main
+from cnnlab.export import load_trained, ort_session
+from cnnlab.module import ClassifierModule
+from conftest import QUICKSTART, cnnlab, mlflow_client, only_run
+
+FAST = ["--trainer.enable_progress_bar=false", "--data.num_workers=0", "--log_model=false"]
+
+
+def test_distillation_loss_is_the_formula_on_fixed_logits():
+    student = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3]])
+    teacher = torch.tensor([[1.5, 1.0, -0.5], [-1.0, 0.0, 2.0]])
+    hard, temperature, alpha = torch.tensor(0.7), 4.0, 0.9
+    p_t = np.exp(teacher.numpy() / temperature)
+    p_t /= p_t.sum(1, keepdims=True)
+    p_s = np.exp(student.numpy() / temperature)
+    p_s /= p_s.sum(1, keepdims=True)
+    kl = float((p_t * (np.log(p_t) - np.log(p_s))).sum(1).mean())
+    expected = alpha * temperature ** 2 * kl + (1 - alpha) * 0.7
+    assert float(distillation_loss(student, teacher, hard, temperature, alpha)) == pytest.approx(expected, rel=1e-5)
+    assert float(distillation_loss(teacher, teacher, hard, temperature, 1.0)) == pytest.approx(0.0, abs=1e-6)
+
+
+def quickstart_checkpoint(quickstart):
+    cwd, _, run, _ = quickstart
+    return next(cwd.glob(f"mlruns/*/{run.info.run_id}/checkpoints/best.ckpt"))
+
+
+def test_a_student_learns_from_the_teacher_alone(quickstart, workdir):
+    teacher = quickstart_checkpoint(quickstart)
+    callbacks = [{"class_path": "cnnlab.callbacks.Distillation",
+                  "init_args": {"teacher": str(teacher), "temperature": 4.0, "alpha": 1.0}}]  # no label term
+    result = cnnlab("fit", "--config", QUICKSTART, "--trainer.max_epochs=3", f"--trainer.callbacks={json.dumps(callbacks)}",
+                    "--model.label_smoothing=0", *FAST, cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = only_run(mlflow_client())
+    assert run.data.metrics["test/acc"] > 0.8 and "train/distill_loss" in run.data.metrics
+    state = torch.load(next(workdir.glob("mlruns/*/*/checkpoints/best.ckpt")), weights_only=False)["state_dict"]
+    assert all(k.startswith("net.") for k in state)  # the student alone
+
+
+def test_unstructured_pruning_follows_its_schedule_and_spares_norms_and_biases(workdir):
+    callbacks = [{"class_path": "cnnlab.callbacks.Pruning",
+                  "init_args": {"amount": 0.6, "start_epoch": 0, "end_epoch": 1}}]
+    result = cnnlab("fit", "--config", QUICKSTART, "--trainer.max_epochs=3", f"--trainer.callbacks={json.dumps(callbacks)}",
+                    *FAST, cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = mlflow_client()
+    run = only_run(client)
+    schedule = Pruning(amount=0.6, start_epoch=0, end_epoch=1)
+    logged = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "prune/sparsity"), key=lambda m: m.step)]
+    assert logged == pytest.approx([schedule.target(0), 0.6, 0.6], abs=1e-3)
+    assert run.data.metrics["prune/params"] < 0.5 * 11.2e6 and run.data.metrics["prune/gflops_effective"] < \
+        run.data.metrics["prune/gflops"]
+    state = torch.load(next(workdir.glob("mlruns/*/*/checkpoints/best.ckpt")), weights_only=False)["state_dict"]
+    assert not any(k.endswith(("_orig", "_mask")) for k in state)  # permanent: plain dense tensors
+    convs = [v for k, v in state.items() if k.endswith("weight") and v.ndim in (2, 4)]
+    assert sum(int((w == 0).sum()) for w in convs) / sum(w.numel() for w in convs) == pytest.approx(0.6, abs=1e-3)
+    norms_and_biases = [v for k, v in state.items() if v.ndim == 1 and v.is_floating_point() and "running" not in k]
+    assert norms_and_biases and all(int((v == 0).sum()) == 0 for v in norms_and_biases)
+
+
+def test_init_weights_starts_from_a_trained_model(quickstart):
+    checkpoint = quickstart_checkpoint(quickstart)
+    module = ClassifierModule("resnet18", num_classes=10, small_input=True, image_size=16, init_weights=str(checkpoint))
+    saved = torch.load(checkpoint, weights_only=False)["state_dict"]
+    assert all(torch.equal(saved[k], v) for k, v in module.state_dict().items() if k.startswith("net."))
+
+
+def test_structured_pruning_makes_a_smaller_network_with_the_same_outputs(quickstart, workdir):
+    callbacks = [{"class_path": "cnnlab.callbacks.Pruning",
+                  "init_args": {"mode": "structured", "amount": 0.5, "scope": "layer"}}]
+    result = cnnlab("fit", "--config", QUICKSTART, "--trainer.max_epochs=2", f"--trainer.callbacks={json.dumps(callbacks)}",
+                    f"--model.init_weights={quickstart_checkpoint(quickstart)}", "--model.optimizer.init_args.lr=0.02",
+                    *FAST, cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    pruned = ClassifierModule.load_from_checkpoint(next(workdir.glob("mlruns/*/*/checkpoints/best.ckpt")),
+                                                   map_location="cpu").eval()
+    full = ClassifierModule("resnet18", num_classes=10, small_input=True, image_size=16)
+    params = sum(p.numel() for p in pruned.parameters())
+    assert params < 0.4 * sum(p.numel() for p in full.parameters())
+    assert pruned(torch.zeros(3, 3, 16, 16, dtype=torch.uint8)).shape == (3, 10)
+    run = only_run(mlflow_client())
+    assert run.data.metrics["test/acc"] > 0.8  # fine-tuned after losing half its channels
+    assert run.data.metrics["prune/params"] == params
+
+
+@pytest.fixture(scope="module")
+def exports(quickstart, tmp_path_factory):
+    cwd = quickstart[0]
+    folder = tmp_path_factory.mktemp("exports")
+    for args in ([], ["--int8", "--register", "digits-int8"]):
+        result = cnnlab("export", "models:/digits/1", "--out", folder / ("int8" if args else "fp32"), *args, cwd=cwd)
+        assert result.returncode == 0, result.stderr[-3000:]
+    return cwd, folder
+
+
+def test_onnx_export_agrees_with_torch(exports, quickstart):
+    cwd, folder = exports
+    meta = json.loads((folder / "fp32" / "cnnlab.json").read_text())
+    assert meta["checks"]["max_abs_diff"] < 1e-3 and meta["checks"]["top1_agreement"] == 1.0
+    module, datamodule, _ = load_trained(str(quickstart_checkpoint(quickstart)))
+    session = ort_session(folder / "fp32" / "model.onnx")
+    for batch in (1, 7):  # the batch axis is dynamic
+        x = torch.randint(0, 256, (batch, 3, 16, 16), dtype=torch.uint8)
+        with torch.no_grad():
+            assert np.abs(session.run(None, {"images": x.numpy()})[0] - module(x).numpy()).max() < 1e-3
+
+
+def test_int8_loads_and_agrees_with_fp32_on_95_percent_of_digits(exports):
+    cwd, folder = exports
+    meta = json.loads((folder / "int8" / "cnnlab.json").read_text())
+    assert meta["format"] == "int8" and meta["checks"]["top1_agreement"] >= 0.95
+    assert (folder / "int8" / "model.int8.onnx").stat().st_size < 0.3 * (folder / "fp32" / "model.onnx").stat().st_size
+    version = mlflow_client(f"sqlite:///{cwd}/mlruns/mlflow.db").get_model_version("digits-int8", "1")
+    assert version.tags["variant"] == "int8" and float(version.tags["export/top1_agreement"]) >= 0.95
+
+
+def test_compress_report_prints_and_logs_the_table(exports):
+    cwd, folder = exports
+    result = cnnlab("compress", "report", "models:/digits/1", folder / "fp32", folder / "int8", "--runs", 5, cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith(("models:/", "fp32", "int8"))]
+    assert len(rows) == 3 and "(int8)" in rows[2]
+    drop = float(rows[2].split()[-1])
+    assert math.isfinite(drop) and abs(drop) <= 5.0
+    client = mlflow_client(f"sqlite:///{cwd}/mlruns/mlflow.db")
+    report = client.search_runs([client.get_experiment_by_name("cnnlab").experiment_id],
+                                "tags.`cnnlab.role` = 'compress-report'")
+    assert report and "variant2/top1" in report[0].data.metrics
+
+
+def test_export_explains_a_bad_model_uri(workdir, capsys):
+    assert main(["export", "models:/nope/1", "--out", str(workdir / "x")]) == 2
+    assert "is not a checkpoint file, a run with a logged checkpoint, or a registered model" in capsys.readouterr().err

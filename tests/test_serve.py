@@ -1,0 +1,208 @@
+"""The prediction service as a real process on a loopback port: agreement, batching, bad inputs, auth,
+alias hot swap under load, and a shutdown that leaves nothing behind."""
+
+import base64
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from cnnlab.data import DataModule
+from conftest import cnnlab
+
+KEY = "s3cret-test-key"
+AUTH = {"X-API-Key": KEY}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def session_processes(sid: int) -> list[int]:
+    """Processes of a session, read from /proc (the server starts its own session)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+@pytest.fixture(scope="module")
+def server(quickstart):
+    """`cnnlab serve models:/swap@champion` following its alias, with small limits and an API key."""
+    cwd, _, run, _ = quickstart
+    for _ in range(2):  # two versions of the same model: enough to watch the alias move
+        assert cnnlab("register", run.info.run_id, "--name", "swap", cwd=cwd).returncode == 0
+    assert cnnlab("promote", "swap", "--version", "1", "--force", cwd=cwd).returncode == 0
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["CNNLAB_TEST_KEY"] = KEY
+    log = open(cwd / "serve.log", "w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cnnlab", "serve", "models:/swap@champion", "--port", str(port), "--follow-alias",
+         "--poll-seconds", "1", "--api-key-env", "CNNLAB_TEST_KEY", "--max-batch-size", "16", "--batch-timeout-ms", "20",
+         "--max-body-bytes", "300000", "--max-pixels", "90000"],
+        cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        assert process.poll() is None, (cwd / "serve.log").read_text()[-3000:]
+        try:
+            if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+    yield {"url": url, "process": process, "cwd": cwd}
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    samples = DataModule("digits", image_size=16, val_fraction=0.15, test_fraction=0.2, num_workers=0).splits["test"]
+    return [samples.raw(i) for i in range(len(samples))], samples.labels
+
+
+def test_served_predictions_agree_with_the_offline_model(server, digits, quickstart):
+    import mlflow
+    import pandas as pd
+
+    images, labels = digits
+    mlflow.set_tracking_uri(f"sqlite:///{server['cwd']}/mlruns/mlflow.db")
+    offline = mlflow.pyfunc.load_model("models:/swap/1").predict(pd.DataFrame({"image": images}))["label"].tolist()
+    batch = requests.post(f"{server['url']}/predict", headers=AUTH, timeout=60,
+                          json={"images": [base64.b64encode(i).decode() for i in images]})
+    assert batch.status_code == 200, batch.text
+    served = [p["label"] for p in batch.json()["predictions"]]
+    assert served == offline  # 100% agreement
+    raw = requests.post(f"{server['url']}/predict?top_k=3", data=images[0], timeout=30,
+                        headers={**AUTH, "Content-Type": "image/png"}).json()
+    form = requests.post(f"{server['url']}/predict", files={"file": ("a.png", images[0], "image/png")}, headers=AUTH,
+                         timeout=30).json()
+    assert raw["predictions"][0]["label"] == form["predictions"][0]["label"] == offline[0]
+    assert len(raw["predictions"][0]["top_k"]) == 3 and raw["model"] == {"name": "swap", "version": "1"}
+
+
+def test_info_health_and_openapi(server):
+    info = requests.get(f"{server['url']}/info", headers=AUTH, timeout=10).json()
+    assert info["name"] == "swap" and info["alias"] == "champion" and info["input_size"] == 16
+    assert info["classes"] == [str(i) for i in range(10)] and info["backend"] == "onnx"
+    assert requests.get(f"{server['url']}/health", timeout=10).status_code == 200  # no key needed
+    schema = requests.get(f"{server['url']}/openapi.json", headers=AUTH, timeout=10).json()
+    assert "image/*" in schema["paths"]["/predict"]["post"]["requestBody"]["content"]
+
+
+def test_concurrent_requests_are_batched(server, digits):
+    before = requests.get(f"{server['url']}/info", headers=AUTH, timeout=10).json()
+
+    def one(i):
+        return requests.post(f"{server['url']}/predict", data=digits[0][i], timeout=60,
+                             headers={**AUTH, "Content-Type": "image/png"}).status_code
+
+    with ThreadPoolExecutor(16) as pool:
+        assert set(pool.map(one, range(64))) == {200}
+    after = requests.get(f"{server['url']}/info", headers=AUTH, timeout=10).json()
+    requests_served = after["requests"] - before["requests"]
+    calls = after["model_calls"] - before["model_calls"]
+    assert requests_served == 64 and calls < requests_served / 2, (calls, requests_served)
+
+
+def png(size: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((size, size, 3), np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("case, status", [
+    ("no key", 401), ("wrong key", 401), ("empty", 400), ("not an image", 415), ("truncated", 400),
+    ("wrong type", 415), ("bad base64", 400), ("bad json", 400), ("json without images", 400),
+    ("too many bytes", 413), ("too many pixels", 413), ("multipart without file", 400)])
+def test_every_bad_input_gets_its_4xx_as_json(server, case, status):
+    headers, data, json_body, files = {**AUTH, "Content-Type": "image/png"}, png(16), None, None
+    if case == "no key":
+        headers = {"Content-Type": "image/png"}
+    elif case == "wrong key":
+        headers = {"X-API-Key": "nope", "Content-Type": "image/png"}
+    elif case == "empty":
+        data = b""
+    elif case == "not an image":
+        data = b"hello, not pixels"
+    elif case == "truncated":
+        data = png(64)[:60]
+    elif case == "wrong type":
+        headers = {**AUTH, "Content-Type": "text/plain"}
+    elif case == "bad base64":
+        headers, data, json_body = AUTH, None, {"images": ["@@@"]}
+    elif case == "bad json":
+        headers, data = {**AUTH, "Content-Type": "application/json"}, b"{nope"
+    elif case == "json without images":
+        headers, data, json_body = AUTH, None, {"pictures": []}
+    elif case == "too many bytes":
+        data = np.random.default_rng(0).integers(0, 255, 400_000, dtype=np.uint8).tobytes()
+    elif case == "too many pixels":
+        data = png(400)
+    elif case == "multipart without file":
+        headers, data, files = AUTH, {"field": "value"}, {"x": (None, "text only")}
+    response = requests.post(f"{server['url']}/predict", headers=headers, data=data, json=json_body, files=files,
+                             timeout=30)
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json") and response.json()["detail"]
+
+
+def test_alias_swap_under_load_fails_no_request(server, digits):
+    cwd, url = server["cwd"], server["url"]
+    results, stop = [], threading.Event()
+
+    def load():
+        session = requests.Session()
+        i = 0
+        while not stop.is_set():
+            response = session.post(f"{url}/predict", data=digits[0][i % 50], timeout=60,
+                                    headers={**AUTH, "Content-Type": "image/png"})
+            results.append((response.status_code, response.json().get("model", {}).get("version")))
+            i += 1
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(2)
+    assert cnnlab("promote", "swap", "--version", "2", "--force", cwd=cwd).returncode == 0
+    deadline = time.time() + 120
+    while requests.get(f"{url}/info", headers=AUTH, timeout=10).json()["version"] != "2" and time.time() < deadline:
+        time.sleep(0.5)
+    time.sleep(2)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert requests.get(f"{url}/info", headers=AUTH, timeout=10).json()["version"] == "2"
+    assert [s for s, _ in results if s != 200] == []
+    assert {v for _, v in results} == {"1", "2"} and results[-1][1] == "2"
+
+
+def test_shutdown_leaves_no_process_behind(server):
+    process = server["process"]
+    assert len(session_processes(process.pid)) >= 2  # the server and its workers
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=60)
+    deadline = time.time() + 30
+    while session_processes(process.pid) and time.time() < deadline:
+        time.sleep(0.5)
+    assert session_processes(process.pid) == []

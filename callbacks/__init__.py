@@ -1,14 +1,19 @@
 """Callbacks for recipes (`class_path: cnnlab.callbacks.NAME`): LR schedules, weight averaging, tuning,
-distillation and pruning.
+distillation, pruning and gradient flow.
 
-Lightning's own callbacks (EarlyStopping, ModelCheckpoint, ...) are used from recipes as they are.
+Lightning's own callbacks (EarlyStopping, ModelCheckpoint, ...) are used from recipes as they are. Each
+callback loads on first use, so a recipe that does not tune never imports Optuna.
 """
 
-from cnnlab.callbacks.distillation import Distillation
-from cnnlab.callbacks.ema import EMA
-from cnnlab.callbacks.pruning import Pruning
-from cnnlab.callbacks.schedules import MultiStep, OneCycle, ReduceOnPlateau, WarmupCosine
-from cnnlab.callbacks.tuning import OptunaPruning
+import importlib
 
-__all__ = ["EMA", "Distillation", "MultiStep", "OneCycle", "OptunaPruning", "Pruning", "ReduceOnPlateau",
-           "WarmupCosine"]
+_WHERE = {"EMA": "ema", "Distillation": "distillation", "GradientFlow": "gradient_flow", "MultiStep": "schedules",
+          "OneCycle": "schedules", "OptunaPruning": "tuning", "Pruning": "pruning", "ReduceOnPlateau": "schedules",
+          "WarmupCosine": "schedules"}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"cnnlab.callbacks has no {name!r}; it has {', '.join(__all__)}")
+    return getattr(importlib.import_module(f"cnnlab.callbacks.{_WHERE[name]}"), name)

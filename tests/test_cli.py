@@ -11,8 +11,8 @@ import yaml
 from cnnlab.cli import main
 from conftest import QUICKSTART, ROOT
 
-RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml")
-                 if p.parent.name not in ("augment", "spaces", "studies", "tuned"))
+RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if p.parent.name not in ("augment", "spaces", "tuned")
+                 and "recipes" not in (yaml.safe_load(p.read_text()) or {}))  # study files list recipes
 TINY = ["--data.source=synthetic", "--data.synthetic_size=20", "--data.val_fraction=0.5", "--data.test_fraction=0",
         "--data.batch_size=2", "--data.num_workers=0", "--trainer.fast_dev_run=1", "--trainer.accelerator=cpu",
         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]

@@ -155,3 +155,20 @@ def test_skip_bad_images_counts_them_in_mlflow(bad_folder, workdir):
     assert main([*FIT, f"--data.source={bad_folder}", "--data.on_bad_image=skip", "--data.max_pixels=100000"]) == 0
     run = only_run(mlflow_client())
     assert run.data.metrics["data/skipped_images"] == 3  # fake.jpg, truncated.jpg, huge.png
+
+
+def test_device_augment_shifts_flips_and_cuts_out_each_image_on_its_own():
+    from cnnlab.data import augment_on_device
+
+    torch.manual_seed(0)
+    images = torch.randint(1, 255, (64, 3, 32, 32), dtype=torch.uint8)
+    out = augment_on_device(images, "crop_flip")
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    for i in range(8):  # each output is a shifted (zero-padded), maybe mirrored, window of its own input
+        padded = torch.nn.functional.pad(images[i], (4, 4, 4, 4))
+        windows = [padded[:, y:y + 32, x:x + 32] for y in range(9) for x in range(9)]
+        assert any(torch.equal(out[i], w) or torch.equal(out[i], w.flip(-1)) for w in windows)
+    assert len({bool(torch.equal(out[i], images[i])) for i in range(64)}) == 2 or not torch.equal(out, images)
+    cut = augment_on_device(images, "cifar")
+    zero_squares = [(cut[i] == 0).all(0).sum().item() for i in range(64)]
+    assert max(zero_squares) >= 16 * 16 - 64 and min(zero_squares) < 16 * 16  # half get a 16 px hole

@@ -108,6 +108,20 @@ def _serve(args) -> int:
                  args.max_pixels, args.threads)
 
 
+def _compare(args) -> int:
+    from cnnlab.compare import compare
+
+    import yaml
+
+    overrides = {}
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"--set {item}: write it as dotted.key=value, e.g. trainer.limit_train_batches=20")
+        overrides[key] = yaml.safe_load(value)
+    return compare(args.recipes, args.max_epochs, args.name, args.runs, args.docs, overrides)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cnnlab", description="Train, tune, track, compress and serve classic "
                                      "CNN image classifiers from one YAML recipe.")
@@ -201,6 +215,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-body-bytes", type=int, default=10_000_000, help="larger bodies get 413")
     serve.add_argument("--max-pixels", type=int, default=40_000_000, help="larger images get 413")
     serve.set_defaults(func=_serve)
+
+    compare = commands.add_parser("compare", help="train recipes under one budget and compare them (nested MLflow runs)")
+    compare.add_argument("recipes", nargs="*", help="recipes and/or study files (recipes/studies/)")
+    compare.add_argument("--max-epochs", type=int, help="the same epoch budget for every recipe")
+    compare.add_argument("--name", help="the comparison's name (default: the study's)")
+    compare.add_argument("--set", action="append", metavar="KEY=VALUE",
+                         help="a dotted recipe key for every run, e.g. --set trainer.limit_train_batches=20")
+    compare.add_argument("--runs", nargs="+", metavar="RUN_ID", help="compare finished runs instead of training "
+                         "(a former comparison's parent run stands for its children)")
+    compare.add_argument("--docs", metavar="PATH", help="write the measured table into this markdown file's "
+                         "measured block (e.g. docs/architectures.md)")
+    compare.set_defaults(func=_compare)
 
     ui = commands.add_parser("ui", help="open the MLflow UI on the project's store (mlruns/ or MLFLOW_TRACKING_URI)")
     ui.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, this machine only)")

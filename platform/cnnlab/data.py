@@ -99,13 +99,17 @@ class DataModule(L.LightningDataModule):
         val_fraction, test_fraction: split off the training data (stratified) where the source has no such split.
         on_bad_image: `error` stops on a bad image and names it; `skip` skips it and counts it.
         crop_pct: eval resizes the short side to image_size / crop_pct, then center-crops.
+        device_augment: augment training batches on the device, after the copy, instead of in the loader
+            workers: `flip`, `crop_flip` (pad-4 random crop and flip) or `cifar` (crop_flip and a cutout of
+            half the side). It pays where the CPU is the bottleneck and the ops are cheap (CIFAR on a GPU).
     """
 
     def __init__(self, source: str = "digits", augment: str = "none", image_size: int = 32, batch_size: int = 64,
                  num_workers: int | None = None, val_fraction: float = 0.1, test_fraction: float = 0.1,
                  split_seed: int = 0, on_bad_image: Literal["error", "skip"] = "error",
                  max_pixels: int = 89_478_485, crop_pct: float | None = None, synthetic_size: int = 2048,
-                 pin_memory: bool = True, persistent_workers: bool = True):
+                 pin_memory: bool = True, persistent_workers: bool = True,
+                 device_augment: Literal["flip", "crop_flip", "cifar"] | None = None):
         super().__init__()
         self.save_hyperparameters(logger=False)
         for key, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
@@ -179,6 +183,37 @@ class DataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self.loader("test")
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        mode = self.hparams.device_augment
+        if mode and batch is not None and self.trainer is not None and self.trainer.training:
+            batch = (augment_on_device(batch[0], mode), batch[1])
+        return batch
+
+
+def augment_on_device(images: torch.Tensor, mode: str, pad: int = 4) -> torch.Tensor:
+    """Random pad-crop, horizontal flip and cutout of a uint8 N x C x H x W batch, one draw per image."""
+    n, channels, height, width = images.shape
+    device = images.device
+    if mode in ("crop_flip", "cifar"):
+        padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
+        dy = torch.randint(0, 2 * pad + 1, (n, 1, 1, 1), device=device)
+        dx = torch.randint(0, 2 * pad + 1, (n, 1, 1, 1), device=device)
+        rows = dy + torch.arange(height, device=device).view(1, 1, height, 1)
+        cols = dx + torch.arange(width, device=device).view(1, 1, 1, width)
+        images = padded[torch.arange(n, device=device).view(n, 1, 1, 1),
+                        torch.arange(channels, device=device).view(1, channels, 1, 1), rows, cols]
+    flip = torch.rand(n, 1, 1, 1, device=device) < 0.5
+    images = torch.where(flip, images.flip(-1), images)
+    if mode == "cifar":  # one square of half the side, at a random centre, in half of the images
+        half = height // 4
+        cy = torch.randint(0, height, (n, 1, 1), device=device)
+        cx = torch.randint(0, width, (n, 1, 1), device=device)
+        ys = torch.arange(height, device=device).view(1, height, 1)
+        xs = torch.arange(width, device=device).view(1, 1, width)
+        hole = ((ys - cy).abs() < half) & ((xs - cx).abs() < half) & (torch.rand(n, 1, 1, device=device) < 0.5)
+        images = images.masked_fill(hole.unsqueeze(1), 0)
+    return images
 
 
 def preview(datamodule: DataModule, path: Path, n: int = 32, seed: int = 0, cols: int = 8) -> Path:

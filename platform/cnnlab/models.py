@@ -43,9 +43,10 @@ SMALL_INPUT_FAMILIES = "resnet*, densenet*, vgg*, alexnet, googlenet"
 MIN_INPUT = {"inception_v4": 75, "inception_resnet_v2": 75, "alexnet": 63}
 
 # Hidden-unit activations (not the sigmoid/tanh gates of attention blocks), torch's and timm's own.
-ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-               nn.PReLU, nn.Hardswish, timm_acts.GELU, timm_acts.GELUTanh, timm_acts.QuickGELU,
-               timm_acts.Swish, timm_acts.Mish, timm_acts.HardSwish, timm_acts.HardMish, timm_acts.PReLU)
+ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.PReLU,
+               nn.Hardswish, *(getattr(timm_acts, name) for name in ("GELU", "GELUTanh", "QuickGELU", "Swish", "Mish",
+                                                                     "HardSwish", "HardMish", "PReLU")
+                               if hasattr(timm_acts, name)))
 ACT_CHOICES = ("relu", "relu6", "leaky_relu", "elu", "selu", "celu", "gelu", "silu", "mish", "prelu", "hard_swish")
 
 

@@ -25,7 +25,9 @@ class ClassifierModule(L.LightningModule):
         drop_rate, drop_path_rate: dropout before the classifier; stochastic depth (resnet*).
         small_input: CIFAR-style stem for 32 px inputs.
         label_smoothing, mixup, cutmix: loss-side regularization (mixup/cutmix alphas; 0 turns them off).
-        optimizer: any torch or timm optimizer by class_path; norms and biases get no weight decay.
+        optimizer: any torch or timm optimizer by class_path; norms and biases get no weight decay. Unset,
+            AdamW with torch's defaults. (No default object here: jsonargparse would carry its init_args,
+            such as AdamW's weight_decay, into whatever optimizer a recipe picks.)
         mean, std: per-channel normalization, applied on the device to 0..255 pixels.
         channels_last: default on when training on a GPU.
         compile: wrap the network in torch.compile (mode `compile_mode`).
@@ -37,7 +39,7 @@ class ClassifierModule(L.LightningModule):
                  image_size: int = 224, act: str | None = None, drop_rate: float | None = None,
                  drop_path_rate: float = 0.0, small_input: bool = False, pretrained: bool = False,
                  label_smoothing: float = 0.0, mixup: float = 0.0, cutmix: float = 0.0,
-                 optimizer: OptimizerCallable = torch.optim.AdamW,
+                 optimizer: OptimizerCallable | None = None,
                  mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN,
                  std: tuple[float, float, float] = IMAGENET_DEFAULT_STD,
                  channels_last: bool | None = None, compile: bool = False, compile_mode: str | None = None,
@@ -162,8 +164,9 @@ class ClassifierModule(L.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
-        return self.optimizer([{"params": [p for p in params if p.ndim > 1]},
-                               {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}])
+        make = self.optimizer or torch.optim.AdamW
+        return make([{"params": [p for p in params if p.ndim > 1]},
+                     {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}])
 
 
 def match_shapes(module: nn.Module, state: dict) -> None:

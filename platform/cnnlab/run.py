@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import difflib
 import importlib
 import inspect
+import json
+import os
 import re
+import subprocess
+import sys
+import tempfile
 import warnings
 from pathlib import Path
+
+import yaml
 
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -135,6 +143,50 @@ class CnnlabCLI(LightningCLI):
                                  datamodule.classes[int(row.argmax())], f"{float(row.max()):.4f}"])
         accuracy = (probs.argmax(1) == torch.tensor(samples.labels[:len(probs)])).float().mean()
         print(f"cnnlab: {len(probs)} predictions (top-1 {accuracy:.4f}) written to {out}")
+
+
+def _encode(choice):
+    """A dict or list value as a JSON string (Optuna stores only plain values)."""
+    return json.dumps(choice, sort_keys=True) if isinstance(choice, (dict, list)) else choice
+
+
+def _decode(value):
+    if isinstance(value, str) and value[:1] in "[{":
+        return json.loads(value)
+    return value
+
+
+def apply(recipe: dict, overrides: dict) -> dict:
+    """The recipe with dotted keys set (`model.optimizer.init_args.lr`); a whole value (e.g. a class_path choice) first, its inner keys after."""
+    out = copy.deepcopy(recipe)
+    for key in sorted(overrides, key=lambda k: k.count(".")):
+        node, parts = out, key.split(".")
+        for part in parts[:-1]:
+            if isinstance(node, list):
+                node = node[int(part)]
+                continue
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        if isinstance(node, list):
+            node[int(parts[-1])] = _decode(overrides[key])
+        else:
+            node[parts[-1]] = _decode(overrides[key])
+    return out
+
+
+def fit_process(recipe: dict, run_id: str, experiment: str, tracking_uri: str, name: str = "recipe",
+                extra: list[str] = ()) -> subprocess.CompletedProcess:
+    """Train a recipe in its own `cnnlab fit` process, logging into an MLflow run made beforehand (the way
+    tuning trials and comparisons nest their runs under a parent)."""
+    runnable = apply(recipe, {"trainer.logger": {"class_path": LOGGER,
+                                                 "init_args": {"experiment_name": experiment, "run_id": run_id}}})
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(runnable, sort_keys=False))
+        return subprocess.run([sys.executable, "-m", "cnnlab", "fit", "--config", str(path),
+                               "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", *extra],
+                              capture_output=True, text=True, env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri})
 
 
 def _did_you_mean(word: str, choices) -> str:

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from cnnlab import UserError
-from cnnlab.cnnlab_model import to_rgb
+from cnnlab.cnnlab_model import read_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 SPLITS = ("train", "val", "test")
@@ -223,12 +223,10 @@ def stratified_split(samples: Samples, fractions: dict[str, float], seed: int) -
 def open_image(item, max_pixels: int) -> tuple[np.ndarray, str]:
     """Decode a path or encoded bytes to an RGB uint8 array; also returns the original mode."""
     try:
-        with Image.open(io.BytesIO(item) if isinstance(item, bytes) else item) as image:
-            width, height = image.size
-            if width * height > max_pixels:
-                raise BadImageError(f"{width}x{height} is over data.max_pixels={max_pixels} (a decompression bomb?)")
-            image.load()
-            return to_rgb(image), image.mode
+        return read_image(item if isinstance(item, bytes) else Path(item).read_bytes(), max_pixels)
+    except OverflowError as err:
+        raise BadImageError(f"{str(err).split(' is over')[0]} is over data.max_pixels={max_pixels} "
+                            "(a decompression bomb?)") from None
     except UnidentifiedImageError:
         raise BadImageError("not an image") from None
     except Image.DecompressionBombError as err:

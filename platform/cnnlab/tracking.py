@@ -106,6 +106,8 @@ class Tracking(Callback):
 
     def __init__(self) -> None:
         self._lrs: list = []
+        self._epoch_start = self._last_batch = 0.0
+        self._images = 0
 
     def on_fit_start(self, trainer, pl_module) -> None:
         logger = mlflow_logger(trainer)
@@ -132,7 +134,13 @@ class Tracking(Callback):
             client.set_tag(run_id, key, value)
         client.log_text(run_id, pip_freeze(), "system/requirements.txt")
 
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._epoch_start, self._images = time.perf_counter(), 0
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch is not None:
+            self._images += len(batch[0]) * trainer.world_size
+            self._last_batch = time.perf_counter()
         if not trainer.is_global_zero or not trainer.optimizers:
             return
         self._lrs.append((trainer.global_step, trainer.optimizers[0].param_groups[0]["lr"]))
@@ -150,6 +158,9 @@ class Tracking(Callback):
         self._lrs = []
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
+        seconds = self._last_batch - self._epoch_start
+        if self._images and seconds > 0:  # training batches, loader waits included (validation excluded)
+            pl_module.log("perf/train_images_per_sec", self._images / seconds, rank_zero_only=True)
         if trainer.is_global_zero:
             self._flush_lr(trainer)
         datamodule = trainer.datamodule

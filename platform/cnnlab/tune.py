@@ -9,13 +9,9 @@ other machines join with the same --study and a PostgreSQL --storage.
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import json
 import math
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from cnnlab import UserError
+from cnnlab.run import _decode, _encode, apply, fit_process
 
 DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
 SAMPLERS = ("tpe", "random", "cmaes", "qmc", "grid")
@@ -107,35 +104,6 @@ def load_space(path: str) -> tuple[dict, dict]:
         if "grid" in spec:
             grids[key] = spec["grid"]
     return space, grids
-
-
-def _encode(choice):
-    return json.dumps(choice, sort_keys=True) if isinstance(choice, (dict, list)) else choice
-
-
-def _decode(value):
-    if isinstance(value, str) and value[:1] in "[{":
-        return json.loads(value)
-    return value
-
-
-def apply(recipe: dict, overrides: dict) -> dict:
-    """The recipe with dotted keys set; a whole value (e.g. a class_path choice) first, its inner keys after."""
-    out = copy.deepcopy(recipe)
-    for key in sorted(overrides, key=lambda k: k.count(".")):
-        node, parts = out, key.split(".")
-        for part in parts[:-1]:
-            if isinstance(node, list):
-                node = node[int(part)]
-                continue
-            if not isinstance(node.get(part), dict):
-                node[part] = {}
-            node = node[part]
-        if isinstance(node, list):
-            node[int(parts[-1])] = _decode(overrides[key])
-        else:
-            node[parts[-1]] = _decode(overrides[key])
-    return out
 
 
 def check_recipe(recipe: dict, what: str) -> None:
@@ -279,25 +247,17 @@ class Study:
                                       "optuna.trial": str(trial.number)})
         run_id = run.info.run_id
         trial.set_user_attr("mlflow_run_id", run_id)
-        runnable = apply(recipe, {
-            "trainer.logger": {"class_path": "cnnlab.tracking.MLflowLogger",
-                               "init_args": {"experiment_name": self.experiment, "run_id": run_id}},
-            "checkpoint.monitor": self.metric, "checkpoint.mode": "max" if self.direction == "maximize" else "min"})
+        runnable = apply(recipe, {"checkpoint.monitor": self.metric,
+                                  "checkpoint.mode": "max" if self.direction == "maximize" else "min"})
         trainer = runnable.setdefault("trainer", {})
         trainer["callbacks"] = [*(trainer.get("callbacks") or []), {
             "class_path": "cnnlab.callbacks.OptunaPruning",
             "init_args": {"storage": self.storage_url, "study_name": self.name, "trial_id": trial._trial_id,
                           "monitor": self.metric, "pruner": self.pruner_name, "max_epochs": self.max_epochs}}]
         started = time.time()
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / f"trial-{trial.number}.yaml"
-            path.write_text(yaml.safe_dump(runnable, sort_keys=False))
-            env = {**os.environ, "MLFLOW_TRACKING_URI": self.tracking_uri}
-            proc = subprocess.run([sys.executable, "-m", "cnnlab", "fit", "--config", str(path),
-                                   "--test_after_fit=false", "--log_model=false", "--trainer.enable_progress_bar=false",
-                                   "--trainer.enable_model_summary=false",  # the best recipe is refit, not kept:
-                                   "--checkpoint.save_top_k=0", "--checkpoint.save_last=false"],  # no checkpoints
-                                  capture_output=True, text=True, env=env)
+        proc = fit_process(runnable, run_id, self.experiment, self.tracking_uri, name=f"trial-{trial.number}",
+                           extra=["--test_after_fit=false", "--log_model=false",  # the best recipe is refit, so
+                                  "--checkpoint.save_top_k=0", "--checkpoint.save_last=false"])  # no checkpoints
         attrs = self.storage.get_trial_system_attrs(trial._trial_id)
         scores = {int(k): v for k, v in (attrs.get(_INTERMEDIATE_VALUE) or {}).items()}
         trial.set_user_attr("epochs", len(scores))

@@ -1,0 +1,100 @@
+"""cnnlab's albumentations training pipelines against torchvision v2 doing the same ops, per CPU core.
+
+Both decode the same JPEG bytes and produce a uint8 C x H x W tensor:
+- CIFAR: the shared CIFAR-10 shards at 32 px; pad-4 crop (an integer shift), flip, a 16 px cutout;
+- ImageNet-style: 500 x 375 JPEGs (made here, once); short side to 224, random crop, flip, affine
+  (shift, scale, rotate) and colour jitter, as cnnlab's `standard` preset.
+Prints img/s on one core for each and the ratio (albumentations / torchvision).
+
+    python benchmarks/data_throughput.py [--images 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import time
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+
+from cnnlab.data import train_transform
+from cnnlab.sources import open_image, read_source, resolve_path
+
+
+def cifar_bytes(n: int, source: str) -> list[bytes]:
+    _, splits = read_source(str(resolve_path(source)))
+    return splits["train"].items[:n]
+
+
+def imagenet_bytes(n: int) -> list[bytes]:
+    """Smooth random 500 x 375 photos-like JPEGs (quality 90), the typical ImageNet size."""
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(n):
+        small = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
+        image = cv2.resize(small, (500, 375), interpolation=cv2.INTER_CUBIC)
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, "JPEG", quality=90)
+        out.append(buffer.getvalue())
+    return out
+
+
+def albumentations_pipeline(preset: str, size: int):
+    transform = train_transform(preset, size)
+    return lambda raw: torch.from_numpy(transform(open_image(raw, 10**9)[0])).permute(2, 0, 1)
+
+
+def torchvision_pipeline(kind: str, size: int):
+    from torchvision.io import decode_jpeg
+    from torchvision.transforms import v2
+
+    if kind == "cifar":
+        ops = v2.Compose([v2.RandomCrop(size, padding=4), v2.RandomHorizontalFlip(),
+                          v2.RandomErasing(p=0.5, scale=(0.25, 0.25), ratio=(1, 1), value=0)])
+    else:
+        ops = v2.Compose([v2.Resize(size), v2.RandomCrop(size), v2.RandomHorizontalFlip(),
+                          v2.RandomApply([v2.RandomAffine(degrees=15, translate=(0.1, 0.1), scale=(0.75, 1.25))], p=0.8),
+                          v2.RandomApply([v2.ColorJitter(0.3, 0.3, 0.3, 0.05)], p=0.8)])
+    return lambda raw: ops(decode_jpeg(torch.frombuffer(bytearray(raw), dtype=torch.uint8)))
+
+
+def images_per_second(pipeline, items: list[bytes], repeat: int = 1) -> float:
+    for raw in items[:20]:
+        pipeline(raw)
+    start = time.perf_counter()
+    for _ in range(repeat):
+        for raw in items:
+            out = pipeline(raw)
+    assert out.dtype == torch.uint8 and out.shape[0] == 3
+    return repeat * len(items) / (time.perf_counter() - start)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--images", type=int, default=2000, help="CIFAR images (ImageNet-style: a tenth)")
+    parser.add_argument("--data", default="../shared/data/cifar10", help="the CIFAR-10 shards")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    rows = []
+    for kind, items, size, preset in (("CIFAR-10 32 px", cifar_bytes(args.images, args.data), 32, "cifar"),
+                                       ("ImageNet-style 224 px", imagenet_bytes(max(50, args.images // 10)), 224,
+                                        "standard")):
+        ours = images_per_second(albumentations_pipeline(preset, size), items)
+        theirs = images_per_second(torchvision_pipeline("cifar" if size == 32 else "imagenet", size), items)
+        rows.append((kind, ours, theirs))
+    print(f"\none CPU core ({os.cpu_count()} on this machine), decode + augment to a uint8 tensor")
+    print(f"{'pipeline':<24} {'albumentations':>15} {'torchvision v2':>15} {'ratio':>6}")
+    for kind, ours, theirs in rows:
+        print(f"{kind:<24} {ours:>11,.0f} i/s {theirs:>11,.0f} i/s {ours / theirs:>6.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

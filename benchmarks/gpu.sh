@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The GPU figures of benchmarks/README.md, measured in one run on one GPU, the most important first.
+#   bash benchmarks/gpu.sh LOGDIR [CIFAR10_FOLDER [STEP ...]]
+# Steps: train_throughput time_to_accuracy real_data_resnet50 data_throughput compress (default: all).
+# Each step has its own time limit; its whole output goes to LOGDIR/<step>.log and its figures to stdout.
+# Fits run without MLflow tracking (--trainer.logger=false), so the GPU host needs no tracking stack.
+set -u
+LOG=${1:?usage: bash benchmarks/gpu.sh LOGDIR [CIFAR10_FOLDER]}
+DATA=${2:-../shared/data/cifar10}
+shift $(($# < 2 ? $# : 2))
+STEPS=${*:-train_throughput time_to_accuracy real_data_resnet50 data_throughput compress}
+mkdir -p "$LOG"
+export PYTHONUNBUFFERED=1 NO_ALBUMENTATIONS_UPDATE=1 HF_HUB_OFFLINE=1 MLFLOW_DISABLE_TELEMETRY=true
+FIGURES='img/s|ratio|top-1|target|x faster|points|i/s|Error|error|Traceback'
+step() {
+  local name=$1 seconds=$2 start=$SECONDS
+  shift 2
+  [[ " $STEPS " == *" $name "* ]] || return 0
+  echo "=== $name: $*"
+  timeout "$seconds" "$@" >"$LOG/$name.log" 2>&1
+  echo "--- exit $?, $((SECONDS - start)) s"
+  grep -E "$FIGURES" "$LOG/$name.log" | grep -v "Warning" | tail -30
+}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python3 -c "import torch, lightning, timm; print('torch', torch.__version__, 'lightning', lightning.__version__, 'timm', timm.__version__, 'cpus', __import__('os').cpu_count())"
+step train_throughput 230 python3 benchmarks/train_throughput.py --no-tracking --compile-resnet50 --steps 20
+step time_to_accuracy 125 python3 benchmarks/time_to_accuracy.py --config recipes/cifar10/resnet18_32_onecycle40_gpu.yaml \
+  --target 0.94 --seconds 90 --data.source="$DATA" --trainer.logger=false
+step real_data_resnet50 75 python3 benchmarks/overhead.py --model resnet50 --image-size 224 --batch-size 256 --steps 20 \
+  --warmup 8 --repeats 1 --no-tracking --source "$DATA" --device-augment flip
+step data_throughput 45 python3 benchmarks/data_throughput.py --data "$DATA"
+step compress 280 python3 benchmarks/compress.py --epochs 8 --no-tracking --data "$DATA" --test-images 2000 --runs 30

@@ -17,7 +17,9 @@ QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
 
 os.environ.update(HF_HUB_OFFLINE="1", NO_ALBUMENTATIONS_UPDATE="1", MLFLOW_DISABLE_TELEMETRY="true",
                   PYTHONUNBUFFERED="1")
-os.environ.pop("MLFLOW_TRACKING_URI", None)
+STORE_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+for _variable in STORE_VARIABLES:
+    os.environ.pop(_variable, None)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -29,13 +31,14 @@ def _cache(tmp_path_factory):
 def workdir(tmp_path, monkeypatch):
     """A fresh project folder: `mlruns/` (the default store) lands here."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # mlflow.set_tracking_uri() exports it
+    for variable in STORE_VARIABLES:  # mlflow.set_tracking_uri() and set_registry_uri() export them
+        monkeypatch.delenv(variable, raising=False)
     return tmp_path
 
 
 def cnnlab(*args: str, cwd: Path, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """The real command, in a subprocess, on the store of `cwd` unless `env` names another."""
-    base = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # mlflow exports it in-process
+    base = {k: v for k, v in os.environ.items() if k not in STORE_VARIABLES}  # mlflow exports them in-process
     return subprocess.run([sys.executable, "-m", "cnnlab", *map(str, args)], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env={**base, **(env or {})})
 
@@ -64,7 +67,8 @@ def mlflow_client(uri: str | None = None):
 
     from cnnlab.tracking import default_tracking_uri
 
-    return MlflowClient(uri or default_tracking_uri())
+    uri = uri or default_tracking_uri()
+    return MlflowClient(uri, registry_uri=uri)  # never a registry URI left global by an earlier in-process test
 
 
 def only_run(client, experiment: str = "cnnlab"):

@@ -14,7 +14,7 @@ import pytest
 
 from cnnlab.data import DataModule
 from cnnlab.tracking import MLflowLogger
-from conftest import QUICKSTART, ROOT, cnnlab, mlflow_client, only_run, require
+from conftest import STORE_VARIABLES, QUICKSTART, ROOT, cnnlab, mlflow_client, only_run, require
 
 FAST = ["--trainer.enable_progress_bar=false", "--data.num_workers=0"]
 
@@ -84,7 +84,7 @@ def digits_test_split(tmp_path: Path):
 
 
 def plain_python(uri: str, model_uri: str, data: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", *STORE_VARIABLES)}
     result = subprocess.run([sys.executable, "-c", PYFUNC_CHECK, uri, model_uri, str(data)], capture_output=True,
                             text=True, env=env, cwd=data.parent, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -167,7 +167,7 @@ def test_ui_shows_the_quickstart_run_and_the_champion_in_a_real_browser(quicksta
     cwd = quickstart[0]
     assert cnnlab("promote", "digits", cwd=cwd).returncode == 0
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env = {k: v for k, v in os.environ.items() if k not in STORE_VARIABLES}
     ui = subprocess.Popen([sys.executable, "-m", "cnnlab", "ui", "--port", str(port)], cwd=cwd, env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     shots = ROOT / "test-artifacts"

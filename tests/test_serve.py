@@ -19,7 +19,7 @@ import requests
 from PIL import Image
 
 from cnnlab.data import DataModule
-from conftest import cnnlab
+from conftest import STORE_VARIABLES, cnnlab
 
 KEY = "s3cret-test-key"
 AUTH = {"X-API-Key": KEY}
@@ -52,7 +52,7 @@ def server(quickstart):
         assert cnnlab("register", run.info.run_id, "--name", "swap", cwd=cwd).returncode == 0
     assert cnnlab("promote", "swap", "--version", "1", "--force", cwd=cwd).returncode == 0
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env = {k: v for k, v in os.environ.items() if k not in STORE_VARIABLES}
     env["CNNLAB_TEST_KEY"] = KEY
     log = open(cwd / "serve.log", "w")
     process = subprocess.Popen(
@@ -87,6 +87,7 @@ def test_served_predictions_agree_with_the_offline_model(server, digits, quickst
 
     images, labels = digits
     mlflow.set_tracking_uri(f"sqlite:///{server['cwd']}/mlruns/mlflow.db")
+    mlflow.set_registry_uri(f"sqlite:///{server['cwd']}/mlruns/mlflow.db")
     offline = mlflow.pyfunc.load_model("models:/swap/1").predict(pd.DataFrame({"image": images}))["label"].tolist()
     batch = requests.post(f"{server['url']}/predict", headers=AUTH, timeout=60,
                           json={"images": [base64.b64encode(i).decode() for i in images]})

@@ -49,6 +49,9 @@ def nested_runs(client, parent_id):
 def test_six_trials_with_two_workers_all_accounted_for_and_nested_in_mlflow(small, stores, workdir):
     storage, tracking, env = stores
     name = f"six-{uuid.uuid4().hex[:8]}"
+    recipe = yaml.safe_load(small.read_text())
+    recipe["trainer"]["max_epochs"] = 2
+    small.write_text(yaml.safe_dump(recipe))
     result = cnnlab("tune", "--config", small, "--space", write_space(workdir, SPACE), "--n-trials", 6, "--workers", 2,
                     "--study", name, "--storage", storage, "--seed", 0, cwd=workdir, env=env, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -186,7 +186,8 @@ def fit_process(recipe: dict, run_id: str, experiment: str, tracking_uri: str, n
         path.write_text(yaml.safe_dump(runnable, sort_keys=False))
         return subprocess.run([sys.executable, "-m", "cnnlab", "fit", "--config", str(path),
                                "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", *extra],
-                              capture_output=True, text=True, env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri})
+                              capture_output=True, text=True,
+                              env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_REGISTRY_URI": tracking_uri})
 
 
 def _did_you_mean(word: str, choices) -> str:

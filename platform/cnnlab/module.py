@@ -125,7 +125,8 @@ class ClassifierModule(L.LightningModule):
             self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         if self.loss_hook is not None:
             loss = self.loss_hook(x, logits, loss)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
+        # Not in the progress bar: showing it every step would sync the GPU every step.
+        self.log("train/loss", loss, on_step=True, on_epoch=True)
         return loss
 
     def _evaluate(self, batch, metrics: MetricCollection, stage: str):

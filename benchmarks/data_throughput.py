@@ -4,7 +4,9 @@ Both decode the same JPEG bytes and produce a uint8 C x H x W tensor:
 - CIFAR: the shared CIFAR-10 shards at 32 px; pad-4 crop (an integer shift), flip, a 16 px cutout;
 - ImageNet-style: 500 x 375 JPEGs (made here, once); short side to 224, random crop, flip, affine
   (shift, scale, rotate) and colour jitter, as cnnlab's `standard` preset.
-Prints img/s on one core for each and the ratio (albumentations / torchvision).
+Prints img/s on one core for each and the ratio (albumentations / torchvision). Then the whole training
+loader with a worker per core, for both kinds of shards, streamed (`data.stream: true`) against read
+into memory: img/s and the ratio, which says whether streaming keeps every core as busy.
 
     python benchmarks/data_throughput.py [--images 2000]
 """
@@ -15,6 +17,7 @@ import argparse
 import io
 import os
 import sys
+import tempfile
 import time
 
 import cv2
@@ -27,7 +30,7 @@ from cnnlab.sources import open_image, read_source, resolve_path
 
 
 def cifar_bytes(n: int, source: str) -> list[bytes]:
-    _, splits = read_source(str(resolve_path(source)))
+    _, splits = read_source(source)
     return splits["train"].items[:n]
 
 
@@ -74,16 +77,51 @@ def images_per_second(pipeline, items: list[bytes], repeat: int = 1) -> float:
     return repeat * len(items) / (time.perf_counter() - start)
 
 
+def write_shards(folder: str, items: list[bytes], shards: int = 4) -> str:
+    """ImageNet-style WebDataset shards (plain tar, as large data sets are kept) in a temporary folder."""
+    import tarfile
+
+    for k in range(shards):
+        with tarfile.open(f"{folder}/train-{k:05d}.tar", "w") as tar:
+            for i in range(k, len(items), shards):
+                for ext, data in (("jpg", items[i]), ("cls", str(i % 10).encode())):
+                    info = tarfile.TarInfo(f"{i:06d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return folder
+
+
+def loader_images_per_second(source: str, preset: str, size: int, batch: int, stream: bool, batches: int) -> float:
+    from cnnlab.data import DataModule
+
+    datamodule = DataModule(source, augment=preset, image_size=size, batch_size=batch, stream=stream)
+    loader = iter(datamodule.train_dataloader())
+    next(loader)  # workers started
+    start, n = time.perf_counter(), 0
+    for _ in range(batches):
+        n += len(next(loader)[1])
+    return n / (time.perf_counter() - start)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=2000, help="CIFAR images (ImageNet-style: a tenth)")
     parser.add_argument("--data", default="../shared/data/cifar10", help="the CIFAR-10 shards")
+    parser.add_argument("--batches", type=int, default=40, help="loader batches timed")
     args = parser.parse_args(argv)
+    source = str(resolve_path(args.data))
+    with tempfile.TemporaryDirectory() as folder:
+        loaders = [(name, *(loader_images_per_second(shards, preset, size, batch, stream, batches)
+                            for stream in (True, False)))
+                   for name, shards, preset, size, batch, batches in (
+                       ("CIFAR-10 32 px, gz shards", source, "cifar", 32, 256, args.batches),
+                       ("ImageNet-style 224 px, tar", write_shards(folder, imagenet_bytes(1200)), "standard", 224,
+                        64, 10))]
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     rows = []
-    for kind, items, size, preset in (("CIFAR-10 32 px", cifar_bytes(args.images, args.data), 32, "cifar"),
+    for kind, items, size, preset in (("CIFAR-10 32 px", cifar_bytes(args.images, source), 32, "cifar"),
                                        ("ImageNet-style 224 px", imagenet_bytes(max(50, args.images // 10)), 224,
                                         "standard")):
         ours = images_per_second(albumentations_pipeline(preset, size), items)
@@ -93,6 +131,10 @@ def main(argv=None) -> int:
     print(f"{'pipeline':<24} {'albumentations':>15} {'torchvision v2':>15} {'ratio':>6}")
     for kind, ours, theirs in rows:
         print(f"{kind:<24} {ours:>11,.0f} i/s {theirs:>11,.0f} i/s {ours / theirs:>6.2f}")
+    print(f"\nthe training loader, {len(os.sched_getaffinity(0))} workers, shards streamed or read into memory")
+    print(f"{'shards':<28} {'streamed':>12} {'in memory':>12} {'ratio':>6}")
+    for name, streamed, in_memory in loaders:
+        print(f"{name:<28} {streamed:>8,.0f} i/s {in_memory:>8,.0f} i/s {streamed / in_memory:>6.2f}")
     return 0
 
 

@@ -44,21 +44,50 @@ def test_csv_manifest_paths_relative_to_the_csv(tmp_path):
     assert dm.classes == ["cat", "dog"] and images.dtype == torch.uint8 and images.shape[1:] == (3, 32, 32)
 
 
+def write_shard(path, first: int, n: int, mode: str = "w:gz"):
+    """n samples keyed first.., class i % 2, each image a flat grey of value i (so it names its sample)."""
+    with tarfile.open(path, mode) as tar:
+        for i in range(first, first + n):
+            buf = io.BytesIO()
+            Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(buf, "PNG")
+            for ext, data in (("png", buf.getvalue()), ("cls", str(i % 2).encode())):
+                info = tarfile.TarInfo(f"{i:05d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
 def test_webdataset_shards(tmp_path):
-    for split, n in (("train", 8), ("test", 4)):
-        with tarfile.open(tmp_path / f"{split}-00000.tar.gz", "w:gz") as tar:
-            for i in range(n):
-                buf = io.BytesIO()
-                Image.fromarray(np.full((8, 8, 3), 40 * (i % 2), np.uint8)).save(buf, "JPEG")
-                for ext, data in (("jpg", buf.getvalue()), ("cls", str(i % 2).encode())):
-                    info = tarfile.TarInfo(f"{i:05d}.{ext}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
+    write_shard(tmp_path / "train-00000.tar.gz", 0, 8)
+    write_shard(tmp_path / "test-00000.tar.gz", 100, 4)
     (tmp_path / "classes.txt").write_text("dark\nlight\n")
     dm = DataModule(str(tmp_path), val_fraction=0.25, num_workers=0, batch_size=4)
     assert dm.classes == ["dark", "light"]
     assert {k: len(v) for k, v in dm.splits.items()} == {"train": 6, "val": 2, "test": 4}
     assert next(iter(dm.test_dataloader()))[0].shape == (4, 3, 32, 32)
+
+
+def test_streamed_shards_give_every_worker_an_equal_share_in_a_new_order_each_epoch(tmp_path):
+    # 3 shards (one plain tar, which is skipped over by seeking) for 2 workers: fewer shards than readers
+    # would still keep every worker busy, as each takes every n-th sample of every shard.
+    for k, mode in enumerate(("w:gz", "w:gz", "w")):
+        write_shard(tmp_path / (f"train-{k:05d}.tar" + (".gz" if mode == "w:gz" else "")), 40 * k, 40, mode)
+    write_shard(tmp_path / "val-00000.tar.gz", 200, 10)
+    dm = DataModule(str(tmp_path), batch_size=8, num_workers=2, stream=True, shuffle_buffer=16, test_fraction=0)
+    in_memory = DataModule(str(tmp_path), num_workers=0, test_fraction=0)
+    assert isinstance(dm.splits["train"].items[0], tuple)  # references, not bytes
+    assert isinstance(dm.splits["val"].items[0], bytes)
+    assert dm.describe() == in_memory.describe()  # same data, same fingerprint
+    loader, epochs = dm.train_dataloader(), []
+    assert len(loader) == 14  # 120 samples, 60 per worker, 56 of them in whole batches of 8
+    for _ in range(2):
+        batches = list(loader)
+        assert len(batches) == len(loader) and all(len(b[1]) == 8 for b in batches)
+        seen = torch.cat([images[:, 0, 0, 0] for images, _ in batches]).tolist()
+        labels = torch.cat([labels for _, labels in batches]).tolist()
+        assert len(set(seen)) == len(seen) == 112 and set(seen) <= set(range(120))
+        assert labels == [value % 2 for value in seen]
+        epochs.append(seen)
+    assert epochs[0] != epochs[1] and epochs[0][:8] != sorted(epochs[0][:8])  # shuffled, and anew
 
 
 @pytest.mark.skipif(not CIFAR10.exists(), reason="the shared CIFAR-10 shards are not on this machine")

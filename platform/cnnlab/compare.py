@@ -173,7 +173,8 @@ def compare(paths: list[str], max_epochs: int | None = None, name: str | None = 
         client.log_param(parent, "max_epochs", str(budget))
         for key, value in (overrides or {}).items():
             client.log_param(parent, f"set.{key}", str(value))
-        source = f"the comparison '{name}' (MLflow run {parent})"
+        settings = ", ".join([f"max_epochs={budget}"] + [f"{k}={v}" for k, v in (overrides or {}).items()])
+        source = f"the comparison '{name}' (MLflow run {parent}; budget: {settings})"
         run_ids = []
         for run_name, recipe in entries:
             child = client.create_run(experiment_id, run_name=run_name, tags={"mlflow.parentRunId": parent,

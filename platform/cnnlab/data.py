@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import multiprocessing
 import os
+import random
 from functools import partial
 from pathlib import Path
 from typing import Literal
@@ -16,12 +17,12 @@ from typing import Literal
 import albumentations as A
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate, get_worker_info
 
 from cnnlab import UserError
 from cnnlab.cnnlab_model import center_crop
-from cnnlab.sources import (BadImageError, Samples, digits_folder, open_image, read_source, resolve_path,
-                            stratified_split, synthetic_image)
+from cnnlab.sources import (BadImageError, Samples, digits_folder, load_members, open_image, read_members, read_source,
+                            resolve_path, stratified_split, synthetic_image)
 
 PRESETS = ("none", "light", "standard", "strong", "cifar")
 
@@ -68,7 +69,9 @@ class ImageDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, i: int):
-        item = self.samples.items[i]
+        return self.decode(self.samples.items[i], i)
+
+    def decode(self, item, i: int):
         if isinstance(item, int):
             image = synthetic_image(item, self.image_size)
         else:
@@ -82,6 +85,65 @@ class ImageDataset(Dataset):
                 return None
         image = self.transform(image)
         return torch.from_numpy(image).permute(2, 0, 1).contiguous(), self.samples.labels[i]
+
+
+class ShardStream(IterableDataset):
+    """The training split of WebDataset shards, read as a stream: memory stays flat whatever the data size.
+
+    Each epoch every reader (loader worker, on every rank) walks the shards in the same new order and
+    takes every n-th sample, so all workers are busy however few the shards are; a buffer of encoded
+    samples shuffles across shards. Every reader yields the same number of samples, a multiple of the
+    batch size, so every rank runs the same number of steps.
+    """
+
+    def __init__(self, images: ImageDataset, batch_size: int, buffer: int, seed: int):
+        self.images, self.batch_size, self.buffer, self.seed = images, batch_size, buffer, seed
+        self.by_shard: dict[str, dict[str, int]] = {}
+        for i, (shard, member) in enumerate(images.samples.items):
+            self.by_shard.setdefault(shard, {})[member] = i
+        self.workers, self.world, self.epoch = 1, 1, 0
+
+    def quota(self) -> int:
+        """Samples per reader and epoch."""
+        share = len(self.images) // (self.workers * self.world)
+        return share // self.batch_size * self.batch_size or share
+
+    def __len__(self) -> int:  # per rank, as Lightning counts steps
+        return self.quota() * self.workers
+
+    def __iter__(self):
+        info = get_worker_info()
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        me, readers = rank * self.workers + (info.id if info else 0), self.workers * self.world
+        self.epoch += 1  # every reader holds its own copy, and counts its epochs alike
+        rng = random.Random(self.seed * 100_003 + self.epoch)
+        shards = list(self.by_shard)
+        rng.shuffle(shards)
+        rng = random.Random(rng.random() + me)
+        buffer, left, ordinal = [], self.quota(), 0
+        for shard in shards:
+            members = self.by_shard[shard]
+            mine = {name: i for k, (name, i) in enumerate(members.items()) if (ordinal + k) % readers == me}
+            ordinal += len(members)
+            for name, data in read_members(shard, mine):
+                buffer.append((data, mine[name]))
+                if len(buffer) >= self.buffer:
+                    if (sample := self._take(buffer, rng)) is not None:
+                        yield sample
+                        left -= 1
+                        if not left:
+                            return
+        rng.shuffle(buffer)
+        while buffer and left:
+            if (sample := self._take(buffer, rng)) is not None:
+                yield sample
+                left -= 1
+
+    def _take(self, buffer: list, rng: random.Random):
+        k = rng.randrange(len(buffer))
+        buffer[k], buffer[-1] = buffer[-1], buffer[k]
+        data, i = buffer.pop()
+        return self.images.decode(data, i)
 
 
 def collate(batch):
@@ -102,6 +164,9 @@ class DataModule(L.LightningDataModule):
         device_augment: augment training batches on the device, after the copy, instead of in the loader
             workers: `flip`, `crop_flip` (pad-4 random crop and flip) or `cifar` (crop_flip and a cutout of
             half the side). It pays where the CPU is the bottleneck and the ops are cheap (CIFAR on a GPU).
+        stream: read the training images of WebDataset shards as a stream (see ShardStream) instead of
+            into memory, for data sets larger than memory; val and test are still read into memory.
+        shuffle_buffer: encoded samples each loader worker holds to shuffle a stream.
     """
 
     def __init__(self, source: str = "digits", augment: str = "none", image_size: int = 32, batch_size: int = 64,
@@ -109,7 +174,8 @@ class DataModule(L.LightningDataModule):
                  split_seed: int = 0, on_bad_image: Literal["error", "skip"] = "error",
                  max_pixels: int = 89_478_485, crop_pct: float | None = None, synthetic_size: int = 2048,
                  pin_memory: bool = True, persistent_workers: bool = True,
-                 device_augment: Literal["flip", "crop_flip", "cifar"] | None = None):
+                 device_augment: Literal["flip", "crop_flip", "cifar"] | None = None, stream: bool = False,
+                 shuffle_buffer: int = 1000):
         super().__init__()
         self.save_hyperparameters(logger=False)
         for key, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
@@ -121,12 +187,13 @@ class DataModule(L.LightningDataModule):
         self.source, self.image_size, self.batch_size = source, image_size, batch_size
         self.crop_pct = crop_pct or (1.0 if image_size <= 64 else 0.875)
         self.train_tf = train_transform(augment, image_size)  # fail on a bad preset now, not in a worker
-        self.classes, found = read_source(source, synthetic_size)
+        self.classes, found = read_source(source, synthetic_size, stream)
         fractions = {s: f for s, f in (("val", val_fraction), ("test", test_fraction)) if s not in found}
         base = found.get("train", found.get("all"))
         splits = {**stratified_split(base, fractions, split_seed), **{s: found[s] for s in ("val", "test") if s in found}}
-        self.splits = {name: samples for name, samples in splits.items() if len(samples) or name == "train"}
-        self.datasets: dict[str, ImageDataset] = {}
+        self.splits = {name: samples if name == "train" else load_members(samples)
+                       for name, samples in splits.items() if len(samples) or name == "train"}
+        self.datasets: dict[str, ImageDataset | ShardStream] = {}
 
     @property
     def num_classes(self) -> int:
@@ -138,8 +205,12 @@ class DataModule(L.LightningDataModule):
                 raise UserError(f"data.source='{self.source}' has no {split} split. Add a {split}/ folder or "
                                 f"set data.{split}_fraction above 0.")
             transform = self.train_tf if split == "train" else eval_transform(self.image_size, self.crop_pct)
-            self.datasets[split] = ImageDataset(self.splits[split], transform, self.image_size,
+            samples = self.splits[split]
+            self.datasets[split] = ImageDataset(samples, transform, self.image_size,
                                                 self.hparams.max_pixels, self.hparams.on_bad_image == "skip")
+            if samples.items and isinstance(samples.items[0], tuple):
+                self.datasets[split] = ShardStream(self.datasets[split], self.batch_size,
+                                                   self.hparams.shuffle_buffer, self.hparams.split_seed)
         return self.datasets[split]
 
     def describe(self) -> dict:
@@ -157,7 +228,7 @@ class DataModule(L.LightningDataModule):
     @property
     def skipped(self) -> int:
         """Distinct bad images skipped so far, in every split."""
-        return sum(sum(ds.bad) for ds in self.datasets.values())
+        return sum(sum(getattr(ds, "images", ds).bad) for ds in self.datasets.values())
 
     def workers(self) -> int:
         if self.hparams.num_workers is not None:
@@ -167,10 +238,14 @@ class DataModule(L.LightningDataModule):
 
     def loader(self, split: str, shuffle: bool = False) -> DataLoader:
         dataset, workers = self.dataset(split), self.workers()
+        persistent = self.hparams.persistent_workers
+        if isinstance(dataset, ShardStream):  # it shuffles itself, and its workers must count the epochs
+            dataset.workers, dataset.world = max(1, workers), self.trainer.world_size if self.trainer else 1
+            shuffle, persistent = False, True
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=workers,
                           collate_fn=collate, drop_last=shuffle and len(dataset) > self.batch_size,
                           pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
-                          persistent_workers=self.hparams.persistent_workers and workers > 0)
+                          persistent_workers=persistent and workers > 0)
 
     def train_dataloader(self) -> DataLoader:
         return self.loader("train", shuffle=True)
@@ -221,15 +296,17 @@ def preview(datamodule: DataModule, path: Path, n: int = 32, seed: int = 0, cols
     import numpy as np
     from PIL import Image, ImageDraw
 
-    dataset = datamodule.dataset("train")
-    picks = np.random.default_rng(seed).choice(len(dataset), size=min(n, len(dataset)), replace=False)
+    samples = datamodule.splits["train"]
+    picks = np.random.default_rng(seed).choice(len(samples), size=min(n, len(samples)), replace=False)
+    dataset = ImageDataset(load_members(samples.subset(picks)), datamodule.train_tf, datamodule.image_size,
+                           datamodule.hparams.max_pixels, skip_bad=True)
     tile = max(96, datamodule.image_size)
     rows = (len(picks) + cols - 1) // cols
     grid = Image.new("RGB", (cols * (tile + 4), rows * (tile + 18)), "white")
     draw = ImageDraw.Draw(grid)
     for k, i in enumerate(picks):
         x, y = (k % cols) * (tile + 4), (k // cols) * (tile + 18)
-        sample = dataset[int(i)]
+        sample = dataset[k]
         if sample is None:
             draw.text((x + 2, y + tile + 3), "(skipped)", fill="black")
             continue

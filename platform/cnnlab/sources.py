@@ -11,6 +11,7 @@ import tarfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -20,6 +21,7 @@ from cnnlab.cnnlab_model import read_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 SPLITS = ("train", "val", "test")
+SHARD_IMAGES = ("jpg", "jpeg", "png", "webp")
 # open_image enforces data.max_pixels itself; PIL's own warning would only repeat it.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 SOURCE_HELP = "Give an ImageFolder root, a CSV manifest (path,label), a folder of WebDataset shards, 'digits' or 'synthetic'."
@@ -31,7 +33,8 @@ class BadImageError(UserError):
 
 @dataclass
 class Samples:
-    """Items (file paths, encoded bytes, or ints for `synthetic`) with their class indices."""
+    """Items (file paths, encoded bytes, (shard, member) references, or ints for `synthetic`) with their class
+    indices."""
 
     items: list
     labels: list[int]
@@ -54,6 +57,8 @@ class Samples:
     def raw(self, i: int, image_size: int = 32) -> bytes:
         """Item i as encoded image bytes, the way a client would send it."""
         item = self.items[i]
+        if isinstance(item, tuple):
+            return next(read_members(item[0], [item[1]]))[1]
         if isinstance(item, bytes):
             return item
         if isinstance(item, int):
@@ -80,8 +85,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CNNLAB_CACHE", Path.home() / ".cache" / "cnnlab"))
 
 
-def read_source(source: str, synthetic_size: int = 2048) -> tuple[list[str], dict[str, Samples]]:
-    """Classes and the splits the source itself defines ('all' where it defines none)."""
+def read_source(source: str, synthetic_size: int = 2048, stream: bool = False) -> tuple[list[str], dict[str, Samples]]:
+    """Classes and the splits the source itself defines ('all' where it defines none).
+
+    With `stream`, the training images of WebDataset shards are not read into memory: their items are
+    (shard, member) references that `ShardStream` reads as it goes, and `load_members` on demand."""
     if source == "digits":
         source = str(digits_folder())
     if source == "synthetic":
@@ -93,7 +101,7 @@ def read_source(source: str, synthetic_size: int = 2048) -> tuple[list[str], dic
     if path.suffix == ".csv":
         return _read_csv(path)
     if path.is_dir() and any(p.name.endswith((".tar", ".tar.gz", ".tgz")) for p in path.iterdir()):
-        return _read_shards(path)
+        return _read_shards(path, stream)
     if path.is_dir():
         return _read_folder(path)
     raise UserError(f"data.source='{source}' is a file but not a .csv manifest. {SOURCE_HELP}")
@@ -153,14 +161,16 @@ def _read_csv(manifest: Path) -> tuple[list[str], dict[str, Samples]]:
     return names, splits
 
 
-def _read_shards(folder: Path) -> tuple[list[str], dict[str, Samples]]:
-    """WebDataset shards (`{split}-*.tar[.gz]`, members KEY.jpg + KEY.cls), read once into memory as bytes."""
+def _read_shards(folder: Path, stream: bool = False) -> tuple[list[str], dict[str, Samples]]:
+    """WebDataset shards (`{split}-*.tar[.gz]`, members KEY.jpg + KEY.cls), read once into memory as bytes;
+    with `stream`, the images of train (or unsplit) shards are kept as (shard, member) references."""
     classes_file = folder / "classes.txt"
     classes = classes_file.read_text().split() if classes_file.exists() else None
     splits: dict[str, Samples] = {}
     for shard in sorted(p for p in folder.iterdir() if p.name.endswith((".tar", ".tar.gz", ".tgz"))):
         split = shard.name.split("-")[0] if shard.name.split("-")[0] in SPLITS else "all"
         target = splits.setdefault(split, Samples([], [], []))
+        by_reference = stream and split in ("train", "all")
         pending: dict[str, dict] = {}
         try:
             with tarfile.open(shard, "r:*") as tar:
@@ -169,8 +179,9 @@ def _read_shards(folder: Path) -> tuple[list[str], dict[str, Samples]]:
                         continue
                     key, _, ext = member.name.partition(".")
                     sample = pending.setdefault(key, {})
-                    sample[ext] = tar.extractfile(member).read()
-                    if "cls" in sample and (image := next((e for e in sample if e in ("jpg", "jpeg", "png", "webp")), None)):
+                    is_image = ext in SHARD_IMAGES
+                    sample[ext] = (str(shard), member.name) if is_image and by_reference else tar.extractfile(member).read()
+                    if "cls" in sample and (image := next((e for e in sample if e in SHARD_IMAGES), None)):
                         target.items.append(sample[image])
                         target.labels.append(int(sample["cls"]))
                         target.names.append(f"{shard}:{key}.{image}")
@@ -181,6 +192,40 @@ def _read_shards(folder: Path) -> tuple[list[str], dict[str, Samples]]:
     if classes is None:
         classes = [str(i) for i in range(max(max(s.labels, default=0) for s in splits.values()) + 1)]
     return classes, splits
+
+
+def read_members(shard: str, names) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of the given members of one shard, in shard order. An uncompressed tar is skipped over
+    by seeking; a gzipped one has to be decompressed up to the last member wanted."""
+    wanted = set(names)
+    try:
+        with tarfile.open(shard, "r:*") as tar:
+            for member in tar:
+                if member.name in wanted:
+                    yield member.name, tar.extractfile(member).read()
+                    wanted.discard(member.name)
+                    if not wanted:
+                        return
+    except (tarfile.TarError, OSError, EOFError) as err:
+        raise UserError(f"shard {shard} is unreadable ({err}). Check it with `sha256sum -c SHA256SUMS`.") from None
+    if wanted:
+        raise UserError(f"shard {shard} changed since it was indexed: {len(wanted)} members are gone "
+                        f"(e.g. {next(iter(wanted))}). Restart the run.")
+
+
+def load_members(samples: Samples) -> Samples:
+    """The same samples with every (shard, member) reference replaced by the member's bytes."""
+    wanted: dict[str, dict[str, int]] = {}
+    for i, item in enumerate(samples.items):
+        if isinstance(item, tuple):
+            wanted.setdefault(item[0], {})[item[1]] = i
+    if not wanted:
+        return samples
+    items = list(samples.items)
+    for shard, members in wanted.items():
+        for name, data in read_members(shard, members):
+            items[members[name]] = data
+    return Samples(items, samples.labels, samples.names)
 
 
 def digits_folder() -> Path:

@@ -17,6 +17,7 @@ import argparse
 import io
 import os
 import sys
+import tarfile
 import tempfile
 import time
 
@@ -79,8 +80,6 @@ def images_per_second(pipeline, items: list[bytes], repeat: int = 1) -> float:
 
 def write_shards(folder: str, items: list[bytes], shards: int = 4) -> str:
     """ImageNet-style WebDataset shards (plain tar, as large data sets are kept) in a temporary folder."""
-    import tarfile
-
     for k in range(shards):
         with tarfile.open(f"{folder}/train-{k:05d}.tar", "w") as tar:
             for i in range(k, len(items), shards):

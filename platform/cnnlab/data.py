@@ -7,9 +7,11 @@ keeps host-to-device copies four times smaller and the logged model self-contain
 from __future__ import annotations
 
 import ctypes
+import itertools
 import multiprocessing
 import os
 import random
+import warnings
 from functools import partial
 from pathlib import Path
 from typing import Literal
@@ -25,6 +27,9 @@ from cnnlab.sources import (BadImageError, Samples, digits_folder, load_members,
                             resolve_path, stratified_split, synthetic_image)
 
 PRESETS = ("none", "light", "standard", "strong", "cifar")
+# Lightning's warning about an IterableDataset with __len__ under several workers: ShardStream gives each
+# worker its own share and counts exactly what they yield.
+warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
 
 
 def load_augment(augment: str) -> A.BasicTransform:
@@ -98,6 +103,7 @@ class ShardStream(IterableDataset):
 
     def __init__(self, images: ImageDataset, batch_size: int, buffer: int, seed: int):
         self.images, self.batch_size, self.buffer, self.seed = images, batch_size, buffer, seed
+        self.bad = images.bad  # what DataModule.skipped counts
         self.by_shard: dict[str, dict[str, int]] = {}
         for i, (shard, member) in enumerate(images.samples.items):
             self.by_shard.setdefault(shard, {})[member] = i
@@ -119,31 +125,31 @@ class ShardStream(IterableDataset):
         rng = random.Random(self.seed * 100_003 + self.epoch)
         shards = list(self.by_shard)
         rng.shuffle(shards)
-        rng = random.Random(rng.random() + me)
-        buffer, left, ordinal = [], self.quota(), 0
+        encoded = self._share(shards, me, readers)
+        decoded = (self.images.decode(data, i) for data, i in self._shuffle(encoded, random.Random(rng.random() + me)))
+        yield from itertools.islice((sample for sample in decoded if sample is not None), self.quota())
+
+    def _share(self, shards: list[str], me: int, readers: int):
+        """(encoded image, sample index) of every readers-th sample across the shards, from the me-th on."""
+        ordinal = 0
         for shard in shards:
             members = self.by_shard[shard]
             mine = {name: i for k, (name, i) in enumerate(members.items()) if (ordinal + k) % readers == me}
             ordinal += len(members)
             for name, data in read_members(shard, mine):
-                buffer.append((data, mine[name]))
-                if len(buffer) >= self.buffer:
-                    if (sample := self._take(buffer, rng)) is not None:
-                        yield sample
-                        left -= 1
-                        if not left:
-                            return
-        rng.shuffle(buffer)
-        while buffer and left:
-            if (sample := self._take(buffer, rng)) is not None:
-                yield sample
-                left -= 1
+                yield data, mine[name]
 
-    def _take(self, buffer: list, rng: random.Random):
-        k = rng.randrange(len(buffer))
-        buffer[k], buffer[-1] = buffer[-1], buffer[k]
-        data, i = buffer.pop()
-        return self.images.decode(data, i)
+    def _shuffle(self, items, rng: random.Random):
+        """A shuffle buffer: hold `buffer` items, hand out a random one for each that comes in."""
+        buffer = []
+        for item in items:
+            buffer.append(item)
+            if len(buffer) >= self.buffer:
+                k = rng.randrange(len(buffer))
+                buffer[k], buffer[-1] = buffer[-1], buffer[k]
+                yield buffer.pop()
+        rng.shuffle(buffer)
+        yield from buffer
 
 
 def collate(batch):
@@ -228,7 +234,7 @@ class DataModule(L.LightningDataModule):
     @property
     def skipped(self) -> int:
         """Distinct bad images skipped so far, in every split."""
-        return sum(sum(getattr(ds, "images", ds).bad) for ds in self.datasets.values())
+        return sum(sum(ds.bad) for ds in self.datasets.values())
 
     def workers(self) -> int:
         if self.hparams.num_workers is not None:

@@ -218,6 +218,4 @@ def explain_recipe_error(message: str, keys: list[str]) -> str:
 
 def run_recipe(argv: list[str]) -> None:
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-    # ShardStream gives each loader worker its own share and counts exactly what they yield.
-    warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
     CnnlabCLI(args=argv)

@@ -58,7 +58,7 @@ class Samples:
         """Item i as encoded image bytes, the way a client would send it."""
         item = self.items[i]
         if isinstance(item, tuple):
-            return next(read_members(item[0], [item[1]]))[1]
+            return load_members(self.subset([i])).items[0]
         if isinstance(item, bytes):
             return item
         if isinstance(item, int):

@@ -47,6 +47,7 @@ def test_every_recipe_instantiates_and_runs_a_step(recipe, workdir, request):
                 c["init_args"]["teacher"] = teacher
         extra = [f"--trainer.callbacks={json.dumps(callbacks)}"]
     assert main(["fit", "--config", str(recipe), *TINY, *extra]) == 0
+    assert not list(workdir.rglob("*.ckpt")), "fast_dev_run writes no checkpoint"
 
 
 def test_every_recipe_header_says_how_to_run_it_and_what_to_expect():

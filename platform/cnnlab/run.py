@@ -97,6 +97,8 @@ class CnnlabCLI(LightningCLI):
         checkpoint = self.trainer.checkpoint_callback
         if "val" not in self.datamodule.splits and checkpoint.monitor and checkpoint.monitor.startswith("val/"):
             checkpoint.monitor = None  # nothing to rank by: keep the latest
+        if self.trainer.fast_dev_run:
+            checkpoint.save_last = False  # Lightning's on_train_end would still write last.ckpt (a GB for VGG)
 
     before_validate = before_test = before_predict = _resume_run
 

@@ -77,7 +77,10 @@ def test_six_trials_with_two_workers_all_accounted_for_and_nested_in_mlflow(smal
     shown = cnnlab("tune", "--show", name, "--storage", storage, cwd=workdir, env=env)
     assert shown.returncode == 0 and shown.stdout.count("\n") == 8 and f"study {name}" in shown.stdout
     if storage.startswith("sqlite"):  # the best recipe fits as it is, to the best trial's accuracy
-        refit = cnnlab("fit", "--config", tuned, "--trainer.enable_progress_bar=false", cwd=workdir, env=env)
+        threads = study.best_trial.user_attrs["threads"]  # the cores shared out among the workers
+        assert threads == "1" and f"OMP_NUM_THREADS=1 cnnlab fit --config recipes/tuned/{name}.yaml" in tuned.read_text()
+        refit = cnnlab("fit", "--config", tuned, "--trainer.enable_progress_bar=false", cwd=workdir,
+                       env={**env, "OMP_NUM_THREADS": threads})
         assert refit.returncode == 0, refit.stderr[-3000:]
         run = max(client.search_runs([parent.info.experiment_id], f"tags.mlflow.runName = '{name}'"),
                   key=lambda r: r.info.start_time)

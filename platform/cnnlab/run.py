@@ -29,6 +29,7 @@ from cnnlab.module import ClassifierModule
 from cnnlab.tracking import LogRecipe, Tracking, log_model, mlflow_logger, resumable_run
 
 LOGGER = "cnnlab.tracking.MLflowLogger"
+warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # cnnlab's own argv is not the recipe's
 
 
 def trainer_defaults() -> dict:
@@ -178,7 +179,7 @@ def apply(recipe: dict, overrides: dict) -> dict:
 
 
 def fit_process(recipe: dict, run_id: str, experiment: str, tracking_uri: str, name: str = "recipe",
-                extra: list[str] = ()) -> subprocess.CompletedProcess:
+                extra: list[str] = (), env: dict | None = None) -> subprocess.CompletedProcess:
     """Train a recipe in its own `cnnlab fit` process, logging into an MLflow run made beforehand (the way
     tuning trials and comparisons nest their runs under a parent)."""
     runnable = apply(recipe, {"trainer.logger": {"class_path": LOGGER,
@@ -189,7 +190,8 @@ def fit_process(recipe: dict, run_id: str, experiment: str, tracking_uri: str, n
         return subprocess.run([sys.executable, "-m", "cnnlab", "fit", "--config", str(path),
                                "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", *extra],
                               capture_output=True, text=True,
-                              env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_REGISTRY_URI": tracking_uri})
+                              env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_REGISTRY_URI": tracking_uri,
+                                   **(env or {})})
 
 
 def _did_you_mean(word: str, choices) -> str:
@@ -219,5 +221,4 @@ def explain_recipe_error(message: str, keys: list[str]) -> str:
 
 
 def run_recipe(argv: list[str]) -> None:
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
     CnnlabCLI(args=argv)

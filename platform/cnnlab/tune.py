@@ -316,10 +316,11 @@ class Study:
             client.set_tag(self.parent, "optuna.best_trial", str(best.number))
             written = Path(out_dir) / f"{self.name}.yaml"
             written.parent.mkdir(parents=True, exist_ok=True)
+            threads = best.user_attrs.get("threads")  # absent on trials of a study begun before it was recorded
             header = (f"# Best trial ({best.number}) of the Optuna study '{self.name}': {self.metric} = {best.value:.4f}\n"
                       f"# (storage {_redact(self.storage_url)}). Drawn values: "
                       f"{', '.join(f'{k}={_show(v)}' for k, v in best.params.items())}\n"
-                      f"# Run:    OMP_NUM_THREADS={best.user_attrs.get('threads', 1)} cnnlab fit --config {written}\n"
+                      f"# Run:    {f'OMP_NUM_THREADS={threads} ' if threads else ''}cnnlab fit --config {written}\n"
                       f"# Expect: {self.metric} {best.value:.4f} on validation, as in the study (on a CPU, the "
                       "trial's thread count repeats its numbers exactly).\n")
             written.write_text(header + yaml.safe_dump(json.loads(best.user_attrs["recipe"]), sort_keys=False))

@@ -24,8 +24,12 @@ from pathlib import Path
 
 import torch
 
+from cnnlab import store
+from cnnlab.cnnlab_model import Network
 from cnnlab.compress import latency_ms
-from cnnlab.export import load_trained, ort_session, parity, to_int8, to_onnx
+from cnnlab.data import labelled
+from cnnlab.export import calibration, to_int8, to_onnx
+from cnnlab.registry import evaluate
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "cifar10"
 
@@ -79,20 +83,25 @@ def main(argv=None) -> int:
                       f"--trainer.max_epochs={max(2, args.epochs // 3)}", "--model.optimizer.init_args.lr=0.05"])
         torch.set_num_threads(args.threads)
         for name, checkpoint in (("resnet18", scratch[1]), ("resnet18 pruned", pruned[1])):
-            module, datamodule, _ = load_trained(str(checkpoint))
+            source = store.load(str(checkpoint))
+            datamodule, split = labelled(source.meta, args.data)
             if args.test_images:
-                datamodule.splits["test"] = datamodule.splits["test"].subset(range(args.test_images))
-            fp32 = to_onnx(module, datamodule.image_size, folder / f"{name.replace(' ', '_')}.onnx")
+                datamodule.splits[split] = datamodule.splits[split].subset(range(args.test_images))
+            fp32 = to_onnx(source.module, source.image_size, folder / f"{name.replace(' ', '_')}.onnx")
             files = {f"{name} onnx fp32": fp32}
             if name == "resnet18":
-                files[f"{name} onnx int8"] = to_int8(fp32, folder / "resnet18.int8.onnx", datamodule, 10)
+                files[f"{name} onnx int8"] = to_int8(fp32, folder / "resnet18.int8.onnx",
+                                                     calibration(source, args.data, 10))
             for label, path in files.items():
-                session = ort_session(path, args.threads)
+                import onnxruntime as ort
+
+                options = ort.SessionOptions()
+                options.intra_op_num_threads = args.threads
+                session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
                 run = lambda x, s=session: s.run(None, {"images": x})[0]  # noqa: E731
-                checks = parity(module, run, datamodule, "test")
+                top1 = evaluate(Network(run, source.meta), datamodule, split)["test/acc"]
                 results[label] = {"ms_b1": latency_ms(run, 32, 1, args.runs), "ms_b32": latency_ms(run, 32, 32, 10),
-                                  "top1": checks["acc"], "params": sum(p.numel() for p in module.parameters()),
-                                  "mb": path.stat().st_size / 1e6}
+                                  "top1": top1, "params": source.params, "mb": path.stat().st_size / 1e6}
     images = args.test_images or "all"
     print(f"\nCPU latency with {args.threads} threads (ONNX Runtime); top-1 of the ONNX files on {images} CIFAR-10 "
           "test images, of the fits on all of them")

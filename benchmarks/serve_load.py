@@ -31,7 +31,7 @@ def free_port() -> int:
 
 
 def start(command: list[str], ready_url: str) -> subprocess.Popen:
-    from cnnlab.tracking import default_tracking_uri
+    from cnnlab.store import default_tracking_uri
 
     env = {**os.environ, "MLFLOW_TRACKING_URI": default_tracking_uri()}  # mlflow resolves models:/ in the same store
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,

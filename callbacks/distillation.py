@@ -22,8 +22,9 @@ class Distillation(Callback):
     """Train the student (the recipe's model) against a teacher's softened outputs as well as the labels.
 
     Args:
-        teacher: `models:/NAME@champion` (or `models:/NAME/VERSION`), a run id / `runs:/RUN_ID`, or a
-            checkpoint path. It must take the student's inputs (same image size and normalization).
+        teacher: any model URI of a torch model (`models:/NAME@champion`, `models:/NAME/VERSION`, a run id,
+            a logged-model id) or a checkpoint path. It takes the student's images (same size) and normalizes
+            them its own way.
         temperature: softens both distributions; 1 is plain softmax.
         alpha: weight of the distillation term; 1 - alpha goes to the recipe's own loss.
 
@@ -43,30 +44,30 @@ class Distillation(Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage != "fit" or self.teacher is not None:
             return
-        from cnnlab import UserError
-        from cnnlab.module import ClassifierModule
-        from cnnlab.registry import checkpoint_of
+        from cnnlab import UserError, store
 
-        teacher = ClassifierModule.load_from_checkpoint(checkpoint_of(self.teacher_uri), map_location="cpu",
-                                                        pretrained=False, init_weights=None)
-        if teacher.hparams.image_size != pl_module.hparams.image_size or \
-                not (torch.equal(teacher.mean, pl_module.mean) and torch.equal(teacher.std, pl_module.std)):
-            raise UserError(f"Distillation teacher '{self.teacher_uri}' was trained at {teacher.hparams.image_size} px "
-                            f"with its own normalization; the student needs the same input: set data.image_size="
-                            f"{teacher.hparams.image_size} and the same model.mean/std.")
+        teacher = store.load(self.teacher_uri)
+        if teacher.module is None:
+            raise UserError(f"Distillation teacher '{self.teacher_uri}' is a {teacher.meta.get('format')} model: "
+                            "teach from a torch model (a fit's model, run or checkpoint).")
+        if teacher.image_size != pl_module.hparams.image_size:
+            raise UserError(f"Distillation teacher '{self.teacher_uri}' takes {teacher.image_size} px images; the "
+                            f"student needs the same input: set data.image_size={teacher.image_size}.")
         if len(teacher.classes) != len(pl_module.classes):
             raise UserError(f"Distillation teacher '{self.teacher_uri}' knows {len(teacher.classes)} classes, the "
                             f"student's data has {len(pl_module.classes)}.")
-        self.teacher = teacher.net.eval().requires_grad_(False)
+        # The teacher takes 0..255 pixels and normalizes them its own way, as it was trained.
+        self.teacher = teacher.module.eval().requires_grad_(False)
         pl_module.loss_hook = partial(self.loss, pl_module)
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        memory = torch.channels_last if pl_module.hparams.channels_last else torch.contiguous_format
-        self.teacher.to(pl_module.device, memory_format=memory)
+        self.teacher.to(pl_module.device)
 
     def loss(self, pl_module, x: torch.Tensor, logits: torch.Tensor, hard_loss: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            teacher_logits = self.teacher(x)
+            # Back to 0..255 pixels (mixup and cutmix included: they commute with the normalization).
+            pixels = (x.float() * pl_module.std + pl_module.mean).round().clamp(0, 255).to(torch.uint8)
+            teacher_logits = self.teacher(pixels.contiguous())
         loss = distillation_loss(logits, teacher_logits, hard_loss, self.temperature, self.alpha)
         pl_module.log("train/distill_loss", loss, on_step=False, on_epoch=True)
         return loss

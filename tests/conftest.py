@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -43,6 +44,29 @@ def cnnlab(*args: str, cwd: Path, timeout: float = 600, env: dict | None = None)
                           timeout=timeout, env={**base, **(env or {})})
 
 
+def cnnlab_here(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The same command in this process, for commands that train nothing: it saves a subprocess's ~10 s of
+    imports. Its own store, working folder and output, as `cnnlab` has; an exception fails the test."""
+    import contextlib
+    import io
+
+    from cnnlab.cli import main
+
+    saved_cwd, saved_env, out, err = os.getcwd(), dict(os.environ), io.StringIO(), io.StringIO()
+    try:
+        os.chdir(cwd)
+        for variable in STORE_VARIABLES:
+            os.environ.pop(variable, None)
+        os.environ.update(env or {})
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(list(map(str, args)))
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
 def require(variable: str, what: str) -> str:
     """A service address that .ci/services exports; CI (CNNLAB_REQUIRE_SERVICES=1) fails without it."""
     value = os.environ.get(variable)
@@ -65,7 +89,7 @@ def quickstart(tmp_path_factory):
 def mlflow_client(uri: str | None = None):
     from mlflow import MlflowClient
 
-    from cnnlab.tracking import default_tracking_uri
+    from cnnlab.store import default_tracking_uri
 
     uri = uri or default_tracking_uri()
     return MlflowClient(uri, registry_uri=uri)  # never a registry URI left global by an earlier in-process test
@@ -87,3 +111,9 @@ def make_image_folder(root: Path, classes=("cat", "dog"), per_class: int = 6, si
             pixels = np.clip(rng.integers(0, 60, (size, size, 3)) + 90 * c, 0, 255).astype(np.uint8)
             Image.fromarray(pixels).save(root / name / f"{i}.png")
     return root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -11,9 +11,9 @@ import yaml
 from cnnlab.callbacks.distillation import distillation_loss
 from cnnlab.callbacks.pruning import Pruning
 from cnnlab.cli import main
-from cnnlab.export import load_trained, ort_session
+from cnnlab import store
 from cnnlab.module import ClassifierModule
-from conftest import QUICKSTART, cnnlab, mlflow_client, only_run
+from conftest import QUICKSTART, cnnlab, cnnlab_here, mlflow_client, only_run
 
 FAST = ["--trainer.enable_progress_bar=false", "--data.num_workers=0", "--log_model=false"]
 
@@ -101,38 +101,44 @@ def exports(quickstart, tmp_path_factory):
     cwd = quickstart[0]
     folder = tmp_path_factory.mktemp("exports")
     for args in ([], ["--int8", "--register", "digits-int8"]):
-        result = cnnlab("export", "models:/digits/1", "--out", folder / ("int8" if args else "fp32"), *args, cwd=cwd)
+        result = cnnlab_here("export", "models:/digits/1", "--out", folder / ("int8" if args else "fp32"), *args, cwd=cwd)
         assert result.returncode == 0, result.stderr[-3000:]
     return cwd, folder
 
 
-def test_onnx_export_agrees_with_torch(exports, quickstart):
+def meta_of(folder):
+    return json.loads(next(folder.glob("**/cnnlab.json")).read_text())
+
+
+def test_onnx_export_is_a_cnnlab_model_that_agrees_with_torch(exports, quickstart):
     cwd, folder = exports
-    meta = json.loads((folder / "fp32" / "cnnlab.json").read_text())
+    meta = meta_of(folder / "fp32")
+    assert meta["runtime"] == "onnx" and meta["classes"] == [str(i) for i in range(10)] and meta["schema"] == 1
     assert meta["checks"]["max_abs_diff"] < 1e-3 and meta["checks"]["top1_agreement"] == 1.0
-    module, datamodule, _ = load_trained(str(quickstart_checkpoint(quickstart)))
-    session = ort_session(folder / "fp32" / "model.onnx")
+    assert meta["checks"]["images"] == 16 and meta["source"]["uri"] == "models:/digits/1"  # its own samples, no data
+    source, exported = store.load(str(quickstart_checkpoint(quickstart))), store.load(str(folder / "fp32"))
     for batch in (1, 7):  # the batch axis is dynamic
-        x = torch.randint(0, 256, (batch, 3, 16, 16), dtype=torch.uint8)
-        with torch.no_grad():
-            assert np.abs(session.run(None, {"images": x.numpy()})[0] - module(x).numpy()).max() < 1e-3
+        x = np.random.default_rng(batch).integers(0, 256, (batch, 3, 16, 16), dtype=np.uint8)
+        assert np.abs(exported.predict(x) - source.predict(x)).max() < 1e-3
 
 
 def test_int8_loads_and_agrees_with_fp32_on_95_percent_of_digits(exports):
     cwd, folder = exports
-    meta = json.loads((folder / "int8" / "cnnlab.json").read_text())
-    assert meta["format"] == "int8" and meta["checks"]["top1_agreement"] >= 0.95
-    assert (folder / "int8" / "model.int8.onnx").stat().st_size < 0.3 * (folder / "fp32" / "model.onnx").stat().st_size
+    meta = meta_of(folder / "int8")
+    assert meta["format"] == "onnx-int8" and meta["checks"]["top1_agreement"] >= 0.95
+    assert meta["checks"]["images"] == 359  # the test split of the data the model records
+    assert meta["bytes"] < 0.3 * meta_of(folder / "fp32")["bytes"]
     version = mlflow_client(f"sqlite:///{cwd}/mlruns/mlflow.db").get_model_version("digits-int8", "1")
-    assert version.tags["variant"] == "int8" and float(version.tags["export/top1_agreement"]) >= 0.95
+    assert version.tags["variant"] == "onnx-int8" and float(version.tags["export/top1_agreement"]) >= 0.95
+    assert version.tags["cnnlab.source_version"] == "digits/1" and version.tags["cnnlab.sha256"] == meta["sha256"]
 
 
 def test_compress_report_prints_and_logs_the_table(exports):
     cwd, folder = exports
-    result = cnnlab("compress", "report", "models:/digits/1", folder / "fp32", folder / "int8", "--runs", 5, cwd=cwd)
+    result = cnnlab_here("compress", "report", "models:/digits/1", folder / "fp32", folder / "int8", "--runs", 5, cwd=cwd)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith(("models:/", "fp32", "int8"))]
-    assert len(rows) == 3 and "(int8)" in rows[2]
+    assert len(rows) == 3 and "(onnx-int8)" in rows[2]
     drop = float(rows[2].split()[-1])
     assert math.isfinite(drop) and abs(drop) <= 5.0
     client = mlflow_client(f"sqlite:///{cwd}/mlruns/mlflow.db")
@@ -143,4 +149,4 @@ def test_compress_report_prints_and_logs_the_table(exports):
 
 def test_export_explains_a_bad_model_uri(workdir, capsys):
     assert main(["export", "models:/nope/1", "--out", str(workdir / "x")]) == 2
-    assert "is not a checkpoint file, a run with a logged checkpoint, or a registered model" in capsys.readouterr().err
+    assert "'models:/nope/1' is not a model in" in capsys.readouterr().err

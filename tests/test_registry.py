@@ -14,7 +14,7 @@ import pytest
 
 from cnnlab.data import DataModule
 from cnnlab.tracking import MLflowLogger
-from conftest import STORE_VARIABLES, QUICKSTART, ROOT, cnnlab, mlflow_client, only_run, require
+from conftest import STORE_VARIABLES, QUICKSTART, ROOT, cnnlab, cnnlab_here, free_port, mlflow_client, only_run, require
 
 FAST = ["--trainer.enable_progress_bar=false", "--data.num_workers=0"]
 
@@ -103,7 +103,7 @@ def test_logged_model_needs_no_cnnlab_and_takes_raw_images_at_batch_1_and_8(quic
 
 def test_promoted_quickstart_champion_scores_95_percent_in_plain_python(quickstart, tmp_path):
     cwd, _, _, _ = quickstart
-    assert cnnlab("promote", "digits", cwd=cwd).returncode == 0
+    assert cnnlab_here("promote", "digits", cwd=cwd).returncode == 0
     data, labels = digits_test_split(tmp_path)
     out = plain_python(f"sqlite:///{cwd}/mlruns/mlflow.db", "models:/digits@champion", data)
     assert np.mean(np.array(out["all"]).astype(int) == labels) >= 0.95
@@ -121,11 +121,11 @@ def test_promotion_gate_refuses_a_worse_model_and_records_every_decision(backend
     assert {"cnnlab.data.fingerprint", "sys.torch", "cnnlab.model_uri"} <= set(run.data.tags)
     assert "plots/augment_preview.png" in {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
 
-    first = cnnlab("promote", name, cwd=workdir, env=env)
+    first = cnnlab_here("promote", name, cwd=workdir, env=env)
     assert first.returncode == 0 and "promoted" in first.stdout, first.stdout + first.stderr
     worse = cnnlab(*common, "--trainer.max_epochs=1", "--model.optimizer.init_args.lr=0.001", cwd=workdir, env=env)
     assert worse.returncode == 0, worse.stderr[-3000:]
-    refused = cnnlab("promote", name, cwd=workdir, env=env)
+    refused = cnnlab_here("promote", name, cwd=workdir, env=env)
     assert refused.returncode == 1 and "refused" in refused.stdout
     assert "candidate v2" in refused.stdout and "champion v1" in refused.stdout and "<- gate" in refused.stdout
     assert client.get_model_version_by_alias(name, "champion").version in ("1", 1)
@@ -134,30 +134,24 @@ def test_promotion_gate_refuses_a_worse_model_and_records_every_decision(backend
     assert float(v2.tags["promotion.candidate_score"]) < float(v2.tags["promotion.champion_score"])
     assert v2.tags["promotion.data_fingerprint"] and v2.tags["promotion.time"]
 
-    forced = cnnlab("promote", name, "--version", "2", "--force", cwd=workdir, env=env)
+    forced = cnnlab_here("promote", name, "--version", "2", "--force", cwd=workdir, env=env)
     assert forced.returncode == 0 and str(client.get_model_version_by_alias(name, "champion").version) == "2"
     assert client.get_model_version(name, "2").tags["promotion.decision"] == "forced"
-    rollback = cnnlab("promote", name, "--version", "1", "--force", cwd=workdir, env=env)
+    rollback = cnnlab_here("promote", name, "--version", "1", "--force", cwd=workdir, env=env)
     assert rollback.returncode == 0 and str(client.get_model_version_by_alias(name, "champion").version) == "1"
     description = client.get_model_version(name, "2").description
     assert "refused" in description and "forced" in description and "```yaml" in description
 
-    listing = cnnlab("models", name, cwd=workdir, env=env)
+    listing = cnnlab_here("models", name, cwd=workdir, env=env)
     assert listing.returncode == 0
     rows = [line.split() for line in listing.stdout.splitlines()[1:]]
     assert [(r[1], r[2]) for r in rows] == [("2", "challenger"), ("1", "champion")]
 
 
 def test_register_and_promote_explain_bad_names(workdir):
-    assert "is not in" in cnnlab("register", "nope", "--name", "x", cwd=workdir).stderr
-    result = cnnlab("promote", "nope", cwd=workdir)
+    assert "is not in" in cnnlab_here("register", "nope", "--name", "x", cwd=workdir).stderr
+    result = cnnlab_here("promote", "nope", cwd=workdir)
     assert result.returncode == 2 and "no version (latest) of a registered model 'nope'" in result.stderr
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_ui_shows_the_quickstart_run_and_the_champion_in_a_real_browser(quickstart):
@@ -165,7 +159,7 @@ def test_ui_shows_the_quickstart_run_and_the_champion_in_a_real_browser(quicksta
     from playwright.sync_api import sync_playwright
 
     cwd = quickstart[0]
-    assert cnnlab("promote", "digits", cwd=cwd).returncode == 0
+    assert cnnlab_here("promote", "digits", cwd=cwd).returncode == 0
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in STORE_VARIABLES}
     ui = subprocess.Popen([sys.executable, "-m", "cnnlab", "ui", "--port", str(port)], cwd=cwd, env=env,

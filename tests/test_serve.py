@@ -5,7 +5,6 @@ import base64
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,16 +18,10 @@ import requests
 from PIL import Image
 
 from cnnlab.data import DataModule
-from conftest import STORE_VARIABLES, cnnlab
+from conftest import STORE_VARIABLES, cnnlab, cnnlab_here, free_port
 
 KEY = "s3cret-test-key"
 AUTH = {"X-API-Key": KEY}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def session_processes(sid: int) -> list[int]:
@@ -49,8 +42,8 @@ def server(quickstart):
     """`cnnlab serve models:/swap@champion` following its alias, with small limits and an API key."""
     cwd, _, run, _ = quickstart
     for _ in range(2):  # two versions of the same model: enough to watch the alias move
-        assert cnnlab("register", run.info.run_id, "--name", "swap", cwd=cwd).returncode == 0
-    assert cnnlab("promote", "swap", "--version", "1", "--force", cwd=cwd).returncode == 0
+        assert cnnlab_here("register", run.info.run_id, "--name", "swap", cwd=cwd).returncode == 0
+    assert cnnlab_here("promote", "swap", "--version", "1", "--force", cwd=cwd).returncode == 0
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in STORE_VARIABLES}
     env["CNNLAB_TEST_KEY"] = KEY
@@ -105,7 +98,16 @@ def test_served_predictions_agree_with_the_offline_model(server, digits, quickst
 def test_info_health_and_openapi(server):
     info = requests.get(f"{server['url']}/info", headers=AUTH, timeout=10).json()
     assert info["name"] == "swap" and info["alias"] == "champion" and info["input_size"] == 16
-    assert info["classes"] == [str(i) for i in range(10)] and info["backend"] == "onnx"
+    assert info["classes"] == [str(i) for i in range(10)] and info["runtime"] == "torch"
+
+
+def test_the_server_loads_the_very_artifact_the_gate_evaluated(server):
+    from conftest import mlflow_client
+
+    version = mlflow_client(f"sqlite:///{server['cwd']}/mlruns/mlflow.db").get_model_version("swap", "1")
+    info = requests.get(f"{server['url']}/info", headers=AUTH, timeout=10).json()
+    assert version.tags["promotion.runtime"] == info["runtime"] == "torch"
+    assert len(info["sha256"]) == 64 and version.tags["promotion.sha256"] == info["sha256"]
     assert requests.get(f"{server['url']}/health", timeout=10).status_code == 200  # no key needed
     schema = requests.get(f"{server['url']}/openapi.json", headers=AUTH, timeout=10).json()
     assert "image/*" in schema["paths"]["/predict"]["post"]["requestBody"]["content"]
@@ -185,7 +187,7 @@ def test_alias_swap_under_load_fails_no_request(server, digits):
     for t in threads:
         t.start()
     time.sleep(2)
-    assert cnnlab("promote", "swap", "--version", "2", "--force", cwd=cwd).returncode == 0
+    assert cnnlab_here("promote", "swap", "--version", "2", "--force", cwd=cwd).returncode == 0
     deadline = time.time() + 120
     while requests.get(f"{url}/info", headers=AUTH, timeout=10).json()["version"] != "2" and time.time() < deadline:
         time.sleep(0.5)

@@ -8,7 +8,7 @@ import yaml
 
 from cnnlab.cli import main
 from cnnlab.tune import open_storage
-from conftest import QUICKSTART, cnnlab, mlflow_client, require
+from conftest import QUICKSTART, cnnlab, cnnlab_here, mlflow_client, require
 
 SPACE = {"model.optimizer.init_args.lr": {"type": "float", "low": 0.05, "high": 0.4, "log": True},
          "model.label_smoothing": {"type": "float", "low": 0.0, "high": 0.2},
@@ -74,7 +74,7 @@ def test_six_trials_with_two_workers_all_accounted_for_and_nested_in_mlflow(smal
 
     tuned = workdir / "recipes" / "tuned" / f"{name}.yaml"
     assert tuned.exists() and "Best trial" in tuned.read_text()
-    shown = cnnlab("tune", "--show", name, "--storage", storage, cwd=workdir, env=env)
+    shown = cnnlab_here("tune", "--show", name, "--storage", storage, cwd=workdir, env=env)
     assert shown.returncode == 0 and shown.stdout.count("\n") == 8 and f"study {name}" in shown.stdout
     if storage.startswith("sqlite"):  # the best recipe fits as it is, to the best trial's accuracy
         threads = study.best_trial.user_attrs["threads"]  # the cores shared out among the workers

@@ -44,7 +44,7 @@ def _data(args) -> int:
 def _ui(args) -> int:
     import subprocess
 
-    from cnnlab.tracking import default_tracking_uri
+    from cnnlab.store import default_tracking_uri
 
     uri = args.backend_store_uri or default_tracking_uri()
     if uri.startswith(("http://", "https://")):
@@ -89,7 +89,8 @@ def _tune(args) -> int:
 def _export(args) -> int:
     from cnnlab.export import export
 
-    export(args.model_uri, args.out, args.format, args.int8, args.calib_batches, args.register)
+    export(args.model_uri, args.out, fmt=args.format, int8=args.int8, data=args.data, calib_batches=args.calib_batches,
+           register=args.register)
     return 0
 
 
@@ -103,9 +104,10 @@ def _compress(args) -> int:
 def _serve(args) -> int:
     from cnnlab.serve import serve
 
-    return serve(args.model_uri, args.backend, args.device, args.max_batch_size, args.batch_timeout_ms, args.workers,
-                 args.host, args.port, args.follow_alias, args.poll_seconds, args.api_key_env, args.max_body_bytes,
-                 args.max_pixels, args.threads)
+    return serve(args.model_uri, device=args.device, max_batch_size=args.max_batch_size,
+                 batch_timeout_ms=args.batch_timeout_ms, workers=args.workers, host=args.host, port=args.port,
+                 follow_alias=args.follow_alias, poll_seconds=args.poll_seconds, api_key_env=args.api_key_env,
+                 max_body_bytes=args.max_body_bytes, max_pixels=args.max_pixels, threads=args.threads)
 
 
 def _compare(args) -> int:
@@ -156,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     promote.add_argument("--version", help="the candidate (default: the `challenger` alias, else the latest)")
     promote.add_argument("--metric", default="test/acc", help="test/acc, test/top5, test/f1 or test/loss")
     promote.add_argument("--min-delta", type=float, default=0.0, help="how much better the candidate must be")
-    promote.add_argument("--data", help="evaluate on this source's test split instead of the recipe's")
+    promote.add_argument("--data", help="evaluate on this source's test split (default: the data the model records)")
     promote.add_argument("--force", action="store_true", help="promote even if worse (recorded); also for rollback")
     promote.set_defaults(func=_promote)
 
@@ -181,10 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
     tune.set_defaults(func=_tune)
 
     export = commands.add_parser("export", help="export a model to ONNX (fp32 or int8) or TorchScript, with parity checks")
-    export.add_argument("model_uri", help="models:/NAME@ALIAS, models:/NAME/V, a run id or runs:/RUN_ID, or a .ckpt")
+    export.add_argument("model_uri", help="models:/NAME@ALIAS, models:/NAME/V, a run id or runs:/RUN_ID, a logged-model "
+                        "id (m-...), or a .ckpt")
     export.add_argument("--out", required=True, help="the folder to write")
     export.add_argument("--format", default="onnx", choices=["onnx", "torchscript"])
     export.add_argument("--int8", action="store_true", help="static int8 quantization (ONNX Runtime, QOperator)")
+    export.add_argument("--data", help="labelled images (ImageFolder, CSV, shards): int8 calibrates on its training "
+                        "split and parity is checked on its test split (default for int8: the data the model records)")
     export.add_argument("--calib-batches", type=int, default=10, help="training batches (of 32) to calibrate on")
     export.add_argument("--register", metavar="NAME", help="register the ONNX file as a new version of NAME")
     export.set_defaults(func=_export)
@@ -196,12 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
                                  "checkpoints or `cnnlab export` folders")
     compress_report.add_argument("--threads", type=int, default=2, help="CPU threads for the latency (default: 2)")
     compress_report.add_argument("--runs", type=int, default=20, help="timed runs at batch 1 (a quarter at 32)")
-    compress_report.add_argument("--data", help="evaluate on this source's test split instead of the baseline's")
+    compress_report.add_argument("--data", help="evaluate on this source's test split (default: the data the "
+                                 "first model records)")
     compress_report.set_defaults(func=_compress)
 
     serve = commands.add_parser("serve", help="a prediction service (LitServe): batching, alias hot swap, hardening")
-    serve.add_argument("model_uri", help="models:/NAME@ALIAS, models:/NAME/V, a run, a .ckpt or a `cnnlab export` folder")
-    serve.add_argument("--backend", default="onnx", choices=["onnx", "torch"], help="default: onnx (fastest on CPU)")
+    serve.add_argument("model_uri", help="models:/NAME@ALIAS, models:/NAME/V, a run, a logged-model id, a .ckpt or a "
+                       "`cnnlab export` folder; served on the runtime its artifact holds")
     serve.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     serve.add_argument("--max-batch-size", type=int, default=32, help="concurrent requests stacked into one call")
     serve.add_argument("--batch-timeout-ms", type=float, default=5.0, help="how long a batch waits to fill")

@@ -1,10 +1,19 @@
-"""The MLflow model of a cnnlab run: the `pytorch` flavor (a torch.export program taking uint8 N x 3 x H x W)
-plus a `python_function` flavor that takes raw images and answers labels and class probabilities.
+"""The cnnlab model: one self-contained MLflow model (a `python_function` flavor) holding everything
+inference needs, described by `cnnlab.json` (schema below, versioned by SCHEMA):
 
-This file is copied into every logged model (its `code/` folder) and loaded from there, so it imports
-nothing of cnnlab: `mlflow.pyfunc.load_model(...)` works with torch, numpy, pillow, opencv and pandas.
-cnnlab's own evaluation uses the same `decode` and `center_crop`, so offline, served and logged
-predictions see the same pixels.
+    network.pt2 | network.onnx | network.ts   the network, taking uint8 N x 3 x H x W RGB, returning logits
+                                              (it normalizes itself): a torch.export program, an ONNX
+                                              model (fp32 or int8) or TorchScript
+    cnnlab.json   schema, classes, image_size, crop_pct, mean, std, preprocess, input, output, runtime,
+                  format, network, sha256 (of the network file), samples, data (the source it was trained
+                  on), source (what an export was made from), checks (an export's parity)
+    samples/      a few encoded images with their labels (`samples` in cnnlab.json), for parity checks
+
+A fit logs one (runtime torch); `cnnlab export` writes the same kind with another network. This file is
+copied into every model (its `code/` folder) and is its pyfunc loader, so it imports nothing of cnnlab:
+`mlflow.pyfunc.load_model(...)` needs numpy, pandas, pillow, opencv and the runtime (torch or onnxruntime).
+cnnlab itself loads models through `load_network`, so the gate, the server, exports and the pyfunc run
+the same file on the same runtime with the same preprocessing.
 """
 
 from __future__ import annotations
@@ -12,12 +21,19 @@ from __future__ import annotations
 import io
 import json
 import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
 
 import cv2
 import numpy as np
 from PIL import Image
 
 META_FILE = "cnnlab.json"
+SCHEMA = 1
+NETWORK_FILES = {"torch": "network.pt2", "onnx": "network.onnx", "torchscript": "network.ts"}
+PREPROCESS = ("decode to RGB uint8; resize the short side to image_size / crop_pct (area filter when shrinking, "
+              "bilinear when enlarging); center crop image_size x image_size; N x 3 x H x W")
 
 
 def to_rgb(image: Image.Image) -> np.ndarray:
@@ -69,23 +85,129 @@ def center_crop(image: np.ndarray, size: int, crop_pct: float = 1.0) -> np.ndarr
     return np.ascontiguousarray(image[top:top + size, left:left + size])
 
 
+def default_crop_pct(image_size: int) -> float:
+    """Small images are used whole; larger ones center-cropped as the ImageNet references do."""
+    return 1.0 if image_size <= 64 else 0.875
+
+
+def sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class Network:
+    """A loaded model: `predict` maps uint8 N x 3 x H x W (numpy) to logits; `meta` is its cnnlab.json."""
+
+    predict: Callable[[np.ndarray], np.ndarray]
+    meta: dict
+    folder: Path | None = None
+    module: object = None  # the torch module (runtime torch/torchscript), for distillation and fine-tuning
+    source: str = ""  # the URI it was loaded from
+    name: str | None = None  # registered model name, version and alias, where it came from the registry
+    version: str | None = None
+    alias: str | None = None
+    params: int = 0
+    samples: list[tuple[bytes, int]] = field(default_factory=list)  # encoded sample images and their labels
+
+    @property
+    def classes(self) -> list[str]:
+        return self.meta["classes"]
+
+    @property
+    def image_size(self) -> int:
+        return self.meta["image_size"]
+
+    @property
+    def runtime(self) -> str:
+        return self.meta["runtime"]
+
+    @property
+    def digest(self) -> str:
+        return self.meta.get("sha256", "")
+
+    def preprocess(self, item) -> np.ndarray:
+        """Encoded bytes or an H x W [x C] uint8 array to the H x W x 3 input the network takes."""
+        return center_crop(decode(item), self.meta["image_size"], self.meta["crop_pct"])
+
+    def logits(self, images: list, batch_size: int = 64) -> np.ndarray:
+        """Logits of encoded images or uint8 arrays, through the model's own preprocessing, in batches."""
+        out = []
+        for start in range(0, len(images), batch_size):
+            batch = np.stack([self.preprocess(x) for x in images[start:start + batch_size]])
+            out.append(np.asarray(self.predict(np.ascontiguousarray(batch.transpose(0, 3, 1, 2))), np.float32))
+        return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
+
+    def probabilities(self, images: list, batch_size: int = 64) -> np.ndarray:
+        return softmax(self.logits(images, batch_size))
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    logits = logits.astype(np.float64)
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    return (probs / probs.sum(1, keepdims=True)).astype(np.float32)
+
+
+def torch_predict(module, device: str = "cpu"):
+    import torch
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return module(torch.from_numpy(x).to(device)).float().cpu().numpy()
+
+    return predict
+
+
+def load_network(folder, threads: int | None = None, device: str = "cpu") -> Network:
+    """The network of a model's data folder (where cnnlab.json lies), on its own runtime."""
+    folder = Path(folder)
+    meta = json.loads((folder / META_FILE).read_text())
+    if meta.get("schema", 0) > SCHEMA:
+        raise ValueError(f"{folder / META_FILE} has schema {meta['schema']}; this code reads up to {SCHEMA}: "
+                         "upgrade cnnlab")
+    file = folder / meta["network"]
+    runtime = meta["runtime"]
+    samples = [((folder / s["file"]).read_bytes(), s["label"]) for s in meta.get("samples", [])]
+    if runtime == "onnx":
+        import onnxruntime as ort
+
+        if device != "cpu":
+            raise ValueError(f"an ONNX model runs on the CPU here (onnxruntime's CPU build), not {device}")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        session = ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        import onnx
+        from onnx import numpy_helper
+
+        params = sum(numpy_helper.to_array(t).size for t in onnx.load(str(file)).graph.initializer)
+        return Network(lambda x: session.run(None, {name: x})[0], meta, folder, params=params, samples=samples)
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    if runtime == "torch":
+        module = torch.export.load(str(file)).module()
+    elif runtime == "torchscript":
+        module = torch.jit.load(str(file), map_location="cpu")
+    else:
+        raise ValueError(f"{folder / META_FILE}: unknown runtime {runtime!r}")
+    module = module.to(device)
+    return Network(torch_predict(module, device), meta, folder, module=module,
+                   params=sum(p.numel() for p in module.parameters()), samples=samples)
+
+
 class ImageClassifier:
     """The pyfunc: predict(DataFrame with an `image` column of encoded bytes or uint8 arrays)."""
 
-    def __init__(self, model, meta: dict, batch_size: int = 64):
-        self.model, self.meta, self.batch_size = model, meta, batch_size
-
-    def probabilities(self, images: list) -> np.ndarray:
-        import torch
-
-        size, crop_pct = self.meta["image_size"], self.meta["crop_pct"]
-        out = []
-        for start in range(0, len(images), self.batch_size):
-            batch = np.stack([center_crop(decode(x), size, crop_pct) for x in images[start:start + self.batch_size]])
-            with torch.inference_mode():
-                logits = self.model(torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous())
-            out.append(logits.float().softmax(-1).numpy())
-        return np.concatenate(out) if out else np.zeros((0, len(self.meta["classes"])), np.float32)
+    def __init__(self, network: Network):
+        self.network = network
 
     def predict(self, model_input, params=None):
         import pandas as pd
@@ -98,51 +220,66 @@ class ImageClassifier:
             images = list(model_input)
         else:
             images = list(model_input) if isinstance(model_input, list) else [model_input]
-        probs = self.probabilities(images)
-        classes = self.meta["classes"]
+        probs = self.network.probabilities(images)
+        classes = self.network.classes
         return pd.DataFrame({"label": [classes[i] for i in probs.argmax(1)], "score": probs.max(1).astype(float),
                              "probabilities": [row.astype(float).tolist() for row in probs]})
 
 
 def _load_pyfunc(data_path: str, model_config=None) -> ImageClassifier:
     """MLflow's entry point for the python_function flavor."""
-    import mlflow.pytorch
-
-    with open(os.path.join(data_path, META_FILE)) as f:
-        meta = json.load(f)
-    model = mlflow.pytorch.load_model(os.path.dirname(os.path.abspath(data_path)))
-    return ImageClassifier(model, meta)
+    return ImageClassifier(load_network(data_path))
 
 
-def save_model(path: str, mlflow_model, pytorch_model, classes: list[str], image_size: int, crop_pct: float,
-               example_images: list[bytes], pip_requirements: list[str] | None = None, **kwargs) -> None:
-    """Write both flavors into `path` (called by `mlflow.models.Model.log(flavor=this module)`)."""
-    import mlflow.pytorch
+def data_folder(model_folder) -> Path:
+    """The folder of cnnlab.json inside an MLflow model folder."""
+    import yaml
+
+    mlmodel = yaml.safe_load((Path(model_folder) / "MLmodel").read_text())
+    return Path(model_folder) / mlmodel["flavors"]["python_function"]["data"]
+
+
+def write_meta(folder: Path, network: Path, meta: dict, samples: list[tuple[bytes, int]]) -> dict:
+    """cnnlab.json beside the network file, with the sample images; returns the full metadata."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "samples").mkdir(exist_ok=True)
+    rows = []
+    for i, (raw, label) in enumerate(samples):
+        with Image.open(io.BytesIO(raw)) as image:
+            suffix = (image.format or "img").lower()
+        (folder / "samples" / f"{i:03d}.{suffix}").write_bytes(raw)
+        rows.append({"file": f"samples/{i:03d}.{suffix}", "label": int(label)})
+    runtime = meta["runtime"]
+    meta = {"schema": SCHEMA, **meta, "network": network.name, "sha256": sha256(network),
+            "bytes": network.stat().st_size, "samples": rows,
+            "preprocess": PREPROCESS, "output": "logits",
+            "input": {"name": "images", "dtype": "uint8", "shape": [-1, 3, meta["image_size"], meta["image_size"]],
+                      "layout": "N x 3 x H x W, RGB, 0..255"}}
+    meta.setdefault("format", runtime)
+    (folder / META_FILE).write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+def save_model(path, folder: Path, meta: dict) -> None:
+    """An MLflow model at `path` whose pyfunc is this module, loading `folder` (network, cnnlab.json, samples)."""
+    import mlflow.pyfunc
     import pandas as pd
-    import torch
     from mlflow.models import ModelSignature
-    from mlflow.models.utils import _save_example
-    from mlflow.types import ColSpec, DataType, Schema, TensorSpec
+    from mlflow.types import ColSpec, DataType, Schema
     from mlflow.types.schema import Array
 
-    example = torch.stack([torch.from_numpy(center_crop(decode(b), image_size, crop_pct)).permute(2, 0, 1)
-                           for b in example_images])
-    tensor_signature = ModelSignature(Schema([TensorSpec(np.dtype(np.uint8), (-1, 3, image_size, image_size))]))
-    mlflow.pytorch.save_model(pytorch_model, path, mlflow_model=mlflow_model, serialization_format="pt2",
-                              signature=tensor_signature, input_example=example.numpy(),
-                              code_paths=[os.path.abspath(__file__)], pip_requirements=pip_requirements)
-    data = mlflow_model.flavors["pytorch"]["model_data"]
-    with open(os.path.join(path, data, META_FILE), "w") as f:
-        json.dump({"classes": list(classes), "image_size": image_size, "crop_pct": crop_pct}, f)
-    # Same folders and environment as the pytorch flavor's own pyfunc, but this module's loader.
-    mlflow_model.flavors["python_function"]["loader_module"] = "cnnlab_model"
-    mlflow_model.signature = ModelSignature(
+    from importlib.metadata import version
+
+    runtime = ["onnxruntime", "onnx"] if meta["runtime"] == "onnx" else [f"torch=={version('torch').split('+')[0]}"]
+    signature = ModelSignature(
         Schema([ColSpec(DataType.binary, "image")]),
         Schema([ColSpec(DataType.string, "label"), ColSpec(DataType.double, "score"),
                 ColSpec(Array(DataType.double), "probabilities")]))
-    for old in ("input_example.json", "serving_input_example.json"):
-        if os.path.exists(os.path.join(path, old)):
-            os.remove(os.path.join(path, old))
-    mlflow_model.saved_input_example_info = None
-    _save_example(mlflow_model, pd.DataFrame({"image": list(example_images)}), path)
-    mlflow_model.save(os.path.join(path, "MLmodel"))
+    examples = [(folder / s["file"]).read_bytes() for s in meta["samples"][:2]]
+    mlflow.pyfunc.save_model(str(path), loader_module="cnnlab_model", data_path=str(folder),
+                             code_paths=[os.path.abspath(__file__)], signature=signature,
+                             input_example=pd.DataFrame({"image": examples}) if examples else None,
+                             pip_requirements=[*runtime, "numpy", "pandas", "pillow", "opencv-python-headless",
+                                               "pyyaml"],
+                             metadata={"cnnlab": {k: meta[k] for k in ("schema", "runtime", "format", "sha256",
+                                                                       "image_size", "classes")}})

@@ -148,11 +148,11 @@ def write_docs(path: str, table: str, source: str) -> None:
 
 def compare(paths: list[str], max_epochs: int | None = None, name: str | None = None, runs: list[str] | None = None,
             docs: str | None = None, overrides: dict | None = None) -> int:
-    from cnnlab.registry import _client
+    from cnnlab import store
     from cnnlab.run import fit_process
-    from cnnlab.tracking import default_tracking_uri
+    from cnnlab.store import default_tracking_uri
 
-    client = _client()
+    client = store.client()
     experiment = client.get_experiment_by_name("cnnlab")
     experiment_id = experiment.experiment_id if experiment else client.create_experiment("cnnlab")
     if runs:

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from cnnlab.export import batches, load_trained, predictor
+from cnnlab import store
 
 
 def latency_ms(predict, image_size: int, batch: int, runs: int) -> float:
@@ -27,30 +28,24 @@ def latency_ms(predict, image_size: int, batch: int, runs: int) -> float:
     return statistics.median(times)
 
 
-def accuracy(predict, datamodule, split: str) -> float:
-    correct = total = 0
-    for images, labels in batches(datamodule, split):
-        correct += int((predict(images.numpy()).argmax(1) == labels.numpy()).sum())
-        total += len(labels)
-    return correct / total
-
-
 def report(uris: list[str], threads: int = 2, runs: int = 20, data: str | None = None) -> list[dict]:
-    from cnnlab.data import DataModule
+    """Each model, from its artifact alone, timed and scored on the same labelled split (`--data`, else the
+    data the first model records)."""
+    from cnnlab.data import labelled
+    from cnnlab.registry import evaluate
 
     torch.set_num_threads(threads)
-    _, datamodule, _ = load_trained(uris[0]) if not data else (None, None, None)
-    if data:
-        datamodule = DataModule(data, num_workers=0)
-    split = "test" if "test" in datamodule.splits else "val"
+    networks = [store.load(uri, threads) for uri in uris]
+    datamodule, split = labelled(networks[0].meta, data)
     rows = []
-    for uri in uris:
-        predict, label, params, size, meta = predictor(uri, threads)
-        size_px = meta["image_size"]
-        rows.append({"variant": label, "params": params, "mb": size / 1e6,
-                     "ms_b1": latency_ms(predict, size_px, 1, runs), "ms_b32": latency_ms(predict, size_px, 32,
-                                                                                         max(3, runs // 4)),
-                     "top1": accuracy(predict, datamodule, split)})
+    for uri, network in zip(uris, networks):
+        size = network.image_size
+        label = Path(uri).name if Path(uri).is_dir() else uri  # an export folder by its name
+        rows.append({"variant": f"{label} ({network.meta.get('format')})", "params": network.params,
+                     "mb": network.meta.get("bytes", 4 * network.params) / 1e6,
+                     "ms_b1": latency_ms(network.predict, size, 1, runs),
+                     "ms_b32": latency_ms(network.predict, size, 32, max(3, runs // 4)),
+                     "top1": evaluate(network, datamodule, split)["test/acc"]})
     for row in rows:
         row["drop"] = 100 * (rows[0]["top1"] - row["top1"])
         row["speedup_b1"] = rows[0]["ms_b1"] / row["ms_b1"]
@@ -70,14 +65,15 @@ def format_table(rows: list[dict], threads: int, data: str) -> str:
 
 
 def _log(rows: list[dict], table: str) -> None:
-    import mlflow
-
-    from cnnlab.registry import _client
-
-    _client()
-    mlflow.set_experiment("cnnlab")
-    with mlflow.start_run(run_name="compress-report", tags={"cnnlab.role": "compress-report"}):
-        mlflow.log_text(table + "\n", "compress_report.txt")
-        mlflow.log_dict(rows, "compress_report.json")
-        for i, row in enumerate(rows):
-            mlflow.log_metrics({f"variant{i}/{k}": v for k, v in row.items() if isinstance(v, (int, float))})
+    client = store.client()
+    experiment = client.get_experiment_by_name("cnnlab")
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment("cnnlab")
+    run_id = client.create_run(experiment_id, run_name="compress-report",
+                               tags={"cnnlab.role": "compress-report"}).info.run_id
+    client.log_text(run_id, table + "\n", "compress_report.txt")
+    client.log_dict(run_id, rows, "compress_report.json")
+    for i, row in enumerate(rows):
+        for key, value in row.items():
+            if isinstance(value, (int, float)):
+                client.log_metric(run_id, f"variant{i}/{key}", value)
+    client.set_terminated(run_id, "FINISHED")

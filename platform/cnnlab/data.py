@@ -33,8 +33,14 @@ warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` 
 
 
 def load_augment(augment: str) -> A.BasicTransform:
-    """A preset name (recipes/augment/NAME.yaml) or the path of an albumentations-serialized YAML."""
-    path = resolve_path(f"recipes/augment/{augment}.yaml" if augment in PRESETS else augment)
+    """A preset name (shipped in the package; copies in recipes/augment/) or the path of an
+    albumentations-serialized YAML."""
+    from importlib.resources import as_file, files
+
+    if augment in PRESETS:
+        with as_file(files("cnnlab") / "presets" / "augment" / f"{augment}.yaml") as path:
+            return A.load(str(path), data_format="yaml")
+    path = resolve_path(augment)
     if not path.exists():
         raise UserError(f"data.augment='{augment}' is neither a preset ({', '.join(PRESETS)}) nor an existing file. "
                         "Copy a preset from recipes/augment/ and point data.augment at it.")
@@ -270,6 +276,46 @@ class DataModule(L.LightningDataModule):
         if mode and batch is not None and self.trainer is not None and self.trainer.training:
             batch = (augment_on_device(batch[0], mode), batch[1])
         return batch
+
+
+SPLIT_KEYS = ("source", "val_fraction", "test_fraction", "split_seed", "synthetic_size")
+
+
+def recorded_data(data) -> dict:
+    """The keys that define a source's splits (from a DataModule or its hyperparameters), recorded with a
+    model so that its held-out split can be found again; a local source as an absolute path."""
+    hparams = dict(getattr(data, "hparams", data))
+    recorded = {k: hparams[k] for k in SPLIT_KEYS if k in hparams}
+    source = recorded.get("source")
+    if source and source not in ("digits", "synthetic") and resolve_path(source).exists():
+        recorded["source"] = str(resolve_path(source).resolve())
+    return recorded
+
+
+def labelled(meta: dict, data: str | None, splits: tuple[str, ...] = ("test", "val")) -> tuple[DataModule, str]:
+    """(DataModule, split) of labelled images for a model: `data` (the --data flag) if given, else the source
+    recorded in the model, split as it was at training."""
+    recorded = dict(meta.get("data") or {})
+    if data:
+        recorded["source"] = data
+    if not recorded.get("source"):
+        raise UserError("this model records no data source: pass --data SOURCE (an ImageFolder, CSV manifest or "
+                        "shard folder with the model's classes).")
+    try:
+        datamodule = DataModule(**recorded, image_size=meta["image_size"], num_workers=0)
+    except UserError as err:
+        if data:
+            raise
+        raise UserError(f"the data this model was trained on ({recorded['source']}) is not readable here ({err}). "
+                        "Pass --data SOURCE: an ImageFolder, CSV manifest or shard folder with the model's "
+                        "classes.") from None
+    if datamodule.classes != list(meta["classes"]):
+        raise UserError(f"--data {recorded['source']}: its classes {datamodule.classes[:10]} are not the model's "
+                        f"{list(meta['classes'])[:10]}. Pass data with the model's classes.")
+    split = next((s for s in splits if s in datamodule.splits and len(datamodule.splits[s])), None)
+    if split is None:
+        raise UserError(f"--data {recorded['source']}: no {' or '.join(splits)} split to use.")
+    return datamodule, split
 
 
 def augment_on_device(images: torch.Tensor, mode: str, pad: int = 4) -> torch.Tensor:

@@ -1,73 +1,50 @@
-"""`cnnlab export MODEL_URI`: ONNX (fp32, or static int8 through ONNX Runtime) or TorchScript, checked
-against the torch model on the test split, logged to MLflow and optionally registered (ONNX flavor).
+"""`cnnlab export MODEL_URI --out DIR`: the model as ONNX (fp32, or static int8 through ONNX Runtime) or
+TorchScript, written as a cnnlab model of the same kind (cnnlab_model: the new network beside the source's
+classes, preprocessing and sample images), checked against the source, logged to MLflow and optionally
+registered, linked to its source by tags.
 
-Every exported model takes uint8 images N x 3 x H x W (the network normalizes them) and returns logits;
-`cnnlab.json` beside it holds the classes, input size and crop, for a server to preprocess with.
+It reads the model artifact alone. Parity is checked on the model's own sample images; with `--data`, also
+on that source's test split. int8 calibrates on training images: `--data`, else the data the model records.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from cnnlab import UserError
+from cnnlab import UserError, store
+from cnnlab.cnnlab_model import META_FILE, NETWORK_FILES, Network, load_network, save_model, write_meta
 
-FILES = {"onnx": "model.onnx", "int8": "model.int8.onnx", "torchscript": "model.pt"}
-
-
-def load_trained(uri: str):
-    """(ClassifierModule in eval mode on the CPU, its DataModule rebuilt from the checkpoint, checkpoint path)."""
-    from cnnlab.data import DataModule
-    from cnnlab.module import ClassifierModule
-    from cnnlab.registry import checkpoint_of
-
-    path = checkpoint_of(uri)
-    module = ClassifierModule.load_from_checkpoint(path, map_location="cpu", pretrained=False, init_weights=None)
-    saved = torch.load(path, map_location="cpu", weights_only=False).get("datamodule_hyper_parameters") or {}
-    accepted = inspect.signature(DataModule).parameters
-    datamodule = DataModule(**{**{k: v for k, v in saved.items() if k in accepted}, "num_workers": 0})
-    return module.eval(), datamodule, path
-
-
-def batches(datamodule, split: str, limit: int | None = None, batch_size: int = 64):
-    """(uint8 images, labels) of a split with the evaluation preprocessing, no augmentation."""
-    from cnnlab.data import ImageDataset, collate, eval_transform
-
-    samples = datamodule.splits[split]
-    dataset = ImageDataset(samples, eval_transform(datamodule.image_size, datamodule.crop_pct), datamodule.image_size,
-                           datamodule.hparams.max_pixels, skip_bad=True)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
-    for i, batch in enumerate(loader):
-        if limit is not None and i >= limit:
-            return
-        if batch is not None:
-            yield batch
+FORMATS = ("onnx", "torchscript")
+INT8_FILE = "network.int8.onnx"
 
 
 def to_onnx(module, image_size: int, path: Path) -> Path:
+    import torch
+
     example = torch.zeros(2, 3, image_size, image_size, dtype=torch.uint8)
     torch.onnx.export(module, (example,), str(path), dynamo=True, external_data=False, input_names=["images"],
                       output_names=["logits"], dynamic_shapes={"images": {0: torch.export.Dim("batch")}})
     return path
 
 
-def to_int8(fp32: Path, path: Path, datamodule, calib_batches: int) -> Path:
-    """Static post-training quantization, QOperator U8S8 (fast on CPU), calibrated on training images."""
+def to_int8(fp32: Path, path: Path, batches) -> Path:
+    """Static post-training quantization, QOperator U8S8 per channel (fast on CPU), calibrated on `batches`
+    of images in the model's own evaluation preprocessing."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.batches = (images.numpy() for images, _ in batches(datamodule, "train", calib_batches, 32))
+            self.batches = iter(batches)
 
         def get_next(self):
-            images = next(self.batches, None)
-            return None if images is None else {"images": images}
+            batch = next(self.batches, None)
+            return None if batch is None else {"images": batch}
 
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
@@ -77,151 +54,121 @@ def to_int8(fp32: Path, path: Path, datamodule, calib_batches: int) -> Path:
     return path
 
 
-def ort_session(path: Path, threads: int | None = None):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def parity(module, predict, datamodule, split: str) -> dict:
-    """The exported model against the torch model: max |logit difference|, top-1 agreement, both accuracies."""
-    diff, agree, correct_torch, correct_export, total = 0.0, 0, 0, 0, 0
-    with torch.no_grad():
-        for images, labels in batches(datamodule, split):
-            ours = module(images).float().numpy()
-            theirs = predict(images.numpy())
-            diff = max(diff, float(np.abs(ours - theirs).max()))
-            agree += int((ours.argmax(1) == theirs.argmax(1)).sum())
-            correct_torch += int((ours.argmax(1) == labels.numpy()).sum())
-            correct_export += int((theirs.argmax(1) == labels.numpy()).sum())
-            total += len(labels)
-    return {"max_abs_diff": diff, "top1_agreement": agree / total, "torch_acc": correct_torch / total,
-            "acc": correct_export / total, "images": total}
+def parity(reference: Network, exported: Network, images: list, labels: list[int]) -> dict:
+    """The exported network against its source: max |logit difference|, top-1 agreement, both accuracies."""
+    diff, agree, correct_ref, correct_exp = 0.0, 0, 0, 0
+    for start in range(0, len(images), 64):
+        chunk, truth = images[start:start + 64], np.asarray(labels[start:start + 64])
+        ours, theirs = reference.logits(chunk), exported.logits(chunk)
+        diff = max(diff, float(np.abs(ours - theirs).max()))
+        agree += int((ours.argmax(1) == theirs.argmax(1)).sum())
+        correct_ref += int((ours.argmax(1) == truth).sum())
+        correct_exp += int((theirs.argmax(1) == truth).sum())
+    total = max(1, len(images))
+    return {"max_abs_diff": diff, "top1_agreement": agree / total, "source_acc": correct_ref / total,
+            "acc": correct_exp / total, "images": len(images)}
 
 
-def export(uri: str, out: str, fmt: str = "onnx", int8: bool = False, calib_batches: int = 10,
-           register: str | None = None) -> dict:
-    if fmt not in ("onnx", "torchscript"):
-        raise UserError(f"--format {fmt}: choose onnx or torchscript.")
+def calibration(source: Network, data: str | None, calib_batches: int, batch: int = 32):
+    """Batches of preprocessed training images (N x 3 x H x W uint8) for int8 calibration."""
+    from cnnlab.data import labelled
+
+    datamodule, split = labelled(source.meta, data, splits=("train", "val", "test"))
+    samples = datamodule.splits[split]
+    picks = np.random.default_rng(0).permutation(len(samples))[:calib_batches * batch]
+    for start in range(0, len(picks), batch):
+        images = [source.preprocess(samples.raw(int(i), source.image_size)) for i in picks[start:start + batch]]
+        yield np.ascontiguousarray(np.stack(images).transpose(0, 3, 1, 2))
+
+
+def export(uri: str, out: str, fmt: str = "onnx", int8: bool = False, data: str | None = None,
+           calib_batches: int = 10, register: str | None = None) -> dict:
+    """Export the model URI names into the folder `out` (a cnnlab model); returns its cnnlab.json."""
+    if fmt not in FORMATS:
+        raise UserError(f"--format {fmt}: choose {' or '.join(FORMATS)}.")
     if int8 and fmt != "onnx":
         raise UserError("--int8 quantizes ONNX models: use it with --format onnx.")
-    module, datamodule, checkpoint = load_trained(uri)
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    split = "test" if "test" in datamodule.splits else "val"
-    meta = {"classes": module.classes, "image_size": datamodule.image_size, "crop_pct": datamodule.crop_pct,
-            "input": "uint8 images, N x 3 x H x W", "output": "logits", "source": uri}
-    if fmt == "torchscript":
-        path = folder / FILES["torchscript"]
-        traced = torch.jit.trace(module, torch.zeros(2, 3, datamodule.image_size, datamodule.image_size,
-                                                     dtype=torch.uint8))
-        traced.save(str(path))
-        checks = parity(module, lambda x: traced(torch.from_numpy(x)).float().numpy(), datamodule, split)
-    else:
-        fp32 = to_onnx(module, datamodule.image_size, folder / FILES["onnx"])
-        path = to_int8(fp32, folder / FILES["int8"], datamodule, calib_batches) if int8 else fp32
-        session = ort_session(path)
-        checks = parity(module, lambda x: session.run(None, {"images": x})[0], datamodule, split)
-    meta.update(format="int8" if int8 else fmt, file=path.name, checks=checks)
-    (folder / "cnnlab.json").write_text(json.dumps(meta, indent=2))
-    print(f"exported {uri} -> {path} ({path.stat().st_size / 1e6:.1f} MB)\n"
-          f"parity on {checks['images']} {split} images: max |logit diff| {checks['max_abs_diff']:.2e}, top-1 "
-          f"agreement {checks['top1_agreement']:.4f}; top-1 {checks['acc']:.4f} (torch {checks['torch_acc']:.4f})")
-    meta["run_id"], meta["version"] = _track(folder, path, meta, register, checkpoint)
+    target = Path(out)
+    if target.exists() and any(target.iterdir()) and not (target / "MLmodel").exists():
+        raise UserError(f"--out {out} is a folder with other files in it: choose a new or empty folder.")
+    source = store.load(uri)
+    if source.runtime != "torch":
+        raise UserError(f"'{uri}' is already a {source.meta.get('format')} model: export from the torch model it "
+                        f"came from ({source.meta.get('source', {}).get('uri', 'its source')}).")
+    size = source.image_size
+    with tempfile.TemporaryDirectory(prefix="cnnlab-export-") as tmp:
+        folder = Path(tmp) / "network"
+        folder.mkdir()
+        if fmt == "torchscript":
+            import torch
+
+            path = folder / NETWORK_FILES["torchscript"]
+            with torch.no_grad():
+                torch.jit.trace(source.module, torch.zeros(2, 3, size, size, dtype=torch.uint8)).save(str(path))
+            runtime, form = "torchscript", "torchscript"
+        else:
+            path = to_onnx(source.module, size, folder / NETWORK_FILES["onnx"])
+            if int8:
+                path = to_int8(path, folder / INT8_FILE, calibration(source, data, calib_batches))
+                (folder / NETWORK_FILES["onnx"]).unlink()
+            runtime, form = "onnx", "onnx-int8" if int8 else "onnx"
+        keep = {k: v for k, v in source.meta.items() if k in ("classes", "image_size", "crop_pct", "mean", "std",
+                                                                  "model", "data", "run_id")}
+        lineage = {"uri": uri, "sha256": source.digest, "format": source.meta.get("format"), "name": source.name,
+                   "version": source.version}
+        meta = write_meta(folder, path, {**keep, "runtime": runtime, "format": form, "source": lineage},
+                          source.samples)
+        exported = load_network(folder)
+        images, labels = [raw for raw, _ in source.samples], [label for _, label in source.samples]
+        checked_on = f"{len(images)} sample images"
+        if data or int8:
+            from cnnlab.data import labelled
+
+            datamodule, split = labelled(source.meta, data)
+            held_out = datamodule.splits[split]
+            images = [held_out.raw(i, size) for i in range(len(held_out))]
+            labels, checked_on = list(held_out.labels), f"{len(images)} {split} images of {datamodule.source}"
+        meta.update(checks=parity(source, exported, images, labels), checks_on=checked_on)
+        (folder / META_FILE).write_text(json.dumps(meta, indent=2))
+        if target.exists():
+            shutil.rmtree(target)
+        save_model(target, folder, meta)
+    checks = meta["checks"]
+    print(f"exported {uri} -> {target} ({form}, {meta['bytes'] / 1e6:.1f} MB)\n"
+          f"parity on {checked_on}: max |logit diff| {checks['max_abs_diff']:.2e}, top-1 agreement "
+          f"{checks['top1_agreement']:.4f}; top-1 {checks['acc']:.4f} (source {checks['source_acc']:.4f})")
+    meta["run_id"], meta["version"] = _track(target, meta, register)
     return meta
 
 
-def _track(folder: Path, path: Path, meta: dict, register: str | None, checkpoint: Path) -> tuple[str, str | None]:
-    """An MLflow run holding the files and checks; with --register, a new ONNX-flavor version of NAME."""
-    import mlflow
+def _track(folder: Path, meta: dict, register: str | None) -> tuple[str, str | None]:
+    """An MLflow run holding the exported model and its checks; with --register, a new version of NAME."""
+    from cnnlab.registry import register_model
 
-    from cnnlab.registry import _client
-
-    client = _client()
-    source_run = checkpoint.parent.parent.name if checkpoint.parent.name == "checkpoints" else None
-    mlflow.set_experiment("cnnlab")
-    tags = {"cnnlab.role": "export", "cnnlab.export.source": meta["source"], "cnnlab.export.format": meta["format"]}
-    with mlflow.start_run(run_name=f"export-{meta['format']}", tags=tags) as run:
-        mlflow.log_metrics({f"export/{k}": v for k, v in meta["checks"].items()})
-        mlflow.log_metric("test/acc", meta["checks"]["acc"])
-        mlflow.log_artifacts(str(folder), "export")
-        version = None
-        if register and path.suffix == ".onnx":
-            import onnx
-
-            info = mlflow.onnx.log_model(onnx.load(str(path)), name="model", registered_model_name=register,
-                                         metadata={"cnnlab": {k: meta[k] for k in ("classes", "image_size", "crop_pct")}})
-            version = str(info.registered_model_version)
-            for key, value in {"variant": meta["format"], "source": meta["source"], "run_id": run.info.run_id,
-                               "test/acc": f"{meta['checks']['acc']:.6g}",
-                               "export/top1_agreement": f"{meta['checks']['top1_agreement']:.6g}",
-                               "export/max_abs_diff": f"{meta['checks']['max_abs_diff']:.3g}",
-                               **({"parent_run": source_run} if source_run else {})}.items():
-                client.set_model_version_tag(register, version, key, value)
-            print(f"registered {register} v{version} (ONNX flavor, {meta['format']})")
-        elif register:
-            print("--register takes ONNX exports only; the TorchScript file is logged to the run.")
-    return run.info.run_id, version
-
-
-def predictor(uri: str, threads: int | None = None, backend: str | None = None, device: str = "cpu"):
-    """(predict(uint8 N x 3 x H x W numpy) -> logits, label, params, file bytes, meta) for an export folder,
-    an ONNX-flavor registered version, or any torch model (checkpoint, run, registered version). A torch
-    model runs eagerly (`backend` torch, the default) or is exported to ONNX first (`backend` onnx)."""
-    import mlflow
-
-    folder = Path(uri)
-    if uri.startswith("models:/") and not folder.exists():
-        from cnnlab.registry import _client
-
-        _client()
-        local = Path(mlflow.artifacts.download_artifacts(uri))
-        model = mlflow.models.Model.load(str(local))
-        if "onnx" in model.flavors:
-            _require_cpu(backend, device)
-            return _onnx(local / model.flavors["onnx"]["data"], threads, uri, model.metadata["cnnlab"])
-    if folder.is_dir() and (folder / "cnnlab.json").exists():
-        meta = json.loads((folder / "cnnlab.json").read_text())
-        file = folder / meta["file"]
-        if file.suffix == ".onnx":
-            _require_cpu(backend, device)
-            return _onnx(file, threads, f"{folder.name} ({meta['format']})", meta)
-        scripted = torch.jit.load(str(file), map_location=device)
-        return (lambda x: scripted(torch.from_numpy(x).to(device)).float().cpu().numpy(), f"{folder.name} (torchscript)",
-                sum(p.numel() for p in scripted.parameters()), file.stat().st_size, meta)
-    module, datamodule, _ = load_trained(uri)
-    meta = {"classes": module.classes, "image_size": datamodule.image_size, "crop_pct": datamodule.crop_pct}
-    with tempfile.TemporaryDirectory() as tmp:
-        torch.save(module.net.state_dict(), Path(tmp) / "weights.pt")
-        size = (Path(tmp) / "weights.pt").stat().st_size
-        if backend == "onnx":
-            _require_cpu(backend, device)
-            onnx_file = to_onnx(module, datamodule.image_size, Path(tmp) / "model.onnx")
-            predict, _, params, _, _ = _onnx(onnx_file, threads, uri, meta)
-            return predict, f"{uri} (onnx)", params, size, meta
-    module.to(device)
-
-    def predict(x):
-        with torch.inference_mode():
-            return module(torch.from_numpy(x).to(device)).float().cpu().numpy()
-
-    return predict, f"{uri} (torch)", sum(p.numel() for p in module.parameters()), size, meta
-
-
-def _require_cpu(backend: str | None, device: str) -> None:
-    if device != "cpu":
-        raise UserError(f"--device {device}: the ONNX backend runs on the CPU here (onnxruntime's CPU build); "
-                        "serve on a GPU with --backend torch.")
-
-
-def _onnx(path: Path, threads, label, meta):
-    import onnx
-    from onnx import numpy_helper
-
-    session = ort_session(path, threads)
-    params = sum(numpy_helper.to_array(t).size for t in onnx.load(str(path)).graph.initializer)
-    return lambda x: session.run(None, {"images": x})[0], label, params, path.stat().st_size, meta
-
+    client = store.client()
+    experiment = client.get_experiment_by_name("cnnlab")
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment("cnnlab")
+    source = meta["source"]
+    tags = {"cnnlab.role": "export", "cnnlab.export.source": source["uri"], "cnnlab.export.format": meta["format"]}
+    run_id = client.create_run(experiment_id, run_name=f"export-{meta['format']}", tags=tags).info.run_id
+    for key, value in meta["checks"].items():
+        client.log_metric(run_id, f"export/{key}", value)
+    client.log_metric(run_id, "test/acc", meta["checks"]["acc"])
+    model_tags = {"cnnlab.runtime": meta["runtime"], "cnnlab.format": meta["format"], "cnnlab.sha256": meta["sha256"],
+                  "cnnlab.source": source["uri"], "cnnlab.source_sha256": source["sha256"] or "",
+                  **({"cnnlab.source_version": f"{source['name']}/{source['version']}"} if source["version"] else {}),
+                  **({"cnnlab.parent_run": meta["run_id"]} if meta.get("run_id") else {})}
+    model_uri = store.log_model(client, run_id, folder, tags=model_tags)
+    version = None
+    if register:
+        checks = meta["checks"]
+        created = register_model(client, register, model_uri, run_id, {
+            **model_tags, "variant": meta["format"], "test/acc": f"{checks['acc']:.6g}",
+            "export/top1_agreement": f"{checks['top1_agreement']:.6g}",
+            "export/max_abs_diff": f"{checks['max_abs_diff']:.3g}", "export/checked_on": meta["checks_on"]},
+            f"{meta['format']} export of {source['uri']} (sha256 {source['sha256'][:12]}); parity on "
+            f"{meta['checks_on']}: top-1 agreement {checks['top1_agreement']:.4f}.")
+        version = str(created.version)
+        print(f"registered {register} v{version} ({meta['format']}, alias challenger)")
+    client.set_terminated(run_id, "FINISHED")
+    return run_id, version

@@ -31,8 +31,8 @@ class ClassifierModule(L.LightningModule):
         mean, std: per-channel normalization, applied on the device to 0..255 pixels.
         channels_last: default on when training on a GPU.
         compile: wrap the network in torch.compile (mode `compile_mode`).
-        init_weights: start from another model's weights (fine-tuning): a checkpoint path, a run id or
-            `runs:/RUN_ID`, or `models:/NAME@ALIAS` / `models:/NAME/VERSION`.
+        init_weights: start from another model's weights (fine-tuning): any model URI (`models:/NAME@ALIAS`,
+            `models:/NAME/VERSION`, a run id or `runs:/RUN_ID`, a logged-model id) or a checkpoint path.
     """
 
     def __init__(self, model: str = "resnet18", classes: list[str] | None = None, num_classes: int = 10,
@@ -52,9 +52,13 @@ class ClassifierModule(L.LightningModule):
         self.net = create_model(model, num_classes=num_classes, act=act, drop_rate=drop_rate,
                                 drop_path_rate=drop_path_rate, small_input=small_input, pretrained=pretrained)
         if init_weights:
-            from cnnlab.registry import checkpoint_of
+            from cnnlab import store
 
-            state = torch.load(checkpoint_of(init_weights), map_location="cpu", weights_only=False)["state_dict"]
+            source = store.load(init_weights)
+            if source.module is None or source.runtime != "torch":
+                raise UserError(f"model.init_weights='{init_weights}' is a {source.meta.get('format')} model: start "
+                                "from a torch model (a fit's model, run or checkpoint).")
+            state = source.module.state_dict()
             match_shapes(self, state)
             self.load_state_dict({k: v for k, v in state.items() if k.startswith("net.")}, strict=False)
         self.loss_hook = None  # callbacks such as Distillation replace the training loss through this

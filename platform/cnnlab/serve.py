@@ -146,34 +146,13 @@ def _query_top_k(scope) -> int | None:
     return int(values[0]) if values and values[0].isdigit() else None
 
 
-def resolve(uri: str) -> dict:
-    """What a model URI names now: {uri to load, name, version, alias}."""
-    if uri.startswith("models:/"):
-        from cnnlab.registry import _client
-
-        name, _, alias = uri[len("models:/"):].partition("@")
-        client = _client()
-        if alias:
-            from mlflow.exceptions import MlflowException
-
-            try:
-                version = str(client.get_model_version_by_alias(name, alias).version)
-            except MlflowException:
-                raise UserError(f"{uri}: model '{name}' has no alias '{alias}'. `cnnlab models {name}` lists it.") \
-                    from None
-            return {"load": f"models:/{name}/{version}", "name": name, "version": version, "alias": alias}
-        name, _, version = name.partition("/")
-        return {"load": uri, "name": name, "version": version, "alias": None}
-    return {"load": uri, "name": Path(uri).name if Path(uri).exists() else uri, "version": None, "alias": None}
-
-
 class ImageClassifierAPI(ls.LitAPI):
     """One worker: decode and crop each request, stack concurrent ones, run the model, answer top-k."""
 
-    def __init__(self, uri: str, backend: str, max_pixels: int, follow_alias: float, state_dir: str, threads: int,
+    def __init__(self, uri: str, max_pixels: int, follow_alias: float, state_dir: str, threads: int,
                  max_batch_size: int, batch_timeout: float):
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout)
-        self.uri, self.backend, self.max_pixels = uri, backend, max_pixels
+        self.uri, self.max_pixels = uri, max_pixels
         self.follow_alias, self.state_dir, self.threads = follow_alias, state_dir, threads
 
     def setup(self, device):
@@ -182,15 +161,17 @@ class ImageClassifierAPI(ls.LitAPI):
         torch.set_num_threads(self.threads)
         self.device = "cuda" if str(device).startswith("cuda") else "cpu"
         self.stats = {"requests": 0, "images": 0, "model_calls": 0}
-        self.current = self._load(resolve(self.uri))
+        self.current = self._load(self.uri)
         if self.follow_alias and "@" in self.uri:
             threading.Thread(target=self._follow, daemon=True).start()
 
-    def _load(self, target: dict) -> dict:
-        from cnnlab.export import predictor
+    def _load(self, uri: str):
+        """The registered artifact itself, on its own runtime: what the promotion gate evaluated."""
+        from cnnlab import store
 
-        predict, _, _, _, meta = predictor(target["load"], self.threads, self.backend, self.device)
-        loaded = {**target, "predict": predict, "meta": meta}
+        loaded = store.load(uri, self.threads, self.device)
+        if uri != self.uri:  # a pinned version loaded for the alias: keep the alias's name
+            loaded.alias, loaded.source = self.uri.partition("@")[2], self.uri
         self._write_state(loaded)
         return loaded
 
@@ -199,15 +180,18 @@ class ImageClassifierAPI(ls.LitAPI):
         while True:
             time.sleep(self.follow_alias)
             try:
-                target = resolve(self.uri)
-                if target["version"] != self.current["version"]:
-                    self.current = self._load(target)
-            except Exception as err:  # a registry hiccup must not stop the poller
-                print(f"cnnlab serve: alias poll failed ({err}); keeping v{self.current['version']}", flush=True)
+                from cnnlab import store
 
-    def _write_state(self, loaded: dict) -> None:
-        state = {"pid": os.getpid(), "name": loaded["name"], "version": loaded["version"], "alias": loaded["alias"],
-                 "uri": self.uri, "backend": self.backend, "device": self.device, **self.stats}
+                ref = store.resolve(self.uri)
+                if ref.version != self.current.version:
+                    self.current = self._load(f"models:/{ref.name}/{ref.version}")
+            except Exception as err:  # a registry hiccup must not stop the poller
+                print(f"cnnlab serve: alias poll failed ({err}); keeping v{self.current.version}", flush=True)
+
+    def _write_state(self, loaded) -> None:
+        state = {"pid": os.getpid(), "name": loaded.name, "version": loaded.version, "alias": loaded.alias,
+                 "uri": self.uri, "runtime": loaded.runtime, "sha256": loaded.digest, "device": self.device,
+                 **self.stats}
         path = Path(self.state_dir) / f"worker-{os.getpid()}.json"
         path.with_suffix(".tmp").write_text(json.dumps(state))
         path.with_suffix(".tmp").replace(path)
@@ -215,9 +199,7 @@ class ImageClassifierAPI(ls.LitAPI):
     def decode_request(self, request):
         from PIL import Image
 
-        from cnnlab.cnnlab_model import center_crop, decode
-
-        meta = self.current["meta"]
+        network = self.current
         arrays = []
         for index, text in enumerate(request["images"]):
             try:
@@ -231,14 +213,14 @@ class ImageClassifierAPI(ls.LitAPI):
                     width, height = probe.size
                 if width * height > self.max_pixels:
                     raise HTTPException(413, f"image {index}: {width}x{height} is over --max-pixels {self.max_pixels}")
-                arrays.append(center_crop(decode(raw), meta["image_size"], meta["crop_pct"]))
+                arrays.append(network.preprocess(raw))
             except HTTPException:
                 raise
             except Exception as err:
                 raise HTTPException(415 if "cannot identify" in str(err) else 400,
                                     f"image {index}: not a readable image ({str(err).splitlines()[0][:200]})") from None
         top_k = request.get("top_k") or 5
-        return {"arrays": np.stack(arrays), "top_k": max(1, min(int(top_k), len(meta["classes"])))}
+        return {"arrays": np.stack(arrays), "top_k": max(1, min(int(top_k), len(network.classes)))}
 
     def batch(self, inputs):
         return {"arrays": np.concatenate([i["arrays"] for i in inputs]), "counts": [len(i["arrays"]) for i in inputs],
@@ -255,15 +237,15 @@ class ImageClassifierAPI(ls.LitAPI):
         single = "counts" not in x
         batch = self.batch([x]) if single else x
         current = self.current  # in-flight requests finish on the model they started with
-        logits = current["predict"](np.ascontiguousarray(batch["arrays"].transpose(0, 3, 1, 2)))
+        logits = current.predict(np.ascontiguousarray(batch["arrays"].transpose(0, 3, 1, 2)))
         probs = np.exp(logits - logits.max(1, keepdims=True))
         probs /= probs.sum(1, keepdims=True)
         self.stats["model_calls"] += 1
         self.stats["requests"] += len(batch["counts"])
         self.stats["images"] += len(probs)
         self._write_state(current)
-        output = {**batch, "probs": probs, "model": {"name": current["name"], "version": current["version"],
-                                                      "classes": current["meta"]["classes"]}}
+        output = {**batch, "probs": probs, "model": {"name": current.name, "version": current.version,
+                                                      "classes": current.classes}}
         return self.unbatch(output)[0] if single else output
 
     def encode_response(self, output):
@@ -289,17 +271,18 @@ async def info(state_dir: str, static: dict):
             continue
     current = max(workers, key=lambda w: int(w["version"] or 0), default={})
     return JSONResponse({**static, "name": current.get("name"), "version": current.get("version"),
-                         "alias": current.get("alias"), "workers": workers,
+                         "alias": current.get("alias"), "sha256": current.get("sha256"), "workers": workers,
                          "model_calls": sum(w["model_calls"] for w in workers),
                          "requests": sum(w["requests"] for w in workers)})
 
 
 
-def serve(uri: str, backend: str = "onnx", device: str = "cpu", max_batch_size: int = 32, batch_timeout_ms: float = 5,
-          workers: int = 1, host: str = "127.0.0.1", port: int = 8000, follow_alias: bool = False,
-          poll_seconds: float = 5.0, api_key_env: str | None = None, max_body_bytes: int = 10_000_000,
-          max_pixels: int = 40_000_000, threads: int | None = None) -> int:
-    from cnnlab.export import predictor
+def serve(uri: str, device: str = "cpu", max_batch_size: int = 32, batch_timeout_ms: float = 5, workers: int = 1,
+          host: str = "127.0.0.1", port: int = 8000, follow_alias: bool = False, poll_seconds: float = 5.0,
+          api_key_env: str | None = None, max_body_bytes: int = 10_000_000, max_pixels: int = 40_000_000,
+          threads: int | None = None) -> int:
+    """Serve the model a URI names, on the runtime its artifact holds (torch program, ONNX, TorchScript)."""
+    from cnnlab import store
 
     api_key = None
     if api_key_env:
@@ -308,22 +291,20 @@ def serve(uri: str, backend: str = "onnx", device: str = "cpu", max_batch_size: 
             raise UserError(f"--api-key-env {api_key_env}: that environment variable is empty. Export the key in it.")
     if follow_alias and "@" not in uri:
         raise UserError(f"--follow-alias needs a models:/NAME@ALIAS URI, got {uri}.")
-    if backend not in ("onnx", "torch"):
-        raise UserError(f"--backend {backend}: choose onnx or torch.")
-    if backend == "onnx" and device == "cuda":
-        raise UserError("--device cuda: the ONNX backend runs on the CPU here (onnxruntime's CPU build); serve on a "
-                        "GPU with --backend torch.")
-    target = resolve(uri)
-    _, _, params, _, meta = predictor(target["load"], 1)  # a bad URI fails here, not in a worker
+    network = store.load(uri, 1)  # a bad URI fails here, not in a worker
+    if device != "cpu" and network.runtime == "onnx":
+        raise UserError(f"--device {device}: '{uri}' is an ONNX model, which runs on the CPU here (onnxruntime's "
+                        "CPU build). Serve its torch source on a GPU.")
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
     state_dir = tempfile.mkdtemp(prefix="cnnlab-serve-")
-    api = ImageClassifierAPI(uri, backend, max_pixels, poll_seconds if follow_alias else 0, state_dir, threads,
-                      max_batch_size, batch_timeout_ms / 1000)
+    api = ImageClassifierAPI(uri, max_pixels, poll_seconds if follow_alias else 0, state_dir, threads,
+                             max_batch_size, batch_timeout_ms / 1000)
     server = ls.LitServer(api, accelerator="cuda" if device == "cuda" else "cpu", devices=1,
                           workers_per_device=workers, info_path="/server-info", timeout=60,
                           middlewares=[(Gate, {"api_key": api_key, "max_body_bytes": max_body_bytes})])
-    static = {"uri": uri, "classes": meta["classes"], "input_size": meta["image_size"], "crop_pct": meta["crop_pct"],
-              "backend": backend, "device": device, "params": params, "max_batch_size": max_batch_size,
+    static = {"uri": uri, "classes": network.classes, "input_size": network.image_size,
+              "crop_pct": network.meta["crop_pct"], "runtime": network.runtime, "format": network.meta.get("format"),
+              "device": device, "params": network.params, "max_batch_size": max_batch_size,
               "batch_timeout_ms": batch_timeout_ms}
     server.app.add_api_route("/info", partial(info, state_dir, static), methods=["GET"])
     for route in server.app.routes:
@@ -334,6 +315,7 @@ def serve(uri: str, backend: str = "onnx", device: str = "cpu", max_batch_size: 
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
-    print(f"cnnlab serve: {uri} ({backend} on {device}) at http://{host}:{port}/predict", flush=True)
+    print(f"cnnlab serve: {uri} ({network.runtime} on {device}, sha256 {network.digest[:12]}) at "
+          f"http://{host}:{port}/predict", flush=True)
     server.run(host=host, port=port, generate_client_file=False, log_level="warning")
     return 0

@@ -16,19 +16,7 @@ from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
-
-
-def default_tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI if set, else the project's sqlite store (its folder made on first use)."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-    if uri.startswith("sqlite:///"):
-        # Absolute, because MLflow caches one store per URI string, whatever the working directory.
-        path = Path(uri[len("sqlite:///"):]).resolve()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        uri = f"sqlite:///{path}"
-    return uri
-
+from cnnlab.store import default_tracking_uri
 
 def flatten(value, prefix: str = "") -> dict:
     """Nested dicts and lists of dicts to dotted keys: {'trainer.callbacks.0.class_path': ...}."""
@@ -206,33 +194,39 @@ def pip_freeze() -> str:
                             key=str.lower)) + "\n"
 
 
-def log_model(logger: MLFlowLogger, module, datamodule) -> str:
-    """Log the trained module as an MLflow model (pytorch + raw-image pyfunc); returns its models:/ URI."""
-    import mlflow
+def log_model(logger: MLFlowLogger, module, datamodule, samples: int = 16) -> str:
+    """Log the trained module as a cnnlab model (a torch.export program with everything inference needs, see
+    cnnlab_model) on the fit's run; returns its models:/ URI."""
     import torch
-    from mlflow.models import Model
 
-    from cnnlab import cnnlab_model
+    from cnnlab import cnnlab_model, store
+    from cnnlab.data import recorded_data
 
     split = next(s for s in ("test", "val", "train") if s in datamodule.splits)
-    samples = datamodule.splits[split]
-    examples = [samples.raw(i, datamodule.image_size) for i in range(min(2, len(samples)))] * (2 if len(samples) == 1 else 1)
+    held_out = datamodule.splits[split]
+    examples = [(held_out.raw(i, datamodule.image_size), held_out.labels[i]) for i in range(min(samples, len(held_out)))]
     net = module.net
     if isinstance(net, torch._dynamo.eval_frame.OptimizedModule):
         module.net = net._orig_mod  # export the plain network, not the compiled wrapper
     module.eval().cpu()
-    requirements = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", "numpy", "pandas",
-                    "pillow", "opencv-python-headless"]
-    mlflow.set_tracking_uri(logger._tracking_uri)
-    mlflow.set_experiment(experiment_id=logger.experiment_id)  # the logged model belongs beside its run
+    size = datamodule.image_size
+    meta = {"classes": list(module.classes), "image_size": size, "crop_pct": datamodule.crop_pct,
+            "mean": list(module.hparams.mean), "std": list(module.hparams.std), "runtime": "torch",
+            "format": "torch.export", "model": module.hparams.model, "data": recorded_data(datamodule),
+            "run_id": logger.run_id}
     try:
-        info = Model.log(artifact_path=None, name="model", flavor=cnnlab_model, run_id=logger.run_id, pytorch_model=module,
-                         classes=module.classes, image_size=datamodule.image_size, crop_pct=datamodule.crop_pct,
-                         example_images=examples, pip_requirements=requirements)
+        with tempfile.TemporaryDirectory(prefix="cnnlab-model-") as tmp:
+            folder = Path(tmp) / "network"
+            folder.mkdir()
+            example = torch.zeros(2, 3, size, size, dtype=torch.uint8)
+            program = torch.export.export(module, (example,), dynamic_shapes={"images": {0: torch.export.Dim("batch")}})
+            torch.export.save(program, folder / cnnlab_model.NETWORK_FILES["torch"])
+            meta = cnnlab_model.write_meta(folder, folder / cnnlab_model.NETWORK_FILES["torch"], meta, examples)
+            cnnlab_model.save_model(Path(tmp) / "model", folder, meta)
+            return store.log_model(logger.experiment, logger.run_id, Path(tmp) / "model",
+                                   tags={"cnnlab.runtime": "torch", "cnnlab.sha256": meta["sha256"]})
     finally:
         module.net = net
-    logger.experiment.set_tag(logger.run_id, "cnnlab.model_uri", info.model_uri)
-    return info.model_uri
 
 
 def resumable_run(ckpt_path: str, logger: MLflowLogger, run_name: str | None, root: str) -> tuple[str, str] | None:

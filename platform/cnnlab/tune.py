@@ -182,7 +182,7 @@ class Study:
                  pruner: str, metric: str, direction: str, seed: int | None = None):
         import optuna
 
-        from cnnlab.tracking import default_tracking_uri
+        from cnnlab.store import default_tracking_uri
 
         if not Path(config).exists():
             raise UserError(f"--config {config}: no such file.")
@@ -209,8 +209,7 @@ class Study:
     def _client(self):
         import mlflow
 
-        mlflow.set_tracking_uri(self.tracking_uri)
-        return mlflow.MlflowClient(self.tracking_uri)
+        return mlflow.MlflowClient(self.tracking_uri, registry_uri=self.tracking_uri)
 
     def _parent_run(self, sampler: str) -> str:
         """The study's MLflow run, shared by every worker and every resumption of the study."""

@@ -1,0 +1,160 @@
+"""The one place that talks to the MLflow store: which store, what a model URI names, and loading that model.
+
+Every command takes a model as a URI: a run id or `runs:/RUN_ID`, `models:/NAME@ALIAS`, `models:/NAME/VERSION`,
+a logged-model id (`m-...` or `models:/m-...`), a local model folder (`cnnlab export --out`), or a Lightning
+checkpoint (`.ckpt`). `resolve` turns it into a `ModelRef`; `load` into a `Network` (cnnlab_model), read
+from the model artifact alone. Nothing here changes MLflow's global tracking or registry URI.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from cnnlab import UserError
+from cnnlab.cnnlab_model import Network, data_folder, default_crop_pct, load_network, torch_predict
+
+DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
+
+URI_FORMS = ("a run id or runs:/RUN_ID, models:/NAME@ALIAS, models:/NAME/VERSION, a logged-model id (m-...), "
+             "a model folder written by `cnnlab export`, or a .ckpt file")
+
+
+def default_tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI if set, else the project's sqlite store (its folder made on first use)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    if uri.startswith("sqlite:///"):
+        # Absolute, because MLflow caches one store per URI string, whatever the working directory.
+        path = Path(uri[len("sqlite:///"):]).resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        uri = f"sqlite:///{path}"
+    return uri
+
+
+def client():
+    """A client on the project's store (MLFLOW_TRACKING_URI, else mlruns/), for tracking and registry alike."""
+    from mlflow import MlflowClient
+
+    uri = default_tracking_uri()
+    return MlflowClient(uri, registry_uri=uri)
+
+
+@dataclass
+class ModelRef:
+    """What a model URI names now: `artifact` is the MLflow artifact URI (or local path) of the model."""
+
+    uri: str
+    kind: str  # version | logged | run | folder | checkpoint
+    artifact: str
+    name: str | None = None
+    version: str | None = None
+    alias: str | None = None
+    run_id: str | None = None
+
+
+def resolve(uri: str) -> ModelRef:
+    """A model URI to what it names now (an alias is read at this moment)."""
+    from mlflow.exceptions import MlflowException
+
+    path = Path(uri)
+    if path.is_file() and path.suffix == ".ckpt":
+        return ModelRef(uri, "checkpoint", str(path.resolve()))
+    if path.is_dir() and (path / "MLmodel").is_file():
+        return ModelRef(uri, "folder", str(path.resolve()), name=path.name)
+    if path.suffix == ".ckpt" or (path.is_absolute() or uri.startswith(".")) and not path.exists():
+        raise UserError(f"'{uri}': no such file or folder. A model is {URI_FORMS}.")
+    store = client()
+    try:
+        if uri.startswith("models:/") and not uri[len("models:/"):].startswith("m-"):
+            name, _, alias = uri[len("models:/"):].partition("@")
+            if alias:
+                version = store.get_model_version_by_alias(name, alias)
+            else:
+                name, _, number = name.partition("/")
+                if not number.isdigit():
+                    raise UserError(f"'{uri}': write models:/NAME/VERSION (a number) or models:/NAME@ALIAS.")
+                version = store.get_model_version(name, number)
+            artifact = f"models:/{version.model_id}" if getattr(version, "model_id", None) else version.source
+            return ModelRef(uri, "version", artifact, name, str(version.version), alias or None, version.run_id)
+        model_id = uri.removeprefix("models:/")
+        if model_id.startswith("m-"):
+            logged = store.get_logged_model(model_id)
+            return ModelRef(uri, "logged", f"models:/{model_id}", logged.name, run_id=logged.source_run_id)
+        run_id = uri[len("runs:/"):].split("/")[0] if uri.startswith("runs:/") else uri
+        run = store.get_run(run_id)
+    except MlflowException as err:
+        known = ", ".join(m.name for m in store.search_registered_models(max_results=20)) or "none"
+        raise UserError(f"'{uri}' is not a model in {default_tracking_uri()} ({str(err).splitlines()[0][:160]}). "
+                        f"A model is {URI_FORMS}. Registered models: {known} (`cnnlab models` lists them).") from None
+    logged = run.data.tags.get("cnnlab.model_uri")
+    if not logged:
+        raise UserError(f"run '{run_id}' logged no model (its fit did not finish, or ran with --log_model false). "
+                        "Fit the recipe again, or pass its checkpoint (.ckpt).")
+    return ModelRef(uri, "run", logged, run.info.run_name, run_id=run_id)
+
+
+def download(ref: ModelRef, into: str) -> Path:
+    """The model's folder on this machine (a local folder as it is)."""
+    import mlflow.artifacts
+
+    if ref.kind == "folder":
+        return Path(ref.artifact)
+    location = ref.artifact
+    if location.startswith("models:/m-"):  # a logged model: its artifacts' own location, read with our client
+        location = client().get_logged_model(location[len("models:/"):]).artifact_location
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=into,
+                                                    tracking_uri=default_tracking_uri()))
+
+
+def load(uri: str, threads: int | None = None, device: str = "cpu") -> Network:
+    """The model a URI names, on its own runtime, from its artifact alone (no recipe, no training data)."""
+    ref = resolve(uri)
+    if ref.kind == "checkpoint":
+        network = from_checkpoint(Path(ref.artifact), device)
+    else:
+        with tempfile.TemporaryDirectory(prefix="cnnlab-model-") as tmp:
+            folder = data_folder(download(ref, tmp))
+            if not (folder / "cnnlab.json").is_file():
+                raise UserError(f"'{uri}' is an MLflow model but not a cnnlab model (no cnnlab.json).")
+            try:
+                network = load_network(folder, threads, device)
+            except ValueError as err:
+                raise UserError(f"'{uri}': {err}.") from None
+    network.source, network.name, network.version, network.alias = uri, ref.name, ref.version, ref.alias
+    return network
+
+
+def from_checkpoint(path: Path, device: str = "cpu") -> Network:
+    """A Lightning checkpoint as a torch-runtime Network (its recorded classes, input size and crop)."""
+    import torch
+
+    from cnnlab.data import recorded_data
+    from cnnlab.module import ClassifierModule
+
+    try:
+        module = ClassifierModule.load_from_checkpoint(path, map_location="cpu", pretrained=False, init_weights=None)
+        data = torch.load(path, map_location="cpu", weights_only=False).get("datamodule_hyper_parameters") or {}
+    except Exception as err:
+        raise UserError(f"'{path}' is not a cnnlab checkpoint ({str(err).splitlines()[0][:200]}). Pass the "
+                        "best.ckpt or last.ckpt of a cnnlab fit.") from None
+    size = module.hparams.image_size
+    meta = {"classes": module.classes, "image_size": size, "crop_pct": data.get("crop_pct") or default_crop_pct(size),
+            "runtime": "torch", "format": "checkpoint", "sha256": "", "data": recorded_data(data)}
+    module = module.eval().to(device)
+    return Network(torch_predict(module, device), meta, module=module, params=sum(p.numel() for p in module.parameters()))
+
+
+def log_model(store, run_id: str, folder: Path, name: str = "model", tags: dict | None = None) -> str:
+    """Log a saved MLflow model folder as a logged model of the run; its `models:/m-...` URI."""
+    from mlflow.entities import LoggedModelStatus
+
+    run = store.get_run(run_id)
+    logged = store.create_logged_model(run.info.experiment_id, name=name, source_run_id=run_id,
+                                       tags={k: str(v) for k, v in (tags or {}).items()})
+    store.log_model_artifacts(logged.model_id, str(folder))
+    store.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+    store.set_tag(run_id, "cnnlab.model_uri", f"models:/{logged.model_id}")
+    return f"models:/{logged.model_id}"
+

@@ -58,6 +58,12 @@ class CnnlabCLI(LightningCLI):
             parsers = [parser, *getattr(self, "_subcommand_parsers", {}).values()]
             keys = [o.lstrip("-") for p in parsers for a in p._actions for o in a.option_strings]
             raise UserError(explain_recipe_error(str(err), keys)) from None
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and str(ckpt_path) not in ("last", "best", "hpc"):
+            from cnnlab.store import read_checkpoint
+
+            read_checkpoint(ckpt_path, "--ckpt_path")  # as data only, before Lightning reads its hyperparameters
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.classes", "model.classes", apply_on="instantiate")
@@ -115,7 +121,7 @@ class CnnlabCLI(LightningCLI):
             if self.trainer.is_global_zero and results:
                 print("cnnlab: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(results[0].items()) if k.count("/") == 1))
         elif best:
-            model.load_state_dict(torch.load(best, map_location=model.device, weights_only=False)["state_dict"])
+            model.load_state_dict(torch.load(best, map_location=model.device, weights_only=True)["state_dict"])
         if logger is None or not self.trainer.is_global_zero:
             return
         if config.log_model:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hmac
 import io
 import json
 import os
@@ -65,7 +66,7 @@ class Gate:
         headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
         if self.api_key and scope["path"] != "/health":
             given = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ").strip()
-            if given != self.api_key:
+            if not hmac.compare_digest(given.encode(), self.api_key.encode()):  # constant time: no timing leak
                 return await self._reply(send, 401, "missing or wrong API key: send it as X-API-Key or a Bearer token")
         if scope["path"] != "/predict" or scope["method"] != "POST":
             return await self.app(scope, receive, send)

@@ -126,19 +126,41 @@ def load(uri: str, threads: int | None = None, device: str = "cpu") -> Network:
     return network
 
 
-def from_checkpoint(path: Path, device: str = "cpu") -> Network:
-    """A Lightning checkpoint as a torch-runtime Network (its recorded classes, input size and crop)."""
+def read_checkpoint(path, what: str = "checkpoint") -> dict:
+    """A checkpoint's contents as data only (torch's weights_only): a file that would run code is refused."""
+    import pickle
+
     import torch
 
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} '{path}' does not exist. Pass the best.ckpt or last.ckpt of a fit.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        raise UserError(f"{what} '{path}' holds Python objects beyond tensors and plain data, which could run code "
+                        f"when loaded; it was not loaded ({str(err).splitlines()[0][:160]}). Load only checkpoints "
+                        "you trust, saved by a cnnlab fit.") from None
+    except Exception as err:
+        raise UserError(f"{what} '{path}' is not a readable PyTorch checkpoint ({str(err).splitlines()[0][:160]}): "
+                        "empty, truncated or another kind of file. Pass the best.ckpt or last.ckpt of a fit.") from None
+
+
+def from_checkpoint(path: Path, device: str = "cpu") -> Network:
+    """A Lightning checkpoint as a torch-runtime Network (its recorded classes, input size and crop)."""
     from cnnlab.data import recorded_data
     from cnnlab.module import ClassifierModule
 
+    saved = read_checkpoint(path)
+    if "state_dict" not in saved or "hyper_parameters" not in saved:
+        raise UserError(f"checkpoint '{path}' is not a cnnlab fit's checkpoint (no state_dict and hyper_parameters).")
     try:
-        module = ClassifierModule.load_from_checkpoint(path, map_location="cpu", pretrained=False, init_weights=None)
-        data = torch.load(path, map_location="cpu", weights_only=False).get("datamodule_hyper_parameters") or {}
+        module = ClassifierModule.load_from_checkpoint(path, map_location="cpu", weights_only=True, pretrained=False,
+                                                       init_weights=None)
     except Exception as err:
-        raise UserError(f"'{path}' is not a cnnlab checkpoint ({str(err).splitlines()[0][:200]}). Pass the "
-                        "best.ckpt or last.ckpt of a cnnlab fit.") from None
+        raise UserError(f"checkpoint '{path}' does not make a cnnlab model ({str(err).splitlines()[0][:200]}). Pass "
+                        "the best.ckpt or last.ckpt of a cnnlab fit.") from None
+    data = saved.get("datamodule_hyper_parameters") or {}
     size = module.hparams.image_size
     meta = {"classes": module.classes, "image_size": size, "crop_pct": data.get("crop_pct") or default_crop_pct(size),
             "runtime": "torch", "format": "checkpoint", "sha256": "", "data": recorded_data(data)}

@@ -5,7 +5,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
 
-.PHONY: quickstart test install ui clean
+.PHONY: quickstart test lint install ui clean
 
 # A virtual environment with torch (CPU/CUDA wheel from pip) and cnnlab in editable mode.
 $(BIN)/cnnlab: pyproject.toml
@@ -21,11 +21,17 @@ install: $(BIN)/cnnlab
 quickstart: install
 	$(BIN)/cnnlab fit --config recipes/quickstart.yaml
 
-# The whole test suite (what .ci/run runs). It first starts PostgreSQL, an MLflow server and Chromium
-# (.ci/services; installing them needs root); without them their tests are skipped, except in CI.
+# The whole test suite (what .ci/run runs), two test processes at once (a torch thread each). It first starts
+# PostgreSQL, an MLflow server and Chromium (.ci/services; installing them needs root); without them their
+# tests are skipped, except in CI.
 test: install
 	bash -c 'if bash .ci/services; then source /tmp/cnnlab-services/env; \
-	  else echo "services not started: their tests are skipped"; fi; $(BIN)/python -m pytest'
+	  else echo "services not started: their tests are skipped"; fi; $(BIN)/python -m pytest -n 2 --dist loadfile'
+
+# ruff: lint and format check (configured in pyproject.toml); CI runs it before the tests.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 ui: install
 	$(BIN)/cnnlab ui

@@ -101,9 +101,18 @@ class OneCycle(_Schedule):
         self.final_div_factor, self.three_phase = final_div_factor, three_phase
 
     def make(self, optimizer, total_steps, steps_per_epoch):
-        max_lr = self.max_lr or [g.get("initial_lr", g["lr"]) for g in optimizer.param_groups]
+        if total_steps < 4:  # too short to rise and fall (torch divides by each phase's length): a constant LR
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            rank_zero_warn(f"cnnlab.callbacks.OneCycle: {total_steps} optimizer steps are too few for a cycle; "
+                           "the LR stays constant.")
+            return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        # A resumed optimizer holds the peak as `max_lr` (its `lr` and `initial_lr` are already the cycle's start).
+        max_lr = self.max_lr or [g.get("max_lr", g["lr"]) for g in optimizer.param_groups]
+        # Each phase needs two steps or more (torch divides by its length minus one).
+        pct_start = min(max(self.pct_start, 2 / total_steps), 1 - 2 / total_steps)
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total_steps,
-                                                   pct_start=self.pct_start, div_factor=self.div_factor,
+                                                   pct_start=pct_start, div_factor=self.div_factor,
                                                    final_div_factor=self.final_div_factor,
                                                    three_phase=self.three_phase, cycle_momentum=False)
 

@@ -23,6 +23,11 @@ for _variable in STORE_VARIABLES:
     os.environ.pop(_variable, None)
 
 
+def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # test processes share the cores: a torch thread each, set before
+        os.environ.setdefault("OMP_NUM_THREADS", "1")  # torch is imported; their subprocesses inherit it
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _cache(tmp_path_factory):
     os.environ["CNNLAB_CACHE"] = str(tmp_path_factory.mktemp("cache"))

@@ -3,6 +3,7 @@ alias hot swap under load, and a shutdown that leaves nothing behind."""
 
 import base64
 import io
+import json
 import os
 import signal
 import subprocess
@@ -51,7 +52,7 @@ def server(quickstart):
     process = subprocess.Popen(
         [sys.executable, "-m", "cnnlab", "serve", "models:/swap@champion", "--port", str(port), "--follow-alias",
          "--poll-seconds", "1", "--api-key-env", "CNNLAB_TEST_KEY", "--max-batch-size", "16", "--batch-timeout-ms", "20",
-         "--max-body-bytes", "300000", "--max-pixels", "90000"],
+         "--max-body-bytes", "300000", "--max-pixels", "90000", "--max-images", "400"],
         cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
@@ -128,6 +129,22 @@ def test_concurrent_requests_are_batched(server, digits):
     assert requests_served == 64 and calls < requests_served / 2, (calls, requests_served)
 
 
+def test_a_bad_request_fails_alone_and_its_batch_neighbours_succeed(server, digits):
+    def one(i):
+        data = b"not pixels at all" if i % 4 == 0 else digits[0][i]
+        return i, requests.post(f"{server['url']}/predict", data=data, timeout=60,
+                                headers={**AUTH, "Content-Type": "image/png"})
+
+    before = requests.get(f"{server['url']}/info", headers=AUTH, timeout=10).json()
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(one, range(48)))
+    after = requests.get(f"{server['url']}/info", headers=AUTH, timeout=10).json()
+    assert [r.status_code for i, r in results if i % 4] == [200] * 36
+    assert {r.status_code for i, r in results if i % 4 == 0} == {415}
+    assert all(r.json()["detail"].startswith("image 0: not a readable image") for i, r in results if i % 4 == 0)
+    assert after["model_calls"] - before["model_calls"] < 36  # they were batched, bad ones beside good ones
+
+
 def png(size: int) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(np.zeros((size, size, 3), np.uint8)).save(buffer, "PNG")
@@ -168,6 +185,90 @@ def test_every_bad_input_gets_its_4xx_as_json(server, case, status):
                              timeout=30)
     assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith("application/json") and response.json()["detail"]
+
+
+def multipart(boundary: str = "cnnlab-test") -> bytes:
+    return (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + png(16) + f"\r\n--{boundary}--\r\n".encode()
+
+
+B64 = base64.b64encode(png(16)).decode()
+MALFORMED = {  # every request that once answered 500, or 200 for a broken body: (headers, body, query)
+    "multipart without boundary": ({"Content-Type": "multipart/form-data"}, multipart(), ""),
+    "multipart, wrong boundary": ({"Content-Type": "multipart/form-data; boundary=other"}, multipart(), ""),
+    "multipart, truncated": ({"Content-Type": "multipart/form-data; boundary=cnnlab-test"}, multipart()[:90], ""),
+    "top_k abc": ({"Content-Type": "application/json"}, json.dumps({"images": [B64], "top_k": "abc"}), ""),
+    "top_k Infinity": ({"Content-Type": "application/json"}, '{"images": ["%s"], "top_k": Infinity}' % B64, ""),
+    "top_k NaN": ({"Content-Type": "application/json"}, '{"images": ["%s"], "top_k": NaN}' % B64, ""),
+    "top_k [1]": ({"Content-Type": "application/json"}, json.dumps({"images": [B64], "top_k": [1]}), ""),
+    "top_k of 5000 digits": ({"Content-Type": "application/json"}, '{"images": ["%s"], "top_k": %s}' % (B64, "9" * 5000),
+                             ""),
+    "JSON nested 100k deep": ({"Content-Type": "application/json"}, "[" * 100_000 + "]" * 100_000, ""),
+    "query top_k superscript two": ({"Content-Type": "image/png"}, png(16), "?top_k=%C2%B2"),
+    "401 images": ({"Content-Type": "application/json"}, json.dumps({"images": [B64] * 401}), ""),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_malformed_requests_get_a_4xx_never_a_500(server, case):
+    headers, body, query = MALFORMED[case]
+    response = requests.post(f"{server['url']}/predict{query}", data=body, headers={**AUTH, **headers}, timeout=60)
+    assert 400 <= response.status_code < 500, (response.status_code, response.text[:300])
+    assert response.headers["content-type"].startswith("application/json") and response.json()["detail"]
+
+
+def test_odd_headers_and_extreme_shapes_are_served(server):
+    odd = {"X-Odd": b"\xff\xfe not utf-8"}
+    assert requests.get(f"{server['url']}/health", headers=odd, timeout=10).status_code == 200
+    ok = requests.post(f"{server['url']}/predict", data=png(16), headers={**AUTH, **odd, "Content-Type": "image/png"},
+                       timeout=30)
+    assert ok.status_code == 200, ok.text
+    strip = io.BytesIO()
+    Image.fromarray(np.zeros((1, 80_000, 3), np.uint8)).save(strip, "PNG")  # enlarged 16x, it would be 1.28M px long
+    wide = requests.post(f"{server['url']}/predict", data=strip.getvalue(), timeout=30,
+                         headers={**AUTH, "Content-Type": "image/png"})
+    assert wide.status_code == 200, wide.text
+
+
+def server_rss_mb(process) -> float:
+    total = 0
+    for pid in session_processes(process.pid):
+        try:
+            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * 4096
+        except OSError:
+            continue
+    return total / 1e6
+
+
+def test_fuzzed_bodies_get_4xx_and_valid_neighbours_200_within_a_memory_bound(server, digits):
+    rng = np.random.default_rng(0)
+    valid = [(digits[0][i], "image/png") for i in range(40)]
+    fuzzed = []
+    for i in range(60):
+        body = bytearray(digits[0][i] if i % 2 else json.dumps({"images": [B64, B64]}).encode())
+        for _ in range(rng.integers(1, 8)):  # flip, cut or insert a few bytes
+            k = int(rng.integers(0, len(body)))
+            choice = rng.integers(0, 3)
+            if choice == 0:
+                body[k] = int(rng.integers(0, 256))
+            elif choice == 1:
+                del body[k:k + int(rng.integers(1, 16))]
+            else:
+                body[k:k] = rng.integers(0, 256, int(rng.integers(1, 16)), dtype=np.uint8).tobytes()
+        fuzzed.append((bytes(body), "image/png" if i % 2 else "application/json"))
+    before = server_rss_mb(server["process"])
+
+    def send(item):
+        body, kind = item
+        return item in valid, requests.post(f"{server['url']}/predict", data=body, timeout=60,
+                                            headers={**AUTH, "Content-Type": kind}).status_code
+
+    mixed = [x for pair in zip(fuzzed, valid + valid[:20]) for x in pair]
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(send, mixed))
+    assert [s for is_valid, s in results if is_valid] == [200] * 60
+    assert all(s < 500 for _, s in results), sorted({s for _, s in results})
+    assert server_rss_mb(server["process"]) - before < 300  # stated bound: +300 MB under this load
 
 
 def test_alias_swap_under_load_fails_no_request(server, digits):

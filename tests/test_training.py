@@ -63,7 +63,50 @@ def test_resume_after_a_kill_continues_the_same_mlflow_run(workdir):
         history = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.timestamp)
         steps = [m.step for m in history]
         assert len(steps) == 4 and steps == sorted(set(steps)), (key, steps)
+    for key in ("lr", "train/loss_step"):  # steps replayed after the resume are not logged a second time
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert len(steps) == len(set(steps)), (key, sorted(steps))
     assert "test/acc" in run.data.metrics
+
+
+def test_sigterm_saves_marks_the_run_killed_and_resume_keeps_every_learning_rate(workdir):
+    args = ["fit", "--config", QUICKSTART, "--trainer.max_epochs=3", "--data.num_workers=0",
+            "--trainer.enable_progress_bar=false", "--log_model=false"]
+    (workdir / "reference").mkdir()  # its own store: its checkpoints are not the stopped fit's
+    reference = cnnlab(*args, cwd=workdir / "reference")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    reference = only_run(mlflow_client(f"sqlite:///{workdir}/reference/mlruns/mlflow.db"))
+    first = subprocess.Popen([sys.executable, "-m", "cnnlab", *map(str, args)], cwd=workdir, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    deadline = time.time() + 300
+    while not list(workdir.glob("mlruns/*/*/checkpoints/last.ckpt")) and time.time() < deadline:
+        assert first.poll() is None, "the fit ended before its first checkpoint"
+        time.sleep(0.2)
+    time.sleep(1.5)  # into the second epoch
+    first.send_signal(signal.SIGTERM)
+    _, stderr = first.communicate(timeout=120)
+    assert first.returncode == 143, stderr[-3000:]
+    assert "stopped by SIGTERM" in stderr and "--ckpt_path last" in stderr
+    client = mlflow_client()
+    stopped = only_run(client)
+    assert stopped.info.status == "KILLED"
+
+    resumed = cnnlab(*args, "--ckpt_path", "last", cwd=workdir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    run = only_run(client)
+    assert run.info.run_id == stopped.info.run_id and run.info.status == "FINISHED"
+    ours = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "lr")}
+    reference_client = mlflow_client(f"sqlite:///{workdir}/reference/mlruns/mlflow.db")
+    theirs = {m.step: m.value for m in reference_client.get_metric_history(reference.info.run_id, "lr")}
+    assert ours == pytest.approx(theirs, rel=1e-9) and len(ours) == 3 * 18  # the same LR at every step
+    assert run.data.metrics["test/acc"] == pytest.approx(reference.data.metrics["test/acc"], abs=0.03)
+
+
+def test_onecycle_on_a_very_short_fit_is_refused_or_works(workdir):
+    short = cnnlab("fit", "--config", QUICKSTART, "--trainer.max_epochs=1", "--trainer.limit_train_batches=4",
+                   "--trainer.limit_val_batches=1", "--data.num_workers=0", "--log_model=false", "--test_after_fit=false",
+                   cwd=workdir)
+    assert short.returncode == 0, short.stderr[-3000:]
 
 
 def test_ddp_on_two_cpu_processes_makes_one_run_with_synced_metrics(workdir):

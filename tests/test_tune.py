@@ -1,6 +1,11 @@
 """Optuna studies through `cnnlab tune`: workers, both storages, pruning, failures, nesting, the best recipe."""
 
+import subprocess
+import sys
+import tempfile
+import time
 import uuid
+from pathlib import Path
 
 import optuna
 import pytest
@@ -115,6 +120,46 @@ def test_failed_trials_keep_their_reason_and_the_study_goes_on(small, workdir):
     assert "cannot" in outcome[("inception_v4", 0.1)].user_attrs["fail_reason"]
     diverged = outcome[("resnet18", 1.0e+12)]
     assert diverged.state.name == "FAIL" and "diverged" in diverged.user_attrs["fail_reason"]
+
+
+def children_of(pid: int) -> list[int]:
+    """Processes whose parent is `pid`, from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_a_killed_study_leaves_no_trial_running_and_its_trials_fail_on_resume(small, workdir):
+    storage, space = f"sqlite:///{workdir}/mlruns/optuna.db", write_space(workdir, SPACE)
+    args = ["--config", small, "--space", space, "--study", "killed", "--storage", storage, "--heartbeat", 1]
+    tune = subprocess.Popen([sys.executable, "-m", "cnnlab", "tune", *map(str, args), "--n-trials", "4", "--workers", "2"],
+                            cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline, trials = time.time() + 180, []
+    while time.time() < deadline and len(trials) < 2:
+        assert tune.poll() is None, "the study ended before it could be killed"
+        time.sleep(0.5)
+        trials = children_of(tune.pid)
+    time.sleep(2)
+    tune.kill()  # SIGKILL: nothing in cnnlab tune runs after this
+    tune.wait()
+    deadline = time.time() + 60
+    while any(Path(f"/proc/{pid}").exists() for pid in trials) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not [pid for pid in trials if Path(f"/proc/{pid}").exists()], "trial processes outlived their study"
+
+    time.sleep(3)  # past the grace period of two missed heartbeats
+    resumed = cnnlab("tune", *args, "--n-trials", 1, cwd=workdir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    study = optuna.load_study(study_name="killed", storage=open_storage(storage))
+    states = [t.state.name for t in study.trials]
+    assert "RUNNING" not in states and states.count("FAIL") >= 2, states
+    assert not list(Path(tempfile.gettempdir()).glob(f"cnnlab-fit-{tune.pid}-*"))  # its temp folders went too
 
 
 @pytest.mark.parametrize("space, message", [

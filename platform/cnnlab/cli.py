@@ -82,8 +82,9 @@ def _tune(args) -> int:
         return tune.show(args.show, args.storage)
     if not args.config or not args.space:
         raise UserError("cnnlab tune needs --config RECIPE and --space SPACE.yaml (or --show STUDY).")
-    return tune.tune(args.config, args.space, args.n_trials, args.timeout, args.study, args.storage, args.workers,
-                     args.sampler, args.pruner, args.metric, args.direction, args.seed)
+    return tune.tune(args.config, args.space, n_trials=args.n_trials, timeout=args.timeout, study=args.study,
+                     storage=args.storage, workers=args.workers, sampler=args.sampler, pruner=args.pruner,
+                     metric=args.metric, direction=args.direction, seed=args.seed, heartbeat=args.heartbeat)
 
 
 def _export(args) -> int:
@@ -107,7 +108,10 @@ def _serve(args) -> int:
     return serve(args.model_uri, device=args.device, max_batch_size=args.max_batch_size,
                  batch_timeout_ms=args.batch_timeout_ms, workers=args.workers, host=args.host, port=args.port,
                  follow_alias=args.follow_alias, poll_seconds=args.poll_seconds, api_key_env=args.api_key_env,
-                 max_body_bytes=args.max_body_bytes, max_pixels=args.max_pixels, threads=args.threads)
+                 max_body_bytes=args.max_body_bytes, max_pixels=args.max_pixels, threads=args.threads,
+                 max_images=args.max_images, max_inflight_bytes=args.max_inflight_bytes,
+                 max_decode_seconds=args.max_decode_seconds, body_timeout=args.body_timeout,
+                 idle_timeout=args.idle_timeout)
 
 
 def _compare(args) -> int:
@@ -179,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--metric", default="val/acc", help="the validation metric to optimize (default: val/acc)")
     tune.add_argument("--direction", default="maximize", choices=["maximize", "minimize"])
     tune.add_argument("--seed", type=int, help="sampler seed")
+    tune.add_argument("--heartbeat", type=float, default=60, help="seconds between a running trial's heartbeats; "
+                      "trials of a killed study that miss two are failed when it resumes (default: 60)")
     tune.add_argument("--show", metavar="STUDY", help="print a study's leaderboard and exit")
     tune.set_defaults(func=_tune)
 
@@ -219,7 +225,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--poll-seconds", type=float, default=5.0, help="how often --follow-alias polls")
     serve.add_argument("--api-key-env", metavar="VAR", help="require the key in this environment variable (401 without)")
     serve.add_argument("--max-body-bytes", type=int, default=10_000_000, help="larger bodies get 413")
-    serve.add_argument("--max-pixels", type=int, default=40_000_000, help="larger images get 413")
+    serve.add_argument("--max-pixels", type=int, default=40_000_000, help="a request whose images together are "
+                       "larger gets 413")
+    serve.add_argument("--max-images", type=int, default=64, help="more images in one request get 413")
+    serve.add_argument("--max-inflight-bytes", type=int, default=200_000_000,
+                       help="request bodies held at once, all together; beyond it new requests get 503")
+    serve.add_argument("--max-decode-seconds", type=float, default=5.0, help="decoding one request's images "
+                       "beyond this gets 413")
+    serve.add_argument("--body-timeout", type=float, default=30.0, help="seconds a body may pause before 408")
+    serve.add_argument("--idle-timeout", type=float, default=5.0, help="seconds an idle keep-alive connection stays open")
     serve.set_defaults(func=_serve)
 
     compare = commands.add_parser("compare", help="train recipes under one budget and compare them (nested MLflow runs)")

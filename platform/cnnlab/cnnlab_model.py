@@ -75,9 +75,19 @@ def decode(item) -> np.ndarray:
 
 
 def center_crop(image: np.ndarray, size: int, crop_pct: float = 1.0) -> np.ndarray:
-    """Short side to size / crop_pct (area filter when shrinking), then the central size x size square."""
+    """Short side to size / crop_pct (area filter when shrinking), then the central size x size square. An image
+    to be enlarged that is far longer than wide keeps only the middle of its long side first, so a
+    1 x 2,500,000 strip never grows into a 16 x 40,000,000 one (shrinking images are never cut first)."""
     height, width = image.shape[:2]
     scale = round(size / crop_pct) / min(height, width)
+    keep = int(np.ceil(8 * size / scale)) + 2  # eight crops' worth, in source pixels
+    if scale <= 1 or max(height, width) <= keep:
+        pass
+    elif height > width:
+        image = image[(height - keep) // 2:(height - keep) // 2 + keep]
+    elif width > keep and width > height:
+        image = image[:, (width - keep) // 2:(width - keep) // 2 + keep]
+    height, width = image.shape[:2]
     new_h, new_w = max(size, round(height * scale)), max(size, round(width * scale))
     if (new_h, new_w) != (height, width):
         image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from cnnlab import UserError
-from cnnlab.sources import BadImageError, Samples, open_image, read_source, resolve_path, scan_folder
+from cnnlab.sources import BadImageError, Samples, check_classes, open_image, read_source, resolve_path, scan_folder
 
 MODE_NAMES = {"L": "grey", "LA": "grey+alpha", "RGBA": "RGBA", "CMYK": "CMYK", "P": "palette", "1": "1-bit",
               "I;16": "16-bit grey", "I;16B": "16-bit grey", "I;16L": "16-bit grey", "I": "32-bit grey",
@@ -23,6 +23,7 @@ def check(source: str, max_pixels: int = 89_478_485) -> dict:
             p.name.endswith((".tar", ".tar.gz", ".tgz")) for p in path.iterdir()):
         scan = scan_folder(path)
         classes, splits, ignored = scan["classes"], scan["splits"], scan["ignored"]
+        check_classes(classes, source)
         errors += [(str(d), "class folder with no images") for d in scan["empty"]]
     else:
         classes, splits = read_source(source)

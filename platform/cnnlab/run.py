@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import difflib
@@ -10,6 +11,7 @@ import inspect
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -44,7 +46,8 @@ class CnnlabCLI(LightningCLI):
     fit (resumed with --ckpt_path), and a test of the best checkpoint after every fit."""
 
     def __init__(self, args=None, run: bool = True, **kwargs):
-        quiet = {"exit_on_error": False}  # errors come back to us, to be explained in one paragraph
+        # errors come back to us, to be explained in one paragraph; a key is never matched by its prefix
+        quiet = {"exit_on_error": False, "allow_abbrev": False}
         super().__init__(ClassifierModule, DataModule, save_config_callback=LogRecipe, trainer_defaults=trainer_defaults(),
                          auto_configure_optimizers=False, args=args, run=run,
                          parser_kwargs={**quiet, **{name: quiet for name in self.subcommands()}}, **kwargs)
@@ -63,14 +66,16 @@ class CnnlabCLI(LightningCLI):
         if ckpt_path and str(ckpt_path) not in ("last", "best", "hpc"):
             from cnnlab.store import read_checkpoint
 
-            read_checkpoint(ckpt_path, "--ckpt_path")  # as data only, before Lightning reads its hyperparameters
+            # as data only, before Lightning reads its hyperparameters; its classes are checked against the data's
+            saved = read_checkpoint(ckpt_path, "--ckpt_path").get("hyper_parameters") or {}
+            self.checkpoint_classes = saved.get("classes") or [str(i) for i in range(saved.get("num_classes", 0))]
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.classes", "model.classes", apply_on="instantiate")
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.image_size", "model.image_size")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.monitor": "val/acc", "checkpoint.mode": "max", "checkpoint.save_last": "link",
+        parser.set_defaults({"checkpoint.monitor": "val/acc", "checkpoint.mode": "max", "checkpoint.save_last": True,
                              "checkpoint.filename": "best", "checkpoint.auto_insert_metric_name": False})
         parser.add_argument("--test_after_fit", type=bool, default=True,
                             help="after `fit`, test the best checkpoint on the test split (same MLflow run)")
@@ -85,15 +90,29 @@ class CnnlabCLI(LightningCLI):
         if getattr(logger, "class_path", None) == LOGGER and logger.init_args.run_name is None and config.get("config"):
             logger.init_args.run_name = Path(str(config.config[-1])).stem
 
+    checkpoint_classes: list[str] | None = None
+
     def _resume_run(self) -> None:
-        """Continue the MLflow run that wrote the checkpoint we start from."""
+        """Continue the MLflow run that wrote the checkpoint we start from (which must know the data's classes)."""
         config, logger = self.config_init[self.subcommand], mlflow_logger(self.trainer)
         ckpt_path = config.get("ckpt_path")
+        known, data = self.checkpoint_classes, list(self.datamodule.classes)
+        if known and list(known) != data:
+            raise UserError(f"--ckpt_path {ckpt_path} knows {len(known)} classes ({', '.join(map(str, known[:6]))}"
+                            f"{', ...' if len(known) > 6 else ''}); data.source='{self.datamodule.source}' has "
+                            f"{len(data)} ({', '.join(data[:6])}{', ...' if len(data) > 6 else ''}). Use data with the "
+                            "checkpoint's classes, or start a new fit (model.init_weights fine-tunes from it).")
         if not ckpt_path or logger is None:
             return
         found = resumable_run(str(ckpt_path), logger, logger._run_name, self.trainer.default_root_dir)
         if found:
             logger._run_id, config["ckpt_path"] = found
+            if self.trainer.is_global_zero:
+                logger.experiment.update_run(found[0], status="RUNNING")  # not FAILED or KILLED while it trains
+                history = logger.experiment.get_metric_history
+                logger.logged_through = {key: max((m.step for m in history(found[0], key)), default=-1)
+                                         for key in logger.experiment.get_run(found[0]).data.metrics
+                                         if not key.startswith("test/")}
             rank_zero_info(f"cnnlab: continuing MLflow run {found[0]} from {found[1]}")
         elif ckpt_path == "last":
             config["ckpt_path"] = None
@@ -110,8 +129,22 @@ class CnnlabCLI(LightningCLI):
     before_validate = before_test = before_predict = _resume_run
 
     def fit(self, model, datamodule, **kwargs) -> None:
-        """Fit; then test the best checkpoint, log it as an MLflow model and register it, in the same run."""
-        self.trainer.fit(model, datamodule=datamodule, **kwargs)
+        """Fit; then test the best checkpoint, log it as an MLflow model and register it, in the same run.
+        SIGTERM or Ctrl-C: a resumable checkpoint, the run marked KILLED, how to resume, exit 143 / 130."""
+        tracking = next(c for c in self.trainer.callbacks if isinstance(c, Tracking))
+        try:
+            self.trainer.fit(model, datamodule=datamodule, **kwargs)
+        except SystemExit:
+            if tracking.stopped is None:
+                raise
+            signum, saved = tracking.stopped
+            if self.trainer.is_global_zero:
+                recipe = self.config_init.fit.get("config")
+                again = f"cnnlab fit --config {recipe[-1]}" if recipe else "the same cnnlab fit command"
+                print(f"cnnlab: stopped by {signal.Signals(signum).name} in epoch {self.trainer.current_epoch}; " +
+                      (f"saved {saved}. Resume with `{again} --ckpt_path last`." if saved else
+                       "no checkpoint saved (checkpoint.save_last is off)."), file=sys.stderr, flush=True)
+            raise SystemExit(128 + signum) from None
         if self.trainer.interrupted:
             return
         config, logger = self.config_init.fit, mlflow_logger(self.trainer)
@@ -190,14 +223,59 @@ def fit_process(recipe: dict, run_id: str, experiment: str, tracking_uri: str, n
     tuning trials and comparisons nest their runs under a parent)."""
     runnable = apply(recipe, {"trainer.logger": {"class_path": LOGGER,
                                                  "init_args": {"experiment_name": experiment, "run_id": run_id}}})
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"{TEMP_PREFIX}{os.getpid()}-") as tmp:
         path = Path(tmp) / f"{name}.yaml"
         path.write_text(yaml.safe_dump(runnable, sort_keys=False))
-        return subprocess.run([sys.executable, "-m", "cnnlab", "fit", "--config", str(path),
-                               "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", *extra],
-                              capture_output=True, text=True,
-                              env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_REGISTRY_URI": tracking_uri,
-                                   **(env or {})})
+        # Its own process group, ended with ours (end_children), and told by the kernel if we die (SIGKILL).
+        child = subprocess.Popen([sys.executable, "-m", "cnnlab", "fit", "--config", str(path),
+                                  "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", *extra],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                 preexec_fn=_end_with_parent,
+                                 env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri,
+                                      "MLFLOW_REGISTRY_URI": tracking_uri, **(env or {})})
+        _CHILDREN.add(child)
+        try:
+            stdout, stderr = child.communicate()
+        finally:
+            _CHILDREN.discard(child)
+        return subprocess.CompletedProcess(child.args, child.returncode, stdout, stderr)
+
+
+_CHILDREN: set[subprocess.Popen] = set()
+TEMP_PREFIX = "cnnlab-fit-"
+
+
+def remove_stale_temp() -> None:
+    """Temporary recipe folders of processes that died without cleaning up (killed with SIGKILL)."""
+    import shutil
+
+    for folder in Path(tempfile.gettempdir()).glob(f"{TEMP_PREFIX}*"):
+        pid = folder.name[len(TEMP_PREFIX):].split("-")[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _end_with_parent() -> None:
+    """In the child: SIGTERM when the process that started it dies, even by SIGKILL (Linux)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def end_children(grace: float = 30) -> None:
+    """SIGTERM every fit process this process started (and their workers), SIGKILL what is left after `grace`."""
+    for child in list(_CHILDREN):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGTERM)
+    for child in list(_CHILDREN):
+        try:
+            child.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)
 
 
 def _did_you_mean(word: str, choices) -> str:
@@ -209,7 +287,9 @@ def explain_recipe_error(message: str, keys: list[str]) -> str:
     """jsonargparse's error as one paragraph that names the key and the valid choices."""
     where = re.search(r'Parser key "([^"]+)"', message)
     prefix = f"recipe key '{where[1]}': " if where else "recipe: "
-    if unknown := re.search(r"does not accept option '([^']+)'", message):
+    unknown = re.search(r"does not accept option '([^']+)'", message) or \
+        re.search(r"unrecognized arguments: --([^\s=]+)", message)
+    if unknown:
         return (f"recipe key '{unknown[1]}' is not known.{_did_you_mean(unknown[1], keys)} "
                 "`cnnlab fit --help` lists every key.")
     option, class_path = re.search(r"Option '(\w+)' is not accepted", message), re.search(r"class_path[ =]'([\w.]+)'", message)
@@ -227,4 +307,8 @@ def explain_recipe_error(message: str, keys: list[str]) -> str:
 
 
 def run_recipe(argv: list[str]) -> None:
+    for flag, value in zip(argv, argv[1:]):
+        path = value if flag in ("--config", "-c") else (flag.split("=", 1)[1] if flag.startswith("--config=") else None)
+        if path and not Path(path).is_file():
+            raise UserError(f"--config {path}: no such file. Recipes live in recipes/ (e.g. recipes/quickstart.yaml).")
     CnnlabCLI(args=argv)

@@ -13,6 +13,7 @@ request is decoded and center-cropped, then concurrent requests are stacked into
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hmac
@@ -32,7 +33,9 @@ from fastapi import HTTPException
 
 from cnnlab import UserError
 
-ERRORS = {400: "bad request", 401: "unauthorized", 413: "too large", 415: "unsupported media type"}
+ERROR_KEY = "cnnlab_error"  # a worker's per-request error, answered by the Gate with its own status
+ERRORS = {400: "bad request", 401: "unauthorized", 408: "body too slow", 413: "too large",
+          415: "unsupported media type", 503: "busy: too many bytes in flight"}
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
 PREDICT_OPENAPI = {  # LitServe registers /predict without a body schema; this describes what it takes
     "summary": "Classify images: raw bytes, multipart files or JSON base64",
@@ -55,76 +58,128 @@ def _json_error(status: int, message: str) -> tuple[dict, bytes]:
 
 
 class Gate:
-    """ASGI middleware: the API key, the body limit, and every body shape turned into JSON for LitServe."""
+    """ASGI middleware in front of LitServe: the API key, the limits (body size, bytes in flight, images per
+    request, slow bodies), every body shape turned into JSON for the workers, and every malformed request
+    answered with a 4xx JSON error."""
 
-    def __init__(self, app, api_key: str | None, max_body_bytes: int):
+    def __init__(self, app, api_key: str | None, max_body_bytes: int, max_inflight_bytes: int, max_images: int,
+                 body_timeout: float):
         self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
+        self.max_inflight_bytes, self.max_images, self.body_timeout = max_inflight_bytes, max_images, body_timeout
+        self.inflight = 0  # bytes of request bodies held right now (one event loop: no lock needed)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+        # latin-1 decodes any byte: a header that is not UTF-8 must not fail a request, /health included
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         if self.api_key and scope["path"] != "/health":
             given = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ").strip()
-            if not hmac.compare_digest(given.encode(), self.api_key.encode()):  # constant time: no timing leak
+            if not hmac.compare_digest(given.encode("latin-1"), self.api_key.encode()):  # constant time
                 return await self._reply(send, 401, "missing or wrong API key: send it as X-API-Key or a Bearer token")
         if scope["path"] != "/predict" or scope["method"] != "POST":
             return await self.app(scope, receive, send)
-        if int(headers.get("content-length") or 0) > self.max_body_bytes:
+        declared = headers.get("content-length", "0")
+        if not declared.isascii() or not declared.isdigit() or len(declared) > 15:
+            return await self._reply(send, 400, "Content-Length is not a number")
+        if int(declared) > self.max_body_bytes:
             return await self._reply(send, 413, f"body over {self.max_body_bytes} bytes (--max-body-bytes)")
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if len(body) > self.max_body_bytes:
-                return await self._reply(send, 413, f"body over {self.max_body_bytes} bytes (--max-body-bytes)")
-            if not message.get("more_body"):
-                break
-        if not body:
-            return await self._reply(send, 400, "empty body: send an image (image/*), a multipart file or JSON "
-                                                "{\"images\": [base64, ...]}")
+        held = 0
         try:
-            payload = await self._payload(headers.get("content-type", ""), body, scope)
-        except ValueError as err:
-            return await self._reply(send, 400, str(err))
-        except LookupError as err:
-            return await self._reply(send, 415, str(err))
-        payload["top_k"] = _query_top_k(scope) or payload.get("top_k")
-        data = json.dumps(payload).encode()
-        scope = {**scope, "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
-                 + [(k, v) for k, v in scope["headers"] if k.lower() not in (b"content-type", b"content-length")]}
-        sent = False
+            chunks = []
+            while True:
+                try:
+                    message = await asyncio.wait_for(receive(), self.body_timeout)
+                except asyncio.TimeoutError:
+                    return await self._reply(send, 408, f"the body did not arrive within {self.body_timeout:g} s")
+                if message["type"] == "http.disconnect":
+                    return None
+                chunk = message.get("body", b"")
+                if held + len(chunk) > self.max_body_bytes:
+                    return await self._reply(send, 413, f"body over {self.max_body_bytes} bytes (--max-body-bytes)")
+                if self.inflight + len(chunk) > self.max_inflight_bytes:
+                    return await self._reply(send, 503, "busy: too many bytes in flight (--max-inflight-bytes); "
+                                                        "retry shortly")
+                chunks.append(chunk)
+                held += len(chunk)
+                self.inflight += len(chunk)
+                if not message.get("more_body"):
+                    break
+            body = b"".join(chunks)
+            if not body:
+                return await self._reply(send, 400, "empty body: send an image (image/*), a multipart file or JSON "
+                                                    "{\"images\": [base64, ...]}")
+            try:
+                payload = await self._payload(headers.get("content-type", ""), body, scope)
+                query = _query_top_k(scope)
+                payload["top_k"] = query if query is not None else _top_k(payload.get("top_k"))
+            except LookupError as err:
+                return await self._reply(send, 415, str(err))
+            except ValueError as err:
+                return await self._reply(send, 400, str(err))
+            if len(payload["images"]) > self.max_images:
+                return await self._reply(send, 413, f"{len(payload['images'])} images in one request; at most "
+                                                    f"{self.max_images} (--max-images)")
+            data = json.dumps(payload).encode()
+            scope = {**scope, "headers": [(b"content-type", b"application/json"),
+                                          (b"content-length", str(len(data)).encode())]
+                     + [(k, v) for k, v in scope["headers"] if k.lower() not in (b"content-type", b"content-length")]}
+            sent = False
 
-        async def replay():
-            nonlocal sent
-            if sent:
-                return {"type": "http.disconnect"}
-            sent = True
-            return {"type": "http.request", "body": data, "more_body": False}
+            async def replay():
+                nonlocal sent
+                if sent:
+                    return {"type": "http.disconnect"}
+                sent = True
+                return {"type": "http.request", "body": data, "more_body": False}
 
-        return await self.app(scope, replay, send)
+            return await self.app(scope, replay, self._error_status(send))
+        finally:
+            self.inflight -= held
+
+    @staticmethod
+    def _error_status(send):
+        """Wrap `send`: a worker's per-request error item goes out as a JSON error with its own 4xx status."""
+        held = {}
+
+        async def wrapped(message):
+            if message["type"] == "http.response.start" and message["status"] == 200:
+                held["start"] = message
+                return
+            if message["type"] == "http.response.body" and "start" in held:
+                body = held.setdefault("body", b"") + message.get("body", b"")
+                if message.get("more_body"):
+                    held["body"] = body
+                    return
+                start = held.pop("start")
+                if body.startswith(b'{"' + ERROR_KEY.encode()):
+                    error = json.loads(body)[ERROR_KEY]
+                    start, body = _json_error(int(error["status"]), str(error["detail"]))
+                else:
+                    start = {**start, "headers": [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
+                             + [(b"content-length", str(len(body)).encode())]}
+                await send(start)
+                await send({"type": "http.response.body", "body": body})
+                return
+            await send(message)
+
+        return wrapped
 
     @staticmethod
     async def _payload(content_type: str, body: bytes, scope) -> dict:
-        kind = content_type.split(";")[0].strip().lower()
+        """{"images": [base64, ...], "top_k": ...} from a raw image, a multipart form or JSON; ValueError (400)
+        or LookupError (415) for anything else."""
+        kind, _, params = content_type.partition(";")
+        kind = kind.strip().lower()
         if kind.startswith("image/") or kind == "application/octet-stream":
             return {"images": [base64.b64encode(body).decode()]}
         if kind == "multipart/form-data":
-            from starlette.requests import Request
-
-            async def receive():
-                return {"type": "http.request", "body": body, "more_body": False}
-
-            form = await Request(scope, receive).form()
-            files = [await v.read() for _, v in form.multi_items() if hasattr(v, "read")]
-            if not files:
-                raise ValueError("the multipart body holds no file: send the image as a file field")
-            return {"images": [base64.b64encode(f).decode() for f in files]}
+            return {"images": [base64.b64encode(f).decode() for f in await _multipart_files(params, body, scope)]}
         if kind == "application/json":
             try:
-                payload = json.loads(body)
-            except ValueError:
-                raise ValueError("the JSON body does not parse") from None
+                payload = json.loads(body, parse_constant=_no_constant)
+            except (ValueError, RecursionError):
+                raise ValueError("the JSON body does not parse (or nests too deep, or holds NaN/Infinity)") from None
             images = payload.get("images", [payload["image"]] if "image" in payload else None) \
                 if isinstance(payload, dict) else None
             if not isinstance(images, list) or not images or not all(isinstance(i, str) for i in images):
@@ -140,20 +195,63 @@ class Gate:
         await send({"type": "http.response.body", "body": body})
 
 
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+MAX_TOP_K = 1000
+
+
+def _top_k(value) -> int | None:
+    """top_k as given (JSON or the query string): a whole number from 1 to MAX_TOP_K, or absent."""
+    if value is None:
+        return None
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 4:
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_TOP_K:
+        raise ValueError(f"top_k must be a whole number from 1 to {MAX_TOP_K}")
+    return value
+
+
 def _query_top_k(scope) -> int | None:
     from urllib.parse import parse_qs
 
-    values = parse_qs(scope.get("query_string", b"").decode()).get("top_k")
-    return int(values[0]) if values and values[0].isdigit() else None
+    query = scope.get("query_string", b"").decode("latin-1")
+    values = parse_qs(query).get("top_k")
+    return _top_k(values[0]) if values else None
+
+
+async def _multipart_files(params: str, body: bytes, scope) -> list[bytes]:
+    """The file fields of a complete multipart body (a missing boundary or a truncated body: ValueError)."""
+    from starlette.requests import Request
+
+    boundary = next((p.split("=", 1)[1].strip().strip('"') for p in params.split(";")
+                     if p.strip().lower().startswith("boundary=")), "")
+    if not boundary:
+        raise ValueError("multipart body without a boundary in its Content-Type")
+    if f"--{boundary}--".encode("latin-1", "replace") not in body[-len(boundary) - 8:]:
+        raise ValueError("the multipart body is truncated or its boundary does not match the Content-Type's")
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(scope, receive).form()
+        files = [await v.read() for _, v in form.multi_items() if hasattr(v, "read")]
+    except Exception as err:  # python-multipart's own errors: a malformed body is the client's
+        raise ValueError(f"the multipart body does not parse ({str(err).splitlines()[0][:120]})") from None
+    if not files:
+        raise ValueError("the multipart body holds no file: send the image as a file field")
+    return files
 
 
 class ImageClassifierAPI(ls.LitAPI):
     """One worker: decode and crop each request, stack concurrent ones, run the model, answer top-k."""
 
-    def __init__(self, uri: str, max_pixels: int, follow_alias: float, state_dir: str, threads: int,
-                 max_batch_size: int, batch_timeout: float):
+    def __init__(self, uri: str, max_pixels: int, max_decode_seconds: float, follow_alias: float, state_dir: str,
+                 threads: int, max_batch_size: int, batch_timeout: float):
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout)
-        self.uri, self.max_pixels = uri, max_pixels
+        self.uri, self.max_pixels, self.max_decode_seconds = uri, max_pixels, max_decode_seconds
         self.follow_alias, self.state_dir, self.threads = follow_alias, state_dir, threads
 
     def setup(self, device):
@@ -198,58 +296,77 @@ class ImageClassifierAPI(ls.LitAPI):
         path.with_suffix(".tmp").replace(path)
 
     def decode_request(self, request):
+        """One request's images, each decoded and checked on its own; a bad request becomes its own 4xx answer
+        (an error item), never an exception: LitServe fails every request of a batch on one exception. The
+        request's pixels together stay within --max-pixels, and its decoding within --max-decode-seconds."""
+        budget = {"pixels": self.max_pixels, "deadline": time.monotonic() + self.max_decode_seconds}
+        try:
+            return {"arrays": np.stack([self._image(i, text, budget) for i, text in enumerate(request["images"])]),
+                    "top_k": max(1, min(int(request.get("top_k") or 5), len(self.current.classes)))}
+        except HTTPException as err:
+            return {"error": err.status_code, "detail": err.detail}
+
+    def _image(self, index: int, text: str, budget: dict) -> np.ndarray:
         from PIL import Image
 
-        network = self.current
-        arrays = []
-        for index, text in enumerate(request["images"]):
-            try:
-                raw = base64.b64decode(text, validate=True)
-            except (binascii.Error, ValueError):
-                raise HTTPException(400, f"image {index}: not valid base64") from None
-            if not raw:
-                raise HTTPException(400, f"image {index}: empty")
-            try:
-                with Image.open(io.BytesIO(raw)) as probe:
-                    width, height = probe.size
-                if width * height > self.max_pixels:
-                    raise HTTPException(413, f"image {index}: {width}x{height} is over --max-pixels {self.max_pixels}")
-                arrays.append(network.preprocess(raw))
-            except HTTPException:
-                raise
-            except Exception as err:
-                raise HTTPException(415 if "cannot identify" in str(err) else 400,
-                                    f"image {index}: not a readable image ({str(err).splitlines()[0][:200]})") from None
-        top_k = request.get("top_k") or 5
-        return {"arrays": np.stack(arrays), "top_k": max(1, min(int(top_k), len(network.classes)))}
+        if time.monotonic() > budget["deadline"]:
+            raise HTTPException(413, f"image {index}: decoding this request took over {self.max_decode_seconds:g} s "
+                                     "(--max-decode-seconds); send fewer or smaller images")
+        try:
+            raw = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise HTTPException(400, f"image {index}: not valid base64") from None
+        if not raw:
+            raise HTTPException(400, f"image {index}: empty")
+        try:
+            with Image.open(io.BytesIO(raw)) as probe:
+                width, height = probe.size
+            budget["pixels"] -= width * height
+            if budget["pixels"] < 0:
+                raise HTTPException(413, f"image {index}: {width}x{height} takes the request over --max-pixels "
+                                         f"{self.max_pixels} (all its images together)")
+            return self.current.preprocess(raw)
+        except HTTPException:
+            raise
+        except Exception as err:
+            raise HTTPException(415 if "cannot identify" in str(err) else 400,
+                                f"image {index}: not a readable image ({str(err).splitlines()[0][:200]})") from None
 
     def batch(self, inputs):
-        return {"arrays": np.concatenate([i["arrays"] for i in inputs]), "counts": [len(i["arrays"]) for i in inputs],
-                "top_k": [i["top_k"] for i in inputs]}
+        good = [i["arrays"] for i in inputs if "arrays" in i]
+        return {"inputs": inputs, "arrays": np.concatenate(good) if good else None}
 
     def unbatch(self, output):
         out, start = [], 0
-        for count, top_k in zip(output["counts"], output["top_k"]):
-            out.append({"probs": output["probs"][start:start + count], "top_k": top_k, "model": output["model"]})
+        for item in output["inputs"]:
+            if "error" in item:
+                out.append(item)
+                continue
+            count = len(item["arrays"])
+            out.append({"probs": output["probs"][start:start + count], "top_k": item["top_k"], "model": output["model"]})
             start += count
         return out
 
     def predict(self, x):
-        single = "counts" not in x
+        single = "inputs" not in x
         batch = self.batch([x]) if single else x
         current = self.current  # in-flight requests finish on the model they started with
-        logits = current.predict(np.ascontiguousarray(batch["arrays"].transpose(0, 3, 1, 2)))
-        probs = np.exp(logits - logits.max(1, keepdims=True))
-        probs /= probs.sum(1, keepdims=True)
-        self.stats["model_calls"] += 1
-        self.stats["requests"] += len(batch["counts"])
-        self.stats["images"] += len(probs)
+        probs = None
+        if batch["arrays"] is not None:
+            logits = current.predict(np.ascontiguousarray(batch["arrays"].transpose(0, 3, 1, 2)))
+            probs = np.exp(logits - logits.max(1, keepdims=True))
+            probs /= probs.sum(1, keepdims=True)
+            self.stats["model_calls"] += 1
+            self.stats["images"] += len(probs)
+        self.stats["requests"] += len(batch["inputs"])
         self._write_state(current)
         output = {**batch, "probs": probs, "model": {"name": current.name, "version": current.version,
                                                       "classes": current.classes}}
         return self.unbatch(output)[0] if single else output
 
     def encode_response(self, output):
+        if "error" in output:  # the Gate turns this into the request's own status
+            return {ERROR_KEY: {"status": output["error"], "detail": output["detail"]}}
         classes = output["model"]["classes"]
         predictions = []
         for row in output["probs"]:
@@ -281,7 +398,8 @@ async def info(state_dir: str, static: dict):
 def serve(uri: str, device: str = "cpu", max_batch_size: int = 32, batch_timeout_ms: float = 5, workers: int = 1,
           host: str = "127.0.0.1", port: int = 8000, follow_alias: bool = False, poll_seconds: float = 5.0,
           api_key_env: str | None = None, max_body_bytes: int = 10_000_000, max_pixels: int = 40_000_000,
-          threads: int | None = None) -> int:
+          threads: int | None = None, max_images: int = 64, max_inflight_bytes: int = 200_000_000,
+          max_decode_seconds: float = 5.0, body_timeout: float = 30.0, idle_timeout: float = 5.0) -> int:
     """Serve the model a URI names, on the runtime its artifact holds (torch program, ONNX, TorchScript)."""
     from cnnlab import store
 
@@ -298,11 +416,13 @@ def serve(uri: str, device: str = "cpu", max_batch_size: int = 32, batch_timeout
                         "CPU build). Serve its torch source on a GPU.")
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
     state_dir = tempfile.mkdtemp(prefix="cnnlab-serve-")
-    api = ImageClassifierAPI(uri, max_pixels, poll_seconds if follow_alias else 0, state_dir, threads,
-                             max_batch_size, batch_timeout_ms / 1000)
+    api = ImageClassifierAPI(uri, max_pixels, max_decode_seconds, poll_seconds if follow_alias else 0, state_dir,
+                             threads, max_batch_size, batch_timeout_ms / 1000)
     server = ls.LitServer(api, accelerator="cuda" if device == "cuda" else "cpu", devices=1,
                           workers_per_device=workers, info_path="/server-info", timeout=60,
-                          middlewares=[(Gate, {"api_key": api_key, "max_body_bytes": max_body_bytes})])
+                          middlewares=[(Gate, {"api_key": api_key, "max_body_bytes": max_body_bytes,
+                                               "max_inflight_bytes": max_inflight_bytes, "max_images": max_images,
+                                               "body_timeout": body_timeout})])
     static = {"uri": uri, "classes": network.classes, "input_size": network.image_size,
               "crop_pct": network.meta["crop_pct"], "runtime": network.runtime, "format": network.meta.get("format"),
               "device": device, "params": network.params, "max_batch_size": max_batch_size,
@@ -318,5 +438,5 @@ def serve(uri: str, device: str = "cpu", max_batch_size: int = 32, batch_timeout
     signal.signal(signal.SIGTERM, stop)
     print(f"cnnlab serve: {uri} ({network.runtime} on {device}, sha256 {network.digest[:12]}) at "
           f"http://{host}:{port}/predict", flush=True)
-    server.run(host=host, port=port, generate_client_file=False, log_level="warning")
+    server.run(host=host, port=port, generate_client_file=False, log_level="warning", timeout_keep_alive=idle_timeout)
     return 0

@@ -7,6 +7,7 @@ import csv
 import hashlib
 import io
 import os
+import re
 import tarfile
 import warnings
 from dataclasses import dataclass, field
@@ -99,12 +100,26 @@ def read_source(source: str, synthetic_size: int = 2048, stream: bool = False) -
     if not path.exists():
         raise UserError(f"data.source='{source}' does not exist. {SOURCE_HELP}")
     if path.suffix == ".csv":
-        return _read_csv(path)
-    if path.is_dir() and any(p.name.endswith((".tar", ".tar.gz", ".tgz")) for p in path.iterdir()):
-        return _read_shards(path, stream)
-    if path.is_dir():
-        return _read_folder(path)
-    raise UserError(f"data.source='{source}' is a file but not a .csv manifest. {SOURCE_HELP}")
+        found = _read_csv(path)
+    elif path.is_dir() and any(p.name.endswith((".tar", ".tar.gz", ".tgz")) for p in path.iterdir()):
+        found = _read_shards(path, stream)
+    elif path.is_dir():
+        found = _read_folder(path)
+    else:
+        raise UserError(f"data.source='{source}' is a file but not a .csv manifest. {SOURCE_HELP}")
+    check_classes(found[0], source)
+    return found
+
+
+def check_classes(classes: list[str], source: str) -> None:
+    """Two classes or more, each named so that its per-class metrics (`test/acc_class/NAME`) are valid."""
+    if len(classes) < 2:
+        raise UserError(f"data.source='{source}' has {len(classes)} class ({', '.join(classes) or 'none'}): a "
+                        "classifier needs two or more. Add a folder (or labels) for each class.")
+    for name in classes:
+        if not re.fullmatch(r"[\w\-. :]+", name) or name.strip(" .") != name.strip() or not name.strip(" ."):
+            raise UserError(f"data.source='{source}': class name {name!r} cannot name a metric. Use letters, digits, "
+                            "spaces and _ - . : only, and not only dots or spaces.")
 
 
 def scan_folder(root: Path) -> dict:
@@ -149,6 +164,10 @@ def _read_csv(manifest: Path) -> tuple[list[str], dict[str, Samples]]:
     if not rows or not {"path", "label"} <= set(rows[0]):
         raise UserError(f"data.source='{manifest}' needs a header with the columns path,label "
                         "(and optionally split: train/val/test).")
+    for line, row in enumerate(rows, start=2):
+        if not row.get("path") or row.get("label") is None or not row["label"].strip():
+            raise UserError(f"data.source='{manifest}' line {line}: every row needs a path and a label "
+                            f"(got path={row.get('path')!r}, label={row.get('label')!r}).")
     names = sorted({r["label"] for r in rows}, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
     splits: dict[str, Samples] = {}
     for line, row in enumerate(rows, start=2):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import tempfile
 import time
@@ -14,7 +15,7 @@ import yaml
 from lightning.pytorch import Callback
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from cnnlab.store import default_tracking_uri
 
@@ -50,6 +51,12 @@ class MLflowLogger(MLFlowLogger):
         from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
         flat = {k: "None" if v is None else str(v) for k, v in flatten(dict(params)).items()}
+        logged = self.experiment.get_run(self.run_id).data.params  # a resumed run keeps what it was started with
+        changed = sorted(k for k, v in flat.items() if k in logged and logged[k] != v)
+        if changed:
+            rank_zero_warn(f"cnnlab: resumed with other values for {', '.join(changed)}; the run keeps its first "
+                           "values as params (the resumed recipe is in recipe.yaml).")
+        flat = {k: v for k, v in flat.items() if k not in logged}
         short = [Param(k, v) for k, v in flat.items() if len(v) <= MAX_PARAM_VAL_LENGTH]
         for start in range(0, len(short), 100):
             self.experiment.log_batch(self.run_id, params=short[start:start + 100])
@@ -57,13 +64,23 @@ class MLflowLogger(MLFlowLogger):
             if len(value) > MAX_PARAM_VAL_LENGTH:
                 self.experiment.log_text(self.run_id, value, f"params/{key}.txt")
 
+    stopped = False  # set when a signal stopped the fit: the run is KILLED (resumable), not FAILED
+    logged_through: dict[str, int] = {}  # a resumed run's last logged step per metric, logged before the stop
+
+    @rank_zero_only
+    def log_metrics(self, metrics, step=None) -> None:
+        if step is not None:  # steps replayed after a resume from the last checkpoint are logged once
+            metrics = {k: v for k, v in metrics.items() if step > self.logged_through.get(k, -1)}
+        if metrics:
+            super().log_metrics(metrics, step)
+
     @rank_zero_only
     def finalize(self, status: str = "success") -> None:
         if self._initialized:
             import mlflow
 
             mlflow.flush_async_logging()
-        super().finalize(status)
+        super().finalize("KILLED" if self.stopped and status == "failed" else status)
 
 
 def mlflow_logger(trainer) -> MLFlowLogger | None:
@@ -96,6 +113,24 @@ class Tracking(Callback):
         self._lrs: list = []
         self._epoch_start = self._last_batch = 0.0
         self._images = 0
+        self.stopped: tuple[int, str] | None = None  # (signal, checkpoint saved) when SIGTERM or Ctrl-C stopped a fit
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        """SIGTERM (what schedulers send) or Ctrl-C during a fit: save where it stands, so it resumes there."""
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)) or trainer.state.fn != "fit":
+            return
+        if trainer.is_global_zero:
+            self._flush_lr(trainer)  # the LRs of the steps since the last flush
+        checkpoint, saved = trainer.checkpoint_callback, None
+        if checkpoint is not None and checkpoint.dirpath and checkpoint.save_last:  # a fit meant to resume
+            saved = str(Path(checkpoint.dirpath) / "last.ckpt")
+            trainer.save_checkpoint(saved, weights_only=False)  # the whole state, to resume from
+        self.stopped = (signal.SIGINT if isinstance(exception, KeyboardInterrupt) else signal.SIGTERM, saved)
+        logger = mlflow_logger(trainer)
+        if logger is not None:
+            logger.stopped = True  # finalize marks the run KILLED, not FAILED
 
     def on_fit_start(self, trainer, pl_module) -> None:
         logger = mlflow_logger(trainer)
@@ -141,8 +176,9 @@ class Tracking(Callback):
             from mlflow.entities import Metric
 
             now = int(time.time() * 1000)
-            logger.experiment.log_batch(logger.run_id, metrics=[Metric("lr", lr, now, step) for step, lr in self._lrs],
-                                        synchronous=False)
+            logger.experiment.log_batch(logger.run_id, synchronous=False, metrics=[
+                Metric("lr", lr, now, step) for step, lr in self._lrs
+                if step > getattr(logger, "logged_through", {}).get("lr", -1)])
         self._lrs = []
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
@@ -203,8 +239,16 @@ def log_model(logger: MLFlowLogger, module, datamodule, samples: int = 16) -> st
     from cnnlab.data import recorded_data
 
     split = next(s for s in ("test", "val", "train") if s in datamodule.splits)
-    held_out = datamodule.splits[split]
-    examples = [(held_out.raw(i, datamodule.image_size), held_out.labels[i]) for i in range(min(samples, len(held_out)))]
+    held_out, examples = datamodule.splits[split], []
+    for i in range(len(held_out)):  # the first `samples` images that decode (a skipped bad image is no sample)
+        try:
+            raw = held_out.raw(i, datamodule.image_size)
+            cnnlab_model.read_image(raw)
+        except Exception:
+            continue
+        examples.append((raw, held_out.labels[i]))
+        if len(examples) == samples:
+            break
     net = module.net
     if isinstance(net, torch._dynamo.eval_frame.OptimizedModule):
         module.net = net._orig_mod  # export the plain network, not the compiled wrapper

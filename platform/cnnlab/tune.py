@@ -13,6 +13,7 @@ import io
 import json
 import math
 import os
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from cnnlab import UserError
-from cnnlab.run import _decode, _encode, apply, fit_process
+from cnnlab.run import _decode, _encode, apply, end_children, fit_process, remove_stale_temp
 
 DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
 SAMPLERS = ("tpe", "random", "cmaes", "qmc", "grid")
@@ -33,18 +34,29 @@ def storage_url(url: str | None) -> str:
     url = url or DEFAULT_STORAGE
     if url.startswith("sqlite:///"):
         path = Path(url[len("sqlite:///"):]).resolve()
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"--storage {url}: cannot make its folder ({err.strerror}). Give a writable path.") from None
         return f"sqlite:///{path}"
     return url
 
 
-def open_storage(url: str | None):
-    """Optuna's RDB storage on any SQLAlchemy URL; sqlite waits for locks instead of failing."""
+def open_storage(url: str | None, heartbeat: float | None = None):
+    """Optuna's RDB storage on any SQLAlchemy URL; sqlite waits for locks instead of failing. With `heartbeat`
+    (seconds), a running trial beats; one silent for two beats (its study was killed) is failed on resume."""
     import optuna
 
     url = storage_url(url)
     kwargs = {"engine_kwargs": {"connect_args": {"timeout": 60}}} if url.startswith("sqlite") else {}
-    return optuna.storages.RDBStorage(url, **kwargs)
+    if heartbeat:
+        kwargs.update(heartbeat_interval=max(1, int(heartbeat)), grace_period=max(2, int(2 * heartbeat)))
+    try:
+        return optuna.storages.RDBStorage(url, **kwargs)
+    except Exception as err:  # a bad URL, a missing driver, an unreachable server, an unwritable file
+        raise UserError(f"--storage {_redact(url)} cannot be opened ({str(err).splitlines()[0][:200]}). Give a "
+                        "SQLAlchemy URL that this machine can reach and write: sqlite:///path/optuna.db, or "
+                        "postgresql://user@host/db (with its driver installed).") from None
 
 
 def make_pruner(name: str, max_epochs: int = 10):
@@ -179,7 +191,7 @@ class Study:
     """One `cnnlab tune` invocation: the Optuna study, its MLflow parent run, and the trial runner."""
 
     def __init__(self, config: str, space_path: str, study_name: str | None, storage: str | None, sampler: str,
-                 pruner: str, metric: str, direction: str, seed: int | None = None):
+                 pruner: str, metric: str, direction: str, seed: int | None = None, heartbeat: float = 60):
         import optuna
 
         from cnnlab.store import default_tracking_uri
@@ -194,7 +206,7 @@ class Study:
         self.metric, self.direction, self.pruner_name = metric, direction, pruner
         trainer = self.recipe.get("trainer") or {}
         self.max_epochs = int(trainer.get("max_epochs") or 10)
-        self.storage = open_storage(self.storage_url)
+        self.storage = open_storage(self.storage_url, heartbeat)
         self.study = optuna.create_study(study_name=self.name, storage=self.storage, direction=direction,
                                          sampler=make_sampler(sampler, self.space, grids, seed),
                                          pruner=make_pruner(pruner, self.max_epochs), load_if_exists=True)
@@ -410,16 +422,26 @@ def show(study_name: str, storage: str | None) -> int:
 def tune(config: str, space: str, n_trials: int | None = None, timeout: float | None = None,
          study: str | None = None, storage: str | None = None, workers: int = 1, sampler: str = "tpe",
          pruner: str = "median", metric: str = "val/acc", direction: str = "maximize", seed: int | None = None,
-         out_dir: str = "recipes/tuned") -> int:
+         out_dir: str = "recipes/tuned", heartbeat: float = 60) -> int:
     if workers < 1:
         raise UserError(f"--workers {workers} must be at least 1.")
     if n_trials is None and timeout is None:
         raise UserError("give --n-trials N or --timeout SECONDS (or both) so the study ends.")
-    runner = Study(config, space, study, storage, sampler, pruner, metric, direction, seed)
+    remove_stale_temp()
+    runner = Study(config, space, study, storage, sampler, pruner, metric, direction, seed, heartbeat)
     runner.study.set_user_attr("metric", metric)
     print(f"study '{runner.name}' in {_redact(runner.storage_url)}: {n_trials or 'unlimited'} trials, "
           f"{workers} worker(s), {sampler} sampler, {pruner} pruner, {direction} {metric}", flush=True)
-    runner.optimize(n_trials, timeout, workers)
+
+    def stop(signum, frame):  # unwind, so the trials' processes end and temporary files go
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        runner.optimize(n_trials, timeout, workers)
+    finally:
+        end_children()
+        signal.signal(signal.SIGTERM, previous)
     written = runner.finish(out_dir)
     print(leaderboard(runner.study, metric), end="")
     if written:

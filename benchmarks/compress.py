@@ -37,13 +37,31 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "cifar10"
 def fit(name: str, recipe: str, folder: Path, args, extra: list[str]) -> tuple[float, Path, float]:
     """(test top-1, best checkpoint, seconds) of one `cnnlab fit`."""
     root = folder / name
-    command = [sys.executable, "-m", "cnnlab", "fit", "--config", str(RECIPES / recipe), "--log_model=false",
-               f"--trainer.max_epochs={args.epochs}", f"--trainer.default_root_dir={root}",
-               "--trainer.enable_progress_bar=false", *(["--trainer.logger=false"] if args.no_tracking else []),
-               *([f"--trainer.limit_train_batches={args.limit_batches}", f"--trainer.limit_val_batches={args.limit_batches}",
-                  f"--trainer.limit_test_batches={args.limit_batches}"] if args.limit_batches else []),
-               *([f"--data.batch_size={args.batch_size}"] if args.batch_size else []),
-               *([f"--data.source={args.data}"] if args.data else []), *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "cnnlab",
+        "fit",
+        "--config",
+        str(RECIPES / recipe),
+        "--log_model=false",
+        f"--trainer.max_epochs={args.epochs}",
+        f"--trainer.default_root_dir={root}",
+        "--trainer.enable_progress_bar=false",
+        *(["--trainer.logger=false"] if args.no_tracking else []),
+        *(
+            [
+                f"--trainer.limit_train_batches={args.limit_batches}",
+                f"--trainer.limit_val_batches={args.limit_batches}",
+                f"--trainer.limit_test_batches={args.limit_batches}",
+            ]
+            if args.limit_batches
+            else []
+        ),
+        *([f"--data.batch_size={args.batch_size}"] if args.batch_size else []),
+        *([f"--data.source={args.data}"] if args.data else []),
+        *extra,
+    ]
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True)
     seconds = time.perf_counter() - start
@@ -71,16 +89,36 @@ def main(argv=None) -> int:
         folder = Path(tmp)
         teacher = fit("teacher resnet50", "resnet50_32_onecycle30.yaml", folder, args, [])
         scratch = fit("resnet18 from scratch", "resnet18_32_onecycle30.yaml", folder, args, [])
-        callbacks = [{"class_path": "cnnlab.callbacks.OneCycle", "init_args": {"pct_start": 0.25}},
-                     {"class_path": "cnnlab.callbacks.Distillation",
-                      "init_args": {"teacher": str(teacher[1]), "temperature": 4.0, "alpha": 0.9}}]
-        distilled = fit("resnet18 distilled", "resnet18_32_distill_resnet50.yaml", folder, args,
-                        [f"--trainer.callbacks={json.dumps(callbacks)}"])
-        prune = [{"class_path": "cnnlab.callbacks.OneCycle", "init_args": {"pct_start": 0.15}},
-                 {"class_path": "cnnlab.callbacks.Pruning", "init_args": {"mode": "structured", "amount": 0.5}}]
-        pruned = fit("resnet18 pruned 50% + fine-tuned", "resnet18_32_onecycle30.yaml", folder, args,
-                     [f"--trainer.callbacks={json.dumps(prune)}", f"--model.init_weights={scratch[1]}",
-                      f"--trainer.max_epochs={max(2, args.epochs // 3)}", "--model.optimizer.init_args.lr=0.05"])
+        callbacks = [
+            {"class_path": "cnnlab.callbacks.OneCycle", "init_args": {"pct_start": 0.25}},
+            {
+                "class_path": "cnnlab.callbacks.Distillation",
+                "init_args": {"teacher": str(teacher[1]), "temperature": 4.0, "alpha": 0.9},
+            },
+        ]
+        distilled = fit(
+            "resnet18 distilled",
+            "resnet18_32_distill_resnet50.yaml",
+            folder,
+            args,
+            [f"--trainer.callbacks={json.dumps(callbacks)}"],
+        )
+        prune = [
+            {"class_path": "cnnlab.callbacks.OneCycle", "init_args": {"pct_start": 0.15}},
+            {"class_path": "cnnlab.callbacks.Pruning", "init_args": {"mode": "structured", "amount": 0.5}},
+        ]
+        pruned = fit(
+            "resnet18 pruned 50% + fine-tuned",
+            "resnet18_32_onecycle30.yaml",
+            folder,
+            args,
+            [
+                f"--trainer.callbacks={json.dumps(prune)}",
+                f"--model.init_weights={scratch[1]}",
+                f"--trainer.max_epochs={max(2, args.epochs // 3)}",
+                "--model.optimizer.init_args.lr=0.05",
+            ],
+        )
         torch.set_num_threads(args.threads)
         for name, checkpoint in (("resnet18", scratch[1]), ("resnet18 pruned", pruned[1])):
             source = store.load(str(checkpoint))
@@ -90,8 +128,9 @@ def main(argv=None) -> int:
             fp32 = to_onnx(source.module, source.image_size, folder / f"{name.replace(' ', '_')}.onnx")
             files = {f"{name} onnx fp32": fp32}
             if name == "resnet18":
-                files[f"{name} onnx int8"] = to_int8(fp32, folder / "resnet18.int8.onnx",
-                                                     calibration(source, args.data, 10))
+                files[f"{name} onnx int8"] = to_int8(
+                    fp32, folder / "resnet18.int8.onnx", calibration(source, args.data, 10)
+                )
             for label, path in files.items():
                 import onnxruntime as ort
 
@@ -100,22 +139,41 @@ def main(argv=None) -> int:
                 session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
                 run = lambda x, s=session: s.run(None, {"images": x})[0]  # noqa: E731
                 top1 = evaluate(Network(run, source.meta), datamodule, split)["test/acc"]
-                results[label] = {"ms_b1": latency_ms(run, 32, 1, args.runs), "ms_b32": latency_ms(run, 32, 32, 10),
-                                  "top1": top1, "params": source.params, "mb": path.stat().st_size / 1e6}
+                results[label] = {
+                    "ms_b1": latency_ms(run, 32, 1, args.runs),
+                    "ms_b32": latency_ms(run, 32, 32, 10),
+                    "top1": top1,
+                    "params": source.params,
+                    "mb": path.stat().st_size / 1e6,
+                }
     images = args.test_images or "all"
-    print(f"\nCPU latency with {args.threads} threads (ONNX Runtime); top-1 of the ONNX files on {images} CIFAR-10 "
-          "test images, of the fits on all of them")
+    print(
+        f"\nCPU latency with {args.threads} threads (ONNX Runtime); top-1 of the ONNX files on {images} CIFAR-10 "
+        "test images, of the fits on all of them"
+    )
     print(f"{'variant':<28} {'params':>8} {'MB':>6} {'ms b1':>7} {'ms b32':>7} {'top-1':>7}")
     for label, r in results.items():
-        print(f"{label:<28} {r['params'] / 1e6:>7.2f}M {r['mb']:>6.1f} {r['ms_b1']:>7.2f} {r['ms_b32']:>7.1f} {r['top1']:>7.4f}")
-    fp32, int8, small = results["resnet18 onnx fp32"], results["resnet18 onnx int8"], results["resnet18 pruned onnx fp32"]
-    print(f"int8 vs fp32 at batch 1: {fp32['ms_b1'] / int8['ms_b1']:.2f}x faster (target >= 2.5x), "
-          f"drop {100 * (fp32['top1'] - int8['top1']):+.2f} points (target <= 1)")
-    print(f"50% channel pruning: {fp32['ms_b1'] / small['ms_b1']:.2f}x faster at batch 1, "
-          f"{fp32['ms_b32'] / small['ms_b32']:.2f}x at 32 (target >= 1.5x), drop {100 * (scratch[0] - pruned[0]):+.2f} "
-          "points after fine-tuning (target <= 2)")
-    print(f"distillation: student {distilled[0]:.4f} vs from scratch {scratch[0]:.4f}: "
-          f"{100 * (distilled[0] - scratch[0]):+.2f} points (target >= +0.5); teacher {teacher[0]:.4f}")
+        print(
+            f"{label:<28} {r['params'] / 1e6:>7.2f}M {r['mb']:>6.1f} {r['ms_b1']:>7.2f} {r['ms_b32']:>7.1f} {r['top1']:>7.4f}"
+        )
+    fp32, int8, small = (
+        results["resnet18 onnx fp32"],
+        results["resnet18 onnx int8"],
+        results["resnet18 pruned onnx fp32"],
+    )
+    print(
+        f"int8 vs fp32 at batch 1: {fp32['ms_b1'] / int8['ms_b1']:.2f}x faster (target >= 2.5x), "
+        f"drop {100 * (fp32['top1'] - int8['top1']):+.2f} points (target <= 1)"
+    )
+    print(
+        f"50% channel pruning: {fp32['ms_b1'] / small['ms_b1']:.2f}x faster at batch 1, "
+        f"{fp32['ms_b32'] / small['ms_b32']:.2f}x at 32 (target >= 1.5x), drop {100 * (scratch[0] - pruned[0]):+.2f} "
+        "points after fine-tuning (target <= 2)"
+    )
+    print(
+        f"distillation: student {distilled[0]:.4f} vs from scratch {scratch[0]:.4f}: "
+        f"{100 * (distilled[0] - scratch[0]):+.2f} points (target >= +0.5); teacher {teacher[0]:.4f}"
+    )
     return 0
 
 

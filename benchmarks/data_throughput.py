@@ -58,12 +58,23 @@ def torchvision_pipeline(kind: str, size: int):
     from torchvision.transforms import v2
 
     if kind == "cifar":
-        ops = v2.Compose([v2.RandomCrop(size, padding=4), v2.RandomHorizontalFlip(),
-                          v2.RandomErasing(p=0.5, scale=(0.25, 0.25), ratio=(1, 1), value=0)])
+        ops = v2.Compose(
+            [
+                v2.RandomCrop(size, padding=4),
+                v2.RandomHorizontalFlip(),
+                v2.RandomErasing(p=0.5, scale=(0.25, 0.25), ratio=(1, 1), value=0),
+            ]
+        )
     else:
-        ops = v2.Compose([v2.Resize(size), v2.RandomCrop(size), v2.RandomHorizontalFlip(),
-                          v2.RandomApply([v2.RandomAffine(degrees=15, translate=(0.1, 0.1), scale=(0.75, 1.25))], p=0.8),
-                          v2.RandomApply([v2.ColorJitter(0.3, 0.3, 0.3, 0.05)], p=0.8)])
+        ops = v2.Compose(
+            [
+                v2.Resize(size),
+                v2.RandomCrop(size),
+                v2.RandomHorizontalFlip(),
+                v2.RandomApply([v2.RandomAffine(degrees=15, translate=(0.1, 0.1), scale=(0.75, 1.25))], p=0.8),
+                v2.RandomApply([v2.ColorJitter(0.3, 0.3, 0.3, 0.05)], p=0.8),
+            ]
+        )
     return lambda raw: ops(decode_jpeg(torch.frombuffer(bytearray(raw), dtype=torch.uint8)))
 
 
@@ -110,19 +121,24 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     source = str(resolve_path(args.data))
     with tempfile.TemporaryDirectory() as folder:
-        loaders = [(name, *(loader_images_per_second(shards, preset, size, batch, stream, batches)
-                            for stream in (True, False)))
-                   for name, shards, preset, size, batch, batches in (
-                       ("CIFAR-10 32 px, gz shards", source, "cifar", 32, 256, args.batches),
-                       ("ImageNet-style 224 px, tar", write_shards(folder, imagenet_bytes(1200)), "standard", 224,
-                        64, 10))]
+        loaders = [
+            (
+                name,
+                *(loader_images_per_second(shards, preset, size, batch, stream, batches) for stream in (True, False)),
+            )
+            for name, shards, preset, size, batch, batches in (
+                ("CIFAR-10 32 px, gz shards", source, "cifar", 32, 256, args.batches),
+                ("ImageNet-style 224 px, tar", write_shards(folder, imagenet_bytes(1200)), "standard", 224, 64, 10),
+            )
+        ]
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     rows = []
-    for kind, items, size, preset in (("CIFAR-10 32 px", cifar_bytes(args.images, source), 32, "cifar"),
-                                       ("ImageNet-style 224 px", imagenet_bytes(max(50, args.images // 10)), 224,
-                                        "standard")):
+    for kind, items, size, preset in (
+        ("CIFAR-10 32 px", cifar_bytes(args.images, source), 32, "cifar"),
+        ("ImageNet-style 224 px", imagenet_bytes(max(50, args.images // 10)), 224, "standard"),
+    ):
         ours = images_per_second(albumentations_pipeline(preset, size), items)
         theirs = images_per_second(torchvision_pipeline("cifar" if size == 32 else "imagenet", size), items)
         rows.append((kind, ours, theirs))

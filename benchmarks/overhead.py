@@ -29,16 +29,33 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def plain_loop(model_name, image_size, batch_size, warmup, steps, workers, small_input, device, compile=False,
-               data: dict | None = None) -> float:
+def plain_loop(
+    model_name,
+    image_size,
+    batch_size,
+    warmup,
+    steps,
+    workers,
+    small_input,
+    device,
+    compile=False,
+    data: dict | None = None,
+) -> float:
     """img/s of a hand-written loop over the same data and model (bf16 autocast, channels-last and cudnn
     benchmark on a GPU, as cnnlab's GPU defaults)."""
     torch.backends.cudnn.benchmark = device == "cuda"
     options = data or {"source": "synthetic", "synthetic_size": batch_size * (warmup + steps + 1)}
-    data = DataModule(image_size=image_size, batch_size=batch_size, num_workers=workers, val_fraction=0,
-                      test_fraction=0, **{k: v for k, v in options.items() if k != "device_augment"})
-    module = ClassifierModule(model_name, num_classes=10, image_size=image_size, small_input=small_input,
-                              channels_last=device == "cuda").to(device)
+    data = DataModule(
+        image_size=image_size,
+        batch_size=batch_size,
+        num_workers=workers,
+        val_fraction=0,
+        test_fraction=0,
+        **{k: v for k, v in options.items() if k != "device_augment"},
+    )
+    module = ClassifierModule(
+        model_name, num_classes=10, image_size=image_size, small_input=small_input, channels_last=device == "cuda"
+    ).to(device)
     if device == "cuda":
         module.net.to(memory_format=torch.channels_last)
     if compile:
@@ -82,31 +99,75 @@ class _StepTimer(Callback):
             self.seconds = time.perf_counter() - self.start
 
 
-def cnnlab_fit(model_name, image_size, batch_size, warmup, steps, workers, small_input, device, compile=False,
-               data: dict | None = None, extra: list[str] = (), tracking: bool = True) -> float:
+def cnnlab_fit(
+    model_name,
+    image_size,
+    batch_size,
+    warmup,
+    steps,
+    workers,
+    small_input,
+    device,
+    compile=False,
+    data: dict | None = None,
+    extra: list[str] = (),
+    tracking: bool = True,
+) -> float:
     """img/s of the same steps through `cnnlab fit` (MLflow tracking, progress bar and all)."""
     timer = _StepTimer(warmup, steps, device)
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
-        cli = CnnlabCLI(args=[
-            f"--model.model={model_name}", f"--model.small_input={small_input}",
-            "--model.optimizer=torch.optim.SGD", "--model.optimizer.lr=0.01", "--model.optimizer.momentum=0.9",
-            *[f"--data.{k}={v}" for k, v in (data or {"source": "synthetic",
-                                                     "synthetic_size": batch_size * (warmup + steps + 1)}).items()],
-            f"--data.image_size={image_size}", f"--data.batch_size={batch_size}", f"--data.num_workers={workers}",
-            "--data.val_fraction=0", "--data.test_fraction=0", f"--trainer.max_steps={warmup + steps}",
-            f"--trainer.accelerator={'gpu' if device == 'cuda' else 'cpu'}", "--trainer.devices=1",
-            f"--trainer.default_root_dir={tmp}", "--test_after_fit=false", "--seed_everything=0",
-            f"--model.compile={compile}", *([] if tracking else ["--trainer.logger=false"]), *extra,
-        ], run=False)
+        cli = CnnlabCLI(
+            args=[
+                f"--model.model={model_name}",
+                f"--model.small_input={small_input}",
+                "--model.optimizer=torch.optim.SGD",
+                "--model.optimizer.lr=0.01",
+                "--model.optimizer.momentum=0.9",
+                *[
+                    f"--data.{k}={v}"
+                    for k, v in (
+                        data or {"source": "synthetic", "synthetic_size": batch_size * (warmup + steps + 1)}
+                    ).items()
+                ],
+                f"--data.image_size={image_size}",
+                f"--data.batch_size={batch_size}",
+                f"--data.num_workers={workers}",
+                "--data.val_fraction=0",
+                "--data.test_fraction=0",
+                f"--trainer.max_steps={warmup + steps}",
+                f"--trainer.accelerator={'gpu' if device == 'cuda' else 'cpu'}",
+                "--trainer.devices=1",
+                f"--trainer.default_root_dir={tmp}",
+                "--test_after_fit=false",
+                "--seed_everything=0",
+                f"--model.compile={compile}",
+                *([] if tracking else ["--trainer.logger=false"]),
+                *extra,
+            ],
+            run=False,
+        )
         cli.trainer.callbacks.append(timer)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         del os.environ["MLFLOW_TRACKING_URI"]
     return steps * batch_size / timer.seconds
 
 
-def compare(model_name, image_size, batch_size, warmup=10, steps=60, workers=None, small_input=False,
-            device=None, repeats=2, compile=False, tracking=True, data: dict | None = None, extra: list[str] = ()) -> dict:
+def compare(
+    model_name,
+    image_size,
+    batch_size,
+    warmup=10,
+    steps=60,
+    workers=None,
+    small_input=False,
+    device=None,
+    repeats=2,
+    compile=False,
+    tracking=True,
+    data: dict | None = None,
+    extra: list[str] = (),
+) -> dict:
     """Alternate the two, `repeats` times each, and keep each one's median."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     workers = workers if workers is not None else min(16, os.cpu_count())
@@ -115,8 +176,14 @@ def compare(model_name, image_size, batch_size, warmup=10, steps=60, workers=Non
     for _ in range(repeats):
         plain.append(plain_loop(*args, data=data))
         fit.append(cnnlab_fit(*args, data=data, extra=extra, tracking=tracking))
-    result = {"model": model_name, "image_size": image_size, "batch_size": batch_size, "device": device,
-              "plain": statistics.median(plain), "cnnlab": statistics.median(fit)}
+    result = {
+        "model": model_name,
+        "image_size": image_size,
+        "batch_size": batch_size,
+        "device": device,
+        "plain": statistics.median(plain),
+        "cnnlab": statistics.median(fit),
+    }
     result["ratio"] = result["cnnlab"] / result["plain"]
     return result
 
@@ -136,16 +203,34 @@ def main(argv=None):
     parser.add_argument("--device-augment", help="with --source: augmentation on the device (flip, crop_flip, cifar)")
     parser.add_argument("--compile", action="store_true")
     args = parser.parse_args(argv)
-    data = ({"source": args.source, "augment": args.augment, **({"device_augment": args.device_augment}
-                                                                 if args.device_augment else {})}
-            if args.source else None)
-    r = compare(args.model, args.image_size, args.batch_size, args.warmup, args.steps, args.workers,
-                small_input=args.image_size <= 64, repeats=args.repeats, tracking=not args.no_tracking,
-                compile=args.compile, data=data)
-    print(f"{r['model']} @{r['image_size']} batch {r['batch_size']} on {r['device']}"
-          f"{', data ' + args.source + ' (' + args.augment + (', device ' + args.device_augment if args.device_augment else '') + ')' if args.source else ', synthetic data'}"
-          f"{', compiled' if args.compile else ''}: plain loop {r['plain']:.0f} img/s, "
-          f"cnnlab fit {r['cnnlab']:.0f} img/s, ratio {r['ratio']:.3f} (target >= 0.98)")
+    data = (
+        {
+            "source": args.source,
+            "augment": args.augment,
+            **({"device_augment": args.device_augment} if args.device_augment else {}),
+        }
+        if args.source
+        else None
+    )
+    r = compare(
+        args.model,
+        args.image_size,
+        args.batch_size,
+        args.warmup,
+        args.steps,
+        args.workers,
+        small_input=args.image_size <= 64,
+        repeats=args.repeats,
+        tracking=not args.no_tracking,
+        compile=args.compile,
+        data=data,
+    )
+    print(
+        f"{r['model']} @{r['image_size']} batch {r['batch_size']} on {r['device']}"
+        f"{', data ' + args.source + ' (' + args.augment + (', device ' + args.device_augment if args.device_augment else '') + ')' if args.source else ', synthetic data'}"
+        f"{', compiled' if args.compile else ''}: plain loop {r['plain']:.0f} img/s, "
+        f"cnnlab fit {r['cnnlab']:.0f} img/s, ratio {r['ratio']:.3f} (target >= 0.98)"
+    )
     return 0
 
 

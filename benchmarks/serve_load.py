@@ -34,8 +34,9 @@ def start(command: list[str], ready_url: str) -> subprocess.Popen:
     from cnnlab.store import default_tracking_uri
 
     env = {**os.environ, "MLFLOW_TRACKING_URI": default_tracking_uri()}  # mlflow resolves models:/ in the same store
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                               env=env)
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env
+    )
     deadline = time.time() + 300
     while time.time() < deadline:
         if process.poll() is not None:
@@ -73,9 +74,12 @@ def load(send, n: int, concurrency: int) -> dict:
         statuses = list(pool.map(one, range(n)))
     elapsed = time.perf_counter() - began
     latencies.sort()
-    return {"rps": n / elapsed, "p50": 1000 * statistics.median(latencies),
-            "p99": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
-            "errors": sum(s != 200 for s in statuses)}
+    return {
+        "rps": n / elapsed,
+        "p50": 1000 * statistics.median(latencies),
+        "p99": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+        "errors": sum(s != 200 for s in statuses),
+    }
 
 
 def main(argv=None) -> int:
@@ -97,23 +101,48 @@ def main(argv=None) -> int:
     results = {}
 
     port = free_port()
-    server = start([sys.executable, "-m", "cnnlab", "serve", args.model, "--port", str(port)],
-                   f"http://127.0.0.1:{port}/health")
+    server = start(
+        [sys.executable, "-m", "cnnlab", "serve", args.model, "--port", str(port)], f"http://127.0.0.1:{port}/health"
+    )
     try:
-        results["cnnlab serve"] = load(lambda: session.post(f"http://127.0.0.1:{port}/predict", data=image, timeout=60,
-                                                            headers={"Content-Type": "image/png"}).status_code,
-                                       args.requests, args.concurrency)
+        results["cnnlab serve"] = load(
+            lambda: (
+                session.post(
+                    f"http://127.0.0.1:{port}/predict", data=image, timeout=60, headers={"Content-Type": "image/png"}
+                ).status_code
+            ),
+            args.requests,
+            args.concurrency,
+        )
     finally:
         stop(server)
 
     port = free_port()
     payload = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(image).decode()]]}}
-    server = start([sys.executable, "-m", "mlflow", "models", "serve", "-m", args.model, "--env-manager", "local",
-                    "--host", "127.0.0.1", "-p", str(port)], f"http://127.0.0.1:{port}/ping")
+    server = start(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            args.model,
+            "--env-manager",
+            "local",
+            "--host",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        f"http://127.0.0.1:{port}/ping",
+    )
     try:
-        results["mlflow models serve"] = load(lambda: session.post(f"http://127.0.0.1:{port}/invocations", json=payload,
-                                                                   timeout=60).status_code,
-                                              args.requests, args.concurrency)
+        results["mlflow models serve"] = load(
+            lambda: session.post(f"http://127.0.0.1:{port}/invocations", json=payload, timeout=60).status_code,
+            args.requests,
+            args.concurrency,
+        )
     finally:
         stop(server)
 
@@ -122,8 +151,10 @@ def main(argv=None) -> int:
     for name, r in results.items():
         print(f"{name:<22} {r['rps']:>8.1f} {r['p50']:>8.1f} {r['p99']:>8.1f} {r['errors']:>7}")
     ours, theirs = results["cnnlab serve"], results["mlflow models serve"]
-    print(f"throughput ratio {ours['rps'] / theirs['rps']:.2f}x (target >= 3x), p99 ratio "
-          f"{ours['p99'] / theirs['p99']:.2f} (target < 1)")
+    print(
+        f"throughput ratio {ours['rps'] / theirs['rps']:.2f}x (target >= 3x), p99 ratio "
+        f"{ours['p99'] / theirs['p99']:.2f} (target < 1)"
+    )
     return 0
 
 

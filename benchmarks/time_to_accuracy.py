@@ -21,8 +21,18 @@ def main(argv=None) -> int:
     parser.add_argument("--seconds", type=float, default=60, help="wall-time budget")
     parser.add_argument("overrides", nargs="*", help="dotted recipe keys, e.g. --trainer.max_epochs=30")
     args, extra = parser.parse_known_args(argv)
-    command = [sys.executable, "-m", "cnnlab", "fit", "--config", args.config, "--trainer.enable_progress_bar=false",
-               "--log_model=false", *args.overrides, *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "cnnlab",
+        "fit",
+        "--config",
+        args.config,
+        "--trainer.enable_progress_bar=false",
+        "--log_model=false",
+        *args.overrides,
+        *extra,
+    ]
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True)
     seconds = time.perf_counter() - start
@@ -31,9 +41,11 @@ def main(argv=None) -> int:
         print(result.stdout[-2000:], result.stderr[-3000:])
         return 1
     accuracy = float(found.group(1))
-    print(f"{args.config}: test top-1 {accuracy:.4f} in {seconds:.1f} s wall, command start to test result "
-          f"(target {args.target:.2f} in {args.seconds:.0f} s: "
-          f"{'met' if accuracy >= args.target and seconds <= args.seconds else 'NOT met'})")
+    print(
+        f"{args.config}: test top-1 {accuracy:.4f} in {seconds:.1f} s wall, command start to test result "
+        f"(target {args.target:.2f} in {args.seconds:.0f} s: "
+        f"{'met' if accuracy >= args.target and seconds <= args.seconds else 'NOT met'})"
+    )
     return 0
 
 

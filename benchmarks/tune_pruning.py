@@ -38,11 +38,24 @@ def run(config, space, points, workers, pruner, folder) -> dict:
     queued = optuna.create_study(study_name=f"bench-{pruner}", storage=open_storage(storage), direction="maximize")
     for point in points:
         queued.enqueue_trial(point)
-    tune(config, space, n_trials=len(points), study=f"bench-{pruner}", storage=storage, workers=workers,
-         pruner=pruner, seed=0, out_dir=folder)
+    tune(
+        config,
+        space,
+        n_trials=len(points),
+        study=f"bench-{pruner}",
+        storage=storage,
+        workers=workers,
+        pruner=pruner,
+        seed=0,
+        out_dir=folder,
+    )
     study = optuna.load_study(study_name=f"bench-{pruner}", storage=open_storage(storage))
-    return {"epochs": sum(t.user_attrs.get("epochs", 0) for t in study.trials), "best": study.best_value,
-            "pruned": sum(t.state.name == "PRUNED" for t in study.trials), "trials": len(study.trials)}
+    return {
+        "epochs": sum(t.user_attrs.get("epochs", 0) for t in study.trials),
+        "best": study.best_value,
+        "pruned": sum(t.state.name == "PRUNED" for t in study.trials),
+        "trials": len(study.trials),
+    }
 
 
 def main(argv=None) -> int:
@@ -57,12 +70,16 @@ def main(argv=None) -> int:
         points = configurations(args.space, args.n_trials)
         results = {p: run(args.config, args.space, points, args.workers, p, tmp) for p in ("none", "median")}
     none, median = results["none"], results["median"]
-    print(f"\nthe same {args.n_trials} random configurations of {args.config} over {args.space}, {args.workers} workers")
+    print(
+        f"\nthe same {args.n_trials} random configurations of {args.config} over {args.space}, {args.workers} workers"
+    )
     print(f"{'pruner':<8} {'epochs':>7} {'pruned':>7} {'best':>8}")
     for name, r in results.items():
         print(f"{name:<8} {r['epochs']:>7} {r['pruned']:>7} {r['best']:>8.4f}")
-    print(f"epochs saved: {none['epochs'] / max(1, median['epochs']):.2f}x fewer with pruning (target >= 2x); "
-          f"best value difference {100 * (median['best'] - none['best']):+.2f} points (target within 0.5)")
+    print(
+        f"epochs saved: {none['epochs'] / max(1, median['epochs']):.2f}x fewer with pruning (target >= 2x); "
+        f"best value difference {100 * (median['best'] - none['best']):+.2f} points (target within 0.5)"
+    )
     return 0
 
 

@@ -7,9 +7,17 @@ callback loads on first use, so a recipe that does not tune never imports Optuna
 
 import importlib
 
-_WHERE = {"EMA": "ema", "Distillation": "distillation", "GradientFlow": "gradient_flow", "MultiStep": "schedules",
-          "OneCycle": "schedules", "OptunaPruning": "tuning", "Pruning": "pruning", "ReduceOnPlateau": "schedules",
-          "WarmupCosine": "schedules"}
+_WHERE = {
+    "EMA": "ema",
+    "Distillation": "distillation",
+    "GradientFlow": "gradient_flow",
+    "MultiStep": "schedules",
+    "OneCycle": "schedules",
+    "OptunaPruning": "tuning",
+    "Pruning": "pruning",
+    "ReduceOnPlateau": "schedules",
+    "WarmupCosine": "schedules",
+}
 __all__ = sorted(_WHERE)
 
 

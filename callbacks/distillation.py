@@ -9,13 +9,18 @@ import torch.nn.functional as F
 from lightning.pytorch import Callback
 
 
-def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, hard_loss: torch.Tensor, temperature: float,
-                      alpha: float) -> torch.Tensor:
+def distillation_loss(
+    student: torch.Tensor, teacher: torch.Tensor, hard_loss: torch.Tensor, temperature: float, alpha: float
+) -> torch.Tensor:
     """alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * hard_loss (Hinton et al. 2015), where X_T is
     softmax(logits / T); T^2 keeps the soft term's gradients on the hard term's scale."""
-    soft = F.kl_div(F.log_softmax(student.float() / temperature, -1), F.log_softmax(teacher.float() / temperature, -1),
-                    log_target=True, reduction="batchmean")
-    return alpha * temperature ** 2 * soft + (1 - alpha) * hard_loss
+    soft = F.kl_div(
+        F.log_softmax(student.float() / temperature, -1),
+        F.log_softmax(teacher.float() / temperature, -1),
+        log_target=True,
+        reduction="batchmean",
+    )
+    return alpha * temperature**2 * soft + (1 - alpha) * hard_loss
 
 
 class Distillation(Callback):
@@ -48,14 +53,20 @@ class Distillation(Callback):
 
         teacher = store.load(self.teacher_uri)
         if teacher.module is None:
-            raise UserError(f"Distillation teacher '{self.teacher_uri}' is a {teacher.meta.get('format')} model: "
-                            "teach from a torch model (a fit's model, run or checkpoint).")
+            raise UserError(
+                f"Distillation teacher '{self.teacher_uri}' is a {teacher.meta.get('format')} model: "
+                "teach from a torch model (a fit's model, run or checkpoint)."
+            )
         if teacher.image_size != pl_module.hparams.image_size:
-            raise UserError(f"Distillation teacher '{self.teacher_uri}' takes {teacher.image_size} px images; the "
-                            f"student needs the same input: set data.image_size={teacher.image_size}.")
+            raise UserError(
+                f"Distillation teacher '{self.teacher_uri}' takes {teacher.image_size} px images; the "
+                f"student needs the same input: set data.image_size={teacher.image_size}."
+            )
         if len(teacher.classes) != len(pl_module.classes):
-            raise UserError(f"Distillation teacher '{self.teacher_uri}' knows {len(teacher.classes)} classes, the "
-                            f"student's data has {len(pl_module.classes)}.")
+            raise UserError(
+                f"Distillation teacher '{self.teacher_uri}' knows {len(teacher.classes)} classes, the "
+                f"student's data has {len(pl_module.classes)}."
+            )
         # The teacher takes 0..255 pixels and normalizes them its own way, as it was trained.
         self.teacher = teacher.module.eval().requires_grad_(False)
         pl_module.loss_hook = partial(self.loss, pl_module)

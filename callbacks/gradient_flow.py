@@ -5,7 +5,6 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-import torch
 from lightning.pytorch import Callback
 from torch import nn
 
@@ -46,8 +45,13 @@ class GradientFlow(Callback):
         if logger is None or not trainer.is_global_zero or not self.norms:
             return
         with tempfile.TemporaryDirectory() as tmp:
-            path = heatmap(self.norms, self.steps, [n for n, _ in self.layers], Path(tmp) / "gradient_flow.png",
-                           title=f"{pl_module.hparams.model} (act={pl_module.hparams.act or 'default'})")
+            path = heatmap(
+                self.norms,
+                self.steps,
+                [n for n, _ in self.layers],
+                Path(tmp) / "gradient_flow.png",
+                title=f"{pl_module.hparams.model} (act={pl_module.hparams.act or 'default'})",
+            )
             logger.experiment.log_artifact(logger.run_id, str(path), "plots")
 
 

@@ -25,18 +25,29 @@ class Pruning(ModelPruning):
     Only Conv2d/Linear weights are pruned: never norms or biases.
     """
 
-    def __init__(self, mode: Literal["unstructured", "structured"] = "unstructured", amount: float = 0.5,
-                 start_epoch: int = 0, end_epoch: int | None = None, scope: Literal["global", "layer"] = "global",
-                 prune_classifier: bool = True) -> None:
+    def __init__(
+        self,
+        mode: Literal["unstructured", "structured"] = "unstructured",
+        amount: float = 0.5,
+        start_epoch: int = 0,
+        end_epoch: int | None = None,
+        scope: Literal["global", "layer"] = "global",
+        prune_classifier: bool = True,
+    ) -> None:
         if not 0 < amount < 1:
             raise ValueError(f"amount must be in (0, 1), got {amount}")
         if start_epoch < 0 or (end_epoch is not None and end_epoch < start_epoch):
             raise ValueError(f"need 0 <= start_epoch <= end_epoch, got {start_epoch} and {end_epoch}")
         self.mode, self.final, self.start_epoch, self.end_epoch = mode, amount, start_epoch, end_epoch
         self.prune_classifier = prune_classifier and mode == "unstructured"
-        super().__init__("l1_unstructured", use_global_unstructured=scope == "global", amount=self._step_amount,
-                         apply_pruning=mode == "unstructured", make_pruning_permanent=True,
-                         use_lottery_ticket_hypothesis=False)
+        super().__init__(
+            "l1_unstructured",
+            use_global_unstructured=scope == "global",
+            amount=self._step_amount,
+            apply_pruning=mode == "unstructured",
+            make_pruning_permanent=True,
+            use_lottery_ticket_hypothesis=False,
+        )
         self.scope = scope
 
     def target(self, epoch: int) -> float:
@@ -56,15 +67,24 @@ class Pruning(ModelPruning):
         from cnnlab.models import classifier_of
 
         end = self.end_epoch if self.end_epoch is not None else self.start_epoch
-        if self.mode == "unstructured" and stage == "fit" and trainer.max_epochs not in (None, -1) \
-                and end >= trainer.max_epochs - 1:
-            raise ValueError(f"Pruning: end_epoch={end} leaves no epoch to fine-tune the fully pruned model in "
-                             f"trainer.max_epochs={trainer.max_epochs}; end it by epoch {trainer.max_epochs - 2}.")
+        if (
+            self.mode == "unstructured"
+            and stage == "fit"
+            and trainer.max_epochs not in (None, -1)
+            and end >= trainer.max_epochs - 1
+        ):
+            raise ValueError(
+                f"Pruning: end_epoch={end} leaves no epoch to fine-tune the fully pruned model in "
+                f"trainer.max_epochs={trainer.max_epochs}; end it by epoch {trainer.max_epochs - 2}."
+            )
         head = classifier_of(pl_module.net)
         if self.mode == "structured" and stage == "fit":
             self._prune_channels(pl_module, head)
-        self._parameters_to_prune = [(m, "weight") for m in pl_module.net.modules()
-                                     if isinstance(m, (nn.Conv2d, nn.Linear)) and (self.prune_classifier or m is not head)]
+        self._parameters_to_prune = [
+            (m, "weight")
+            for m in pl_module.net.modules()
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and (self.prune_classifier or m is not head)
+        ]
         super().setup(trainer, pl_module, stage)
 
     def _prune_channels(self, pl_module, head: nn.Module) -> None:
@@ -72,9 +92,14 @@ class Pruning(ModelPruning):
 
         size = pl_module.hparams.image_size
         before = sum(p.numel() for p in pl_module.net.parameters())
-        pruner = tp.pruner.MagnitudePruner(pl_module.net, torch.zeros(1, 3, size, size), importance=tp.importance.
-                                           MagnitudeImportance(p=2), pruning_ratio=self.final,
-                                           global_pruning=self.scope == "global", ignored_layers=[head])
+        pruner = tp.pruner.MagnitudePruner(
+            pl_module.net,
+            torch.zeros(1, 3, size, size),
+            importance=tp.importance.MagnitudeImportance(p=2),
+            pruning_ratio=self.final,
+            global_pruning=self.scope == "global",
+            ignored_layers=[head],
+        )
         pruner.step()
         self.structured_from = before
 
@@ -112,9 +137,16 @@ def pruning_stats(net: nn.Module, image_size: int, prunable: list[nn.Module]) ->
     root = type(net).__name__  # FlopCounterMode names modules ROOTCLASS.path.to.module
     names = {m: f"{root}.{name}" if name else root for name, m in net.named_modules()}
     dense = counter.get_total_flops()
-    effective = dense - sum(sum(by_module.get(names[m], {}).values()) * (1 - d) for m, d in density.items()
-                            if names[m] in by_module)
+    effective = dense - sum(
+        sum(by_module.get(names[m], {}).values()) * (1 - d) for m, d in density.items() if names[m] in by_module
+    )
     # While pruning runs, a pruned module's parameter is `weight_orig`; its effective tensor is `weight`.
-    tensors = [getattr(m, name.removesuffix("_orig")) for m in net.modules() for name, _ in m.named_parameters(recurse=False)]
-    return {"sparsity": zeros / max(1, total), "params": sum(int((t != 0).sum()) for t in tensors),
-            "gflops": dense / 2e9, "gflops_effective": effective / 2e9}
+    tensors = [
+        getattr(m, name.removesuffix("_orig")) for m in net.modules() for name, _ in m.named_parameters(recurse=False)
+    ]
+    return {
+        "sparsity": zeros / max(1, total),
+        "params": sum(int((t != 0).sum()) for t in tensors),
+        "gflops": dense / 2e9,
+        "gflops_effective": effective / 2e9,
+    }

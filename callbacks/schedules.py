@@ -84,14 +84,22 @@ class MultiStep(_Schedule):
 
     def make(self, optimizer, total_steps, steps_per_epoch):
         boundaries = [m * steps_per_epoch for m in self.milestones]
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.gamma ** bisect.bisect_right(boundaries, step))
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: self.gamma ** bisect.bisect_right(boundaries, step)
+        )
 
 
 class OneCycle(_Schedule):
     """torch's one-cycle policy over the whole fit; `max_lr` defaults to the optimizer's LR."""
 
-    def __init__(self, max_lr: float | None = None, pct_start: float = 0.25, div_factor: float = 25.0,
-                 final_div_factor: float = 1e4, three_phase: bool = False) -> None:
+    def __init__(
+        self,
+        max_lr: float | None = None,
+        pct_start: float = 0.25,
+        div_factor: float = 25.0,
+        final_div_factor: float = 1e4,
+        three_phase: bool = False,
+    ) -> None:
         if not 0 < pct_start < 1:
             raise ValueError(f"pct_start must be in (0, 1), got {pct_start}")
         if max_lr is not None and max_lr <= 0:
@@ -104,24 +112,33 @@ class OneCycle(_Schedule):
         if total_steps < 4:  # too short to rise and fall (torch divides by each phase's length): a constant LR
             from lightning.pytorch.utilities import rank_zero_warn
 
-            rank_zero_warn(f"cnnlab.callbacks.OneCycle: {total_steps} optimizer steps are too few for a cycle; "
-                           "the LR stays constant.")
+            rank_zero_warn(
+                f"cnnlab.callbacks.OneCycle: {total_steps} optimizer steps are too few for a cycle; "
+                "the LR stays constant."
+            )
             return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
         # A resumed optimizer holds the peak as `max_lr` (its `lr` and `initial_lr` are already the cycle's start).
         max_lr = self.max_lr or [g.get("max_lr", g["lr"]) for g in optimizer.param_groups]
         # Each phase needs two steps or more (torch divides by its length minus one).
         pct_start = min(max(self.pct_start, 2 / total_steps), 1 - 2 / total_steps)
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total_steps,
-                                                   pct_start=pct_start, div_factor=self.div_factor,
-                                                   final_div_factor=self.final_div_factor,
-                                                   three_phase=self.three_phase, cycle_momentum=False)
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer,
+            max_lr=max_lr,
+            total_steps=total_steps,
+            pct_start=pct_start,
+            div_factor=self.div_factor,
+            final_div_factor=self.final_div_factor,
+            three_phase=self.three_phase,
+            cycle_momentum=False,
+        )
 
 
 class ReduceOnPlateau(_Schedule):
     """Cut the LR by `factor` when `monitor` stops improving for `patience` validations."""
 
-    def __init__(self, monitor: str = "val/loss", mode: str = "min", factor: float = 0.1, patience: int = 5,
-                 min_lr: float = 0.0) -> None:
+    def __init__(
+        self, monitor: str = "val/loss", mode: str = "min", factor: float = 0.1, patience: int = 5, min_lr: float = 0.0
+    ) -> None:
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
         if not 0 < factor < 1:
@@ -130,8 +147,9 @@ class ReduceOnPlateau(_Schedule):
         self.monitor, self.mode, self.factor, self.patience, self.min_lr = monitor, mode, factor, patience, min_lr
 
     def make(self, optimizer, total_steps, steps_per_epoch):
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=self.mode, factor=self.factor,
-                                                          patience=self.patience, min_lr=self.min_lr)
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode=self.mode, factor=self.factor, patience=self.patience, min_lr=self.min_lr
+        )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         pass  # stepped by validation, not by optimizer steps
@@ -141,6 +159,8 @@ class ReduceOnPlateau(_Schedule):
             return
         value = trainer.callback_metrics.get(self.monitor)
         if value is None:
-            raise KeyError(f"ReduceOnPlateau: metric {self.monitor!r} was not logged. "
-                           f"Logged: {', '.join(sorted(trainer.callback_metrics))}.")
+            raise KeyError(
+                f"ReduceOnPlateau: metric {self.monitor!r} was not logged. "
+                f"Logged: {', '.join(sorted(trainer.callback_metrics))}."
+            )
         self.scheduler.step(float(value))

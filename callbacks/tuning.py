@@ -18,12 +18,20 @@ class OptunaPruning(PyTorchLightningPruningCallback):
     training loss ends the trial as failed.
     """
 
-    def __init__(self, storage: str, study_name: str, trial_id: int, monitor: str = "val/acc",
-                 pruner: str = "median", max_epochs: int = 10) -> None:
+    def __init__(
+        self,
+        storage: str,
+        study_name: str,
+        trial_id: int,
+        monitor: str = "val/acc",
+        pruner: str = "median",
+        max_epochs: int = 10,
+    ) -> None:
         from cnnlab.tune import make_pruner, open_storage
 
-        study = optuna.load_study(study_name=study_name, storage=open_storage(storage),
-                                  pruner=make_pruner(pruner, max_epochs))
+        study = optuna.load_study(
+            study_name=study_name, storage=open_storage(storage), pruner=make_pruner(pruner, max_epochs)
+        )
         super().__init__(optuna.trial.Trial(study, trial_id), monitor)
 
     def on_fit_start(self, trainer, pl_module) -> None:
@@ -35,5 +43,7 @@ class OptunaPruning(PyTorchLightningPruningCallback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if loss is not None and not math.isfinite(float(loss)):
-            raise FloatingPointError(f"train/loss is {float(loss)} at step {trainer.global_step}: the trial diverged "
-                                     "(lower the learning rate range of the space?)")
+            raise FloatingPointError(
+                f"train/loss is {float(loss)} at step {trainer.global_step}: the trial diverged "
+                "(lower the learning rate range of the space?)"
+            )

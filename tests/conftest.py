@@ -16,8 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CIFAR10 = ROOT.parent / "shared" / "data" / "cifar10"
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
 
-os.environ.update(HF_HUB_OFFLINE="1", NO_ALBUMENTATIONS_UPDATE="1", MLFLOW_DISABLE_TELEMETRY="true",
-                  PYTHONUNBUFFERED="1")
+os.environ.update(
+    HF_HUB_OFFLINE="1", NO_ALBUMENTATIONS_UPDATE="1", MLFLOW_DISABLE_TELEMETRY="true", PYTHONUNBUFFERED="1"
+)
 STORE_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 for _variable in STORE_VARIABLES:
     os.environ.pop(_variable, None)
@@ -45,8 +46,14 @@ def workdir(tmp_path, monkeypatch):
 def cnnlab(*args: str, cwd: Path, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """The real command, in a subprocess, on the store of `cwd` unless `env` names another."""
     base = {k: v for k, v in os.environ.items() if k not in STORE_VARIABLES}  # mlflow exports them in-process
-    return subprocess.run([sys.executable, "-m", "cnnlab", *map(str, args)], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env={**base, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "cnnlab", *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**base, **(env or {})},
+    )
 
 
 def cnnlab_here(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -13,7 +13,10 @@ FIT = ["fit", "--config", QUICKSTART, "--trainer.max_epochs=1", "--data.num_work
 TUNE = ["tune", "--config", QUICKSTART, "--space", SPACE, "--n-trials", "1", "--storage"]
 
 CASES = {  # name: (command, what the message must say); {ckpt} is a 10-class checkpoint, {here} the data folder
-    "CSV row without a label, fit": (FIT + ["--data.source={here}/nolabel.csv"], "line 3: every row needs a path and a label"),
+    "CSV row without a label, fit": (
+        FIT + ["--data.source={here}/nolabel.csv"],
+        "line 3: every row needs a path and a label",
+    ),
     "CSV row without a label, data check": (["data", "check", "{here}/nolabel.csv"], "line 3: every row needs"),
     "CSV label that is empty": (FIT + ["--data.source={here}/emptylabel.csv"], "every row needs a path and a label"),
     "ImageFolder with one class": (FIT + ["--data.source={here}/one"], "has 1 class (cat): a classifier needs two"),
@@ -22,9 +25,10 @@ CASES = {  # name: (command, what the message must say); {ckpt} is a 10-class ch
     "--ckpt_path of an empty file": (FIT + ["--ckpt_path={here}/empty.ckpt"], "is not a readable PyTorch checkpoint"),
     "--ckpt_path missing": (FIT + ["--ckpt_path={here}/missing.ckpt"], "does not exist"),
     "--ckpt_path truncated": (FIT + ["--ckpt_path={here}/truncated.ckpt"], "is not a readable PyTorch checkpoint"),
-    "10-class checkpoint tested on 2-class data": (["test", "--config", QUICKSTART, "--data.source={here}/two",
-                                                    "--data.num_workers=0", "--ckpt_path={ckpt}"],
-                                                   "knows 10 classes"),
+    "10-class checkpoint tested on 2-class data": (
+        ["test", "--config", QUICKSTART, "--data.source={here}/two", "--data.num_workers=0", "--ckpt_path={ckpt}"],
+        "knows 10 classes",
+    ),
     "serve a version that does not exist": (["serve", "models:/digits/99"], "'models:/digits/99' is not a model"),
     "serve a garbage .ckpt": (["serve", "{here}/random.ckpt"], "is not a readable PyTorch checkpoint"),
     "export a garbage .ckpt": (["export", "{here}/random.ckpt", "--out", "{here}/x"], "not a readable PyTorch"),
@@ -32,8 +36,10 @@ CASES = {  # name: (command, what the message must say); {ckpt} is a 10-class ch
     "--storage unreachable PostgreSQL": (TUNE + ["postgresql://u@127.0.0.1:1/x"], "cannot be opened"),
     "--storage unwritable sqlite": (TUNE + ["sqlite:////proc/no/optuna.db"], "cannot make its folder"),
     "--storage mysql without a driver": (TUNE + ["mysql://u@127.0.0.1/x"], "cannot be opened"),
-    "prefix of a key (max_epoc)": (["fit", "--config", QUICKSTART, "--trainer.max_epoc=3"],
-                                   "'trainer.max_epoc' is not known. Did you mean 'trainer.max_epochs'"),
+    "prefix of a key (max_epoc)": (
+        ["fit", "--config", QUICKSTART, "--trainer.max_epoc=3"],
+        "'trainer.max_epoc' is not known. Did you mean 'trainer.max_epochs'",
+    ),
     "missing --config file": (["fit", "--config", "{here}/nope.yaml"], "nope.yaml: no such file"),
     "serve a missing .ckpt": (["serve", "/missing.ckpt"], "'/missing.ckpt': no such file"),
     "promote --metric bogus": (["promote", "digits", "--metric", "bogus"], "--metric bogus is not computed"),

@@ -11,11 +11,23 @@ import yaml
 from cnnlab.cli import main
 from conftest import QUICKSTART, ROOT
 
-RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if p.parent.name not in ("augment", "spaces", "tuned")
-                 and "recipes" not in (yaml.safe_load(p.read_text()) or {}))  # study files list recipes
-TINY = ["--data.source=synthetic", "--data.synthetic_size=20", "--data.val_fraction=0.5", "--data.test_fraction=0",
-        "--data.batch_size=2", "--data.num_workers=0", "--trainer.fast_dev_run=1", "--trainer.accelerator=cpu",
-        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+RECIPES = sorted(
+    p
+    for p in (ROOT / "recipes").rglob("*.yaml")
+    if p.parent.name not in ("augment", "spaces", "tuned") and "recipes" not in (yaml.safe_load(p.read_text()) or {})
+)  # study files list recipes
+TINY = [
+    "--data.source=synthetic",
+    "--data.synthetic_size=20",
+    "--data.val_fraction=0.5",
+    "--data.test_fraction=0",
+    "--data.batch_size=2",
+    "--data.num_workers=0",
+    "--trainer.fast_dev_run=1",
+    "--trainer.accelerator=cpu",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+]
 
 
 @pytest.fixture(scope="module")
@@ -27,10 +39,27 @@ def teacher(tmp_path_factory):
     old = os.getcwd()
     os.chdir(folder)
     try:
-        assert main(["fit", "--model.model=resnet18", "--model.small_input=true", "--data.source=synthetic",
-                     "--data.synthetic_size=40", "--data.image_size=32", "--data.batch_size=4", "--data.num_workers=0",
-                     "--trainer.max_steps=1", "--trainer.limit_val_batches=1", "--trainer.accelerator=cpu",
-                     "--test_after_fit=false", "--log_model=false", "--trainer.enable_progress_bar=false"]) == 0
+        assert (
+            main(
+                [
+                    "fit",
+                    "--model.model=resnet18",
+                    "--model.small_input=true",
+                    "--data.source=synthetic",
+                    "--data.synthetic_size=40",
+                    "--data.image_size=32",
+                    "--data.batch_size=4",
+                    "--data.num_workers=0",
+                    "--trainer.max_steps=1",
+                    "--trainer.limit_val_batches=1",
+                    "--trainer.accelerator=cpu",
+                    "--test_after_fit=false",
+                    "--log_model=false",
+                    "--trainer.enable_progress_bar=false",
+                ]
+            )
+            == 0
+        )
     finally:
         os.chdir(old)
     return next(folder.glob("mlruns/*/*/checkpoints/best.ckpt"))
@@ -57,8 +86,10 @@ def test_every_recipe_header_says_how_to_run_it_and_what_to_expect():
 
 
 def test_help_does_not_import_the_heavy_libraries():
-    code = ("import sys; from cnnlab.cli import main\ntry: main(['--help'])\nexcept SystemExit: pass\n"
-            "print(sorted(m for m in ('torch', 'lightning', 'mlflow', 'timm', 'albumentations') if m in sys.modules))")
+    code = (
+        "import sys; from cnnlab.cli import main\ntry: main(['--help'])\nexcept SystemExit: pass\n"
+        "print(sorted(m for m in ('torch', 'lightning', 'mlflow', 'timm', 'albumentations') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "usage: cnnlab" in out and out.strip().endswith("[]")
 
@@ -70,18 +101,26 @@ def test_print_config_shows_the_resolved_recipe(capsys):
     assert "model: resnet18" in out and "class_path: cnnlab.callbacks.OneCycle" in out
 
 
-@pytest.mark.parametrize("change, expected", [
-    ("max_epochs: 8", "recipe key 'trainer.max_epoc' is not known. Did you mean 'trainer.max_epochs'"),
-    ("pct_start: 0.25", "OneCycle has no argument 'pct_strat'. Did you mean 'pct_start'? It accepts: max_lr"),
-    ("nesterov: true", "torch.optim.SGD has no argument 'nestrov'. Did you mean 'nesterov'?"),
-    ("torch.optim.SGD", "torch.optim.SDG does not exist. Did you mean 'SGD'?"),
-    ("augment: none", "recipe key 'data.augment'"),
-    ("batch_size: 64", "recipe key 'data.batch_size': Expected a <class 'int'>"),
-])
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        ("max_epochs: 8", "recipe key 'trainer.max_epoc' is not known. Did you mean 'trainer.max_epochs'"),
+        ("pct_start: 0.25", "OneCycle has no argument 'pct_strat'. Did you mean 'pct_start'? It accepts: max_lr"),
+        ("nesterov: true", "torch.optim.SGD has no argument 'nestrov'. Did you mean 'nesterov'?"),
+        ("torch.optim.SGD", "torch.optim.SDG does not exist. Did you mean 'SGD'?"),
+        ("augment: none", "recipe key 'data.augment'"),
+        ("batch_size: 64", "recipe key 'data.batch_size': Expected a <class 'int'>"),
+    ],
+)
 def test_recipe_typos_name_the_key_and_the_choices(change, expected, tmp_path, capsys):
-    typo = {"max_epochs: 8": "max_epoc: 8", "pct_start: 0.25": "pct_strat: 0.25", "nesterov: true": "nestrov: true",
-            "torch.optim.SGD": "torch.optim.SDG", "augment: none": "augment: [none]",
-            "batch_size: 64": "batch_size: lots"}[change]
+    typo = {
+        "max_epochs: 8": "max_epoc: 8",
+        "pct_start: 0.25": "pct_strat: 0.25",
+        "nesterov: true": "nestrov: true",
+        "torch.optim.SGD": "torch.optim.SDG",
+        "augment: none": "augment: [none]",
+        "batch_size: 64": "batch_size: lots",
+    }[change]
     recipe = tmp_path / "typo.yaml"
     recipe.write_text(QUICKSTART.read_text().replace(change, typo))
     assert main(["fit", "--config", str(recipe)]) == 2

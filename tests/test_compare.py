@@ -17,9 +17,12 @@ def tiny(workdir, name, model, small_input=True):
 
 
 def test_compare_trains_nested_runs_and_logs_the_table_plots_and_gradient_flow(workdir):
-    study = {"name": "tiny", "max_epochs": 2,
-             "recipes": [str(tiny(workdir, "plain", "alexnet")), str(tiny(workdir, "residual", "resnet18"))],
-             "callbacks": [{"class_path": "cnnlab.callbacks.GradientFlow", "init_args": {"every_n_steps": 2}}]}
+    study = {
+        "name": "tiny",
+        "max_epochs": 2,
+        "recipes": [str(tiny(workdir, "plain", "alexnet")), str(tiny(workdir, "residual", "resnet18"))],
+        "callbacks": [{"class_path": "cnnlab.callbacks.GradientFlow", "init_args": {"every_n_steps": 2}}],
+    }
     (workdir / "study.yaml").write_text(yaml.safe_dump(study))
     doc = workdir / "architectures.md"
     doc.write_text(f"# Families\n\nhand-written text\n\n{MARKERS[0]}\nold\n{MARKERS[1]}\n\nmore text\n")
@@ -33,7 +36,10 @@ def test_compare_trains_nested_runs_and_logs_the_table_plots_and_gradient_flow(w
     children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert sorted(c.info.run_name for c in children) == ["plain", "residual"]
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "plots")} == {
-        "plots/top1_vs_params.png", "plots/top1_vs_img_per_sec.png", "plots/val_curves.png"}
+        "plots/top1_vs_params.png",
+        "plots/top1_vs_img_per_sec.png",
+        "plots/val_curves.png",
+    }
     for child in children:
         assert len(client.get_metric_history(child.info.run_id, "val/acc")) == 2  # the study's budget
         assert child.data.metrics["perf/train_images_per_sec"] > 0

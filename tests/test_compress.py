@@ -6,12 +6,11 @@ import math
 import numpy as np
 import pytest
 import torch
-import yaml
 
+from cnnlab import store
 from cnnlab.callbacks.distillation import distillation_loss
 from cnnlab.callbacks.pruning import Pruning
 from cnnlab.cli import main
-from cnnlab import store
 from cnnlab.module import ClassifierModule
 from conftest import QUICKSTART, cnnlab, cnnlab_here, mlflow_client, only_run
 
@@ -27,7 +26,7 @@ def test_distillation_loss_is_the_formula_on_fixed_logits():
     p_s = np.exp(student.numpy() / temperature)
     p_s /= p_s.sum(1, keepdims=True)
     kl = float((p_t * (np.log(p_t) - np.log(p_s))).sum(1).mean())
-    expected = alpha * temperature ** 2 * kl + (1 - alpha) * 0.7
+    expected = alpha * temperature**2 * kl + (1 - alpha) * 0.7
     assert float(distillation_loss(student, teacher, hard, temperature, alpha)) == pytest.approx(expected, rel=1e-5)
     assert float(distillation_loss(teacher, teacher, hard, temperature, 1.0)) == pytest.approx(0.0, abs=1e-6)
 
@@ -39,10 +38,22 @@ def quickstart_checkpoint(quickstart):
 
 def test_a_student_learns_from_the_teacher_alone(quickstart, workdir):
     teacher = quickstart_checkpoint(quickstart)
-    callbacks = [{"class_path": "cnnlab.callbacks.Distillation",
-                  "init_args": {"teacher": str(teacher), "temperature": 4.0, "alpha": 1.0}}]  # no label term
-    result = cnnlab("fit", "--config", QUICKSTART, "--trainer.max_epochs=3", f"--trainer.callbacks={json.dumps(callbacks)}",
-                    "--model.label_smoothing=0", *FAST, cwd=workdir)
+    callbacks = [
+        {
+            "class_path": "cnnlab.callbacks.Distillation",
+            "init_args": {"teacher": str(teacher), "temperature": 4.0, "alpha": 1.0},
+        }
+    ]  # no label term
+    result = cnnlab(
+        "fit",
+        "--config",
+        QUICKSTART,
+        "--trainer.max_epochs=3",
+        f"--trainer.callbacks={json.dumps(callbacks)}",
+        "--model.label_smoothing=0",
+        *FAST,
+        cwd=workdir,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     run = only_run(mlflow_client())
     assert run.data.metrics["test/acc"] > 0.8 and "train/distill_loss" in run.data.metrics
@@ -51,18 +62,30 @@ def test_a_student_learns_from_the_teacher_alone(quickstart, workdir):
 
 
 def test_unstructured_pruning_follows_its_schedule_and_spares_norms_and_biases(workdir):
-    callbacks = [{"class_path": "cnnlab.callbacks.Pruning",
-                  "init_args": {"amount": 0.6, "start_epoch": 0, "end_epoch": 1}}]
-    result = cnnlab("fit", "--config", QUICKSTART, "--trainer.max_epochs=3", f"--trainer.callbacks={json.dumps(callbacks)}",
-                    *FAST, cwd=workdir)
+    callbacks = [
+        {"class_path": "cnnlab.callbacks.Pruning", "init_args": {"amount": 0.6, "start_epoch": 0, "end_epoch": 1}}
+    ]
+    result = cnnlab(
+        "fit",
+        "--config",
+        QUICKSTART,
+        "--trainer.max_epochs=3",
+        f"--trainer.callbacks={json.dumps(callbacks)}",
+        *FAST,
+        cwd=workdir,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     client = mlflow_client()
     run = only_run(client)
     schedule = Pruning(amount=0.6, start_epoch=0, end_epoch=1)
-    logged = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "prune/sparsity"), key=lambda m: m.step)]
+    logged = [
+        m.value for m in sorted(client.get_metric_history(run.info.run_id, "prune/sparsity"), key=lambda m: m.step)
+    ]
     assert logged == pytest.approx([schedule.target(0), 0.6, 0.6], abs=1e-3)
-    assert run.data.metrics["prune/params"] < 0.5 * 11.2e6 and run.data.metrics["prune/gflops_effective"] < \
-        run.data.metrics["prune/gflops"]
+    assert (
+        run.data.metrics["prune/params"] < 0.5 * 11.2e6
+        and run.data.metrics["prune/gflops_effective"] < run.data.metrics["prune/gflops"]
+    )
     state = torch.load(next(workdir.glob("mlruns/*/*/checkpoints/best.ckpt")), weights_only=False)["state_dict"]
     assert not any(k.endswith(("_orig", "_mask")) for k in state)  # permanent: plain dense tensors
     convs = [v for k, v in state.items() if k.endswith("weight") and v.ndim in (2, 4)]
@@ -79,14 +102,24 @@ def test_init_weights_starts_from_a_trained_model(quickstart):
 
 
 def test_structured_pruning_makes_a_smaller_network_with_the_same_outputs(quickstart, workdir):
-    callbacks = [{"class_path": "cnnlab.callbacks.Pruning",
-                  "init_args": {"mode": "structured", "amount": 0.5, "scope": "layer"}}]
-    result = cnnlab("fit", "--config", QUICKSTART, "--trainer.max_epochs=2", f"--trainer.callbacks={json.dumps(callbacks)}",
-                    f"--model.init_weights={quickstart_checkpoint(quickstart)}", "--model.optimizer.init_args.lr=0.02",
-                    *FAST, cwd=workdir)
+    callbacks = [
+        {"class_path": "cnnlab.callbacks.Pruning", "init_args": {"mode": "structured", "amount": 0.5, "scope": "layer"}}
+    ]
+    result = cnnlab(
+        "fit",
+        "--config",
+        QUICKSTART,
+        "--trainer.max_epochs=2",
+        f"--trainer.callbacks={json.dumps(callbacks)}",
+        f"--model.init_weights={quickstart_checkpoint(quickstart)}",
+        "--model.optimizer.init_args.lr=0.02",
+        *FAST,
+        cwd=workdir,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    pruned = ClassifierModule.load_from_checkpoint(next(workdir.glob("mlruns/*/*/checkpoints/best.ckpt")),
-                                                   map_location="cpu").eval()
+    pruned = ClassifierModule.load_from_checkpoint(
+        next(workdir.glob("mlruns/*/*/checkpoints/best.ckpt")), map_location="cpu"
+    ).eval()
     full = ClassifierModule("resnet18", num_classes=10, small_input=True, image_size=16)
     params = sum(p.numel() for p in pruned.parameters())
     assert params < 0.4 * sum(p.numel() for p in full.parameters())
@@ -101,7 +134,9 @@ def exports(quickstart, tmp_path_factory):
     cwd = quickstart[0]
     folder = tmp_path_factory.mktemp("exports")
     for args in ([], ["--int8", "--register", "digits-int8"]):
-        result = cnnlab_here("export", "models:/digits/1", "--out", folder / ("int8" if args else "fp32"), *args, cwd=cwd)
+        result = cnnlab_here(
+            "export", "models:/digits/1", "--out", folder / ("int8" if args else "fp32"), *args, cwd=cwd
+        )
         assert result.returncode == 0, result.stderr[-3000:]
     return cwd, folder
 
@@ -135,15 +170,18 @@ def test_int8_loads_and_agrees_with_fp32_on_95_percent_of_digits(exports):
 
 def test_compress_report_prints_and_logs_the_table(exports):
     cwd, folder = exports
-    result = cnnlab_here("compress", "report", "models:/digits/1", folder / "fp32", folder / "int8", "--runs", 5, cwd=cwd)
+    result = cnnlab_here(
+        "compress", "report", "models:/digits/1", folder / "fp32", folder / "int8", "--runs", 5, cwd=cwd
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith(("models:/", "fp32", "int8"))]
     assert len(rows) == 3 and "(onnx-int8)" in rows[2]
     drop = float(rows[2].split()[-1])
     assert math.isfinite(drop) and abs(drop) <= 5.0
     client = mlflow_client(f"sqlite:///{cwd}/mlruns/mlflow.db")
-    report = client.search_runs([client.get_experiment_by_name("cnnlab").experiment_id],
-                                "tags.`cnnlab.role` = 'compress-report'")
+    report = client.search_runs(
+        [client.get_experiment_by_name("cnnlab").experiment_id], "tags.`cnnlab.role` = 'compress-report'"
+    )
     assert report and "variant2/top1" in report[0].data.metrics
 
 

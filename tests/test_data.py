@@ -168,9 +168,18 @@ def test_odd_modes_are_converted_to_rgb(bad_folder):
     assert int(grey16.float().mean()) == 40000 >> 8  # scaled to 8 bits, not clipped to 255
 
 
-FIT = ["fit", "--data.val_fraction=0", "--data.test_fraction=0", "--data.num_workers=0", "--data.batch_size=64",
-       "--data.image_size=16", "--model.model=resnet18", "--trainer.max_epochs=1", "--trainer.accelerator=cpu",
-       "--trainer.enable_progress_bar=false"]
+FIT = [
+    "fit",
+    "--data.val_fraction=0",
+    "--data.test_fraction=0",
+    "--data.num_workers=0",
+    "--data.batch_size=64",
+    "--data.image_size=16",
+    "--model.model=resnet18",
+    "--trainer.max_epochs=1",
+    "--trainer.accelerator=cpu",
+    "--trainer.enable_progress_bar=false",
+]
 
 
 def test_training_on_a_bad_file_names_it(bad_folder, workdir, capsys):
@@ -195,7 +204,7 @@ def test_device_augment_shifts_flips_and_cuts_out_each_image_on_its_own():
     assert out.shape == images.shape and out.dtype == torch.uint8
     for i in range(8):  # each output is a shifted (zero-padded), maybe mirrored, window of its own input
         padded = torch.nn.functional.pad(images[i], (4, 4, 4, 4))
-        windows = [padded[:, y:y + 32, x:x + 32] for y in range(9) for x in range(9)]
+        windows = [padded[:, y : y + 32, x : x + 32] for y in range(9) for x in range(9)]
         assert any(torch.equal(out[i], w) or torch.equal(out[i], w.flip(-1)) for w in windows)
     assert len({bool(torch.equal(out[i], images[i])) for i in range(64)}) == 2 or not torch.equal(out, images)
     cut = augment_on_device(images, "cifar")

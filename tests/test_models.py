@@ -8,10 +8,24 @@ from cnnlab import UserError
 from cnnlab.models import ACTIVATIONS, create_model, measure
 
 # family representative -> (input px, small_input)
-FAMILIES = {"alexnet": (32, True), "vgg11_bn": (32, True), "googlenet": (32, True), "resnet18": (32, True),
-            "densenet121": (32, True), "inception_v4": (75, False), "inception_resnet_v2": (75, False)}
-PAPER_PARAMS = {"alexnet": 61.1e6, "vgg16": 138.4e6, "googlenet": 6.6e6, "resnet50": 25.6e6, "densenet121": 8.0e6,
-                "inception_v4": 42.7e6, "inception_resnet_v2": 55.8e6}
+FAMILIES = {
+    "alexnet": (32, True),
+    "vgg11_bn": (32, True),
+    "googlenet": (32, True),
+    "resnet18": (32, True),
+    "densenet121": (32, True),
+    "inception_v4": (75, False),
+    "inception_resnet_v2": (75, False),
+}
+PAPER_PARAMS = {
+    "alexnet": 61.1e6,
+    "vgg16": 138.4e6,
+    "googlenet": 6.6e6,
+    "resnet50": 25.6e6,
+    "densenet121": 8.0e6,
+    "inception_v4": 42.7e6,
+    "inception_resnet_v2": 55.8e6,
+}
 
 
 @pytest.mark.parametrize("name", PAPER_PARAMS)

@@ -14,7 +14,7 @@ import pytest
 
 from cnnlab.data import DataModule
 from cnnlab.tracking import MLflowLogger
-from conftest import STORE_VARIABLES, QUICKSTART, ROOT, cnnlab, cnnlab_here, free_port, mlflow_client, only_run, require
+from conftest import QUICKSTART, ROOT, STORE_VARIABLES, cnnlab, cnnlab_here, free_port, mlflow_client, only_run, require
 
 FAST = ["--trainer.enable_progress_bar=false", "--data.num_workers=0"]
 
@@ -36,8 +36,12 @@ def test_run_records_system_data_preview_lr_and_model(quickstart):
     assert sum(json.loads(tags["cnnlab.data.class_counts"]).values()) == 1797
     assert len(tags["cnnlab.data.fingerprint"].split("-")) == 3
     paths = {a.path for d in ("plots", "system", "data") for a in client.list_artifacts(run.info.run_id, d)}
-    assert {"plots/augment_preview.png", "plots/confusion_matrix.png", "system/requirements.txt",
-            "data/fingerprint.json"} <= paths
+    assert {
+        "plots/augment_preview.png",
+        "plots/confusion_matrix.png",
+        "system/requirements.txt",
+        "data/fingerprint.json",
+    } <= paths
     freeze = Path(client.download_artifacts(run.info.run_id, "system/requirements.txt")).read_text()
     assert "torch==" in freeze and "mlflow==" in freeze
     lrs = client.get_metric_history(run.info.run_id, "lr")
@@ -85,8 +89,14 @@ def digits_test_split(tmp_path: Path):
 
 def plain_python(uri: str, model_uri: str, data: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", *STORE_VARIABLES)}
-    result = subprocess.run([sys.executable, "-c", PYFUNC_CHECK, uri, model_uri, str(data)], capture_output=True,
-                            text=True, env=env, cwd=data.parent, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", PYFUNC_CHECK, uri, model_uri, str(data)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=data.parent,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -112,8 +122,15 @@ def test_promoted_quickstart_champion_scores_95_percent_in_plain_python(quicksta
 def test_promotion_gate_refuses_a_worse_model_and_records_every_decision(backend, workdir):
     env, uri = backend
     name, experiment = f"digits-{uuid.uuid4().hex[:8]}", f"gate-{uuid.uuid4().hex[:8]}"
-    common = ["fit", "--config", QUICKSTART, "--register", name, *FAST,
-              f"--trainer.logger.init_args.experiment_name={experiment}"]
+    common = [
+        "fit",
+        "--config",
+        QUICKSTART,
+        "--register",
+        name,
+        *FAST,
+        f"--trainer.logger.init_args.experiment_name={experiment}",
+    ]
     good = cnnlab(*common, "--trainer.max_epochs=2", cwd=workdir, env=env)
     assert good.returncode == 0, good.stderr[-3000:]
     client = mlflow_client(uri)
@@ -162,8 +179,14 @@ def test_ui_shows_the_quickstart_run_and_the_champion_in_a_real_browser(quicksta
     assert cnnlab_here("promote", "digits", cwd=cwd).returncode == 0
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in STORE_VARIABLES}
-    ui = subprocess.Popen([sys.executable, "-m", "cnnlab", "ui", "--port", str(port)], cwd=cwd, env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    ui = subprocess.Popen(
+        [sys.executable, "-m", "cnnlab", "ui", "--port", str(port)],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     shots = ROOT / "test-artifacts"
     shots.mkdir(exist_ok=True)
     try:
@@ -171,9 +194,17 @@ def test_ui_shows_the_quickstart_run_and_the_champion_in_a_real_browser(quicksta
         while socket.socket().connect_ex(("127.0.0.1", port)) and time.time() < deadline:
             time.sleep(0.5)
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=executable, args=[
-                "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                "--no-first-run", "--disable-sync"])
+            browser = p.chromium.launch(
+                executable_path=executable,
+                args=[
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--disable-background-networking",
+                    "--disable-component-update",
+                    "--no-first-run",
+                    "--disable-sync",
+                ],
+            )
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(f"http://127.0.0.1:{port}/", timeout=60_000)
             page.get_by_text("Model training", exact=True).first.click()

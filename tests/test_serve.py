@@ -19,7 +19,7 @@ import requests
 from PIL import Image
 
 from cnnlab.data import DataModule
-from conftest import STORE_VARIABLES, cnnlab, cnnlab_here, free_port
+from conftest import STORE_VARIABLES, cnnlab_here, free_port
 
 KEY = "s3cret-test-key"
 AUTH = {"X-API-Key": KEY}
@@ -50,10 +50,36 @@ def server(quickstart):
     env["CNNLAB_TEST_KEY"] = KEY
     log = open(cwd / "serve.log", "w")
     process = subprocess.Popen(
-        [sys.executable, "-m", "cnnlab", "serve", "models:/swap@champion", "--port", str(port), "--follow-alias",
-         "--poll-seconds", "1", "--api-key-env", "CNNLAB_TEST_KEY", "--max-batch-size", "16", "--batch-timeout-ms", "20",
-         "--max-body-bytes", "300000", "--max-pixels", "90000", "--max-images", "400"],
-        cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "cnnlab",
+            "serve",
+            "models:/swap@champion",
+            "--port",
+            str(port),
+            "--follow-alias",
+            "--poll-seconds",
+            "1",
+            "--api-key-env",
+            "CNNLAB_TEST_KEY",
+            "--max-batch-size",
+            "16",
+            "--batch-timeout-ms",
+            "20",
+            "--max-body-bytes",
+            "300000",
+            "--max-pixels",
+            "90000",
+            "--max-images",
+            "400",
+        ],
+        cwd=cwd,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
     while time.time() < deadline:
@@ -83,15 +109,21 @@ def test_served_predictions_agree_with_the_offline_model(server, digits, quickst
     mlflow.set_tracking_uri(f"sqlite:///{server['cwd']}/mlruns/mlflow.db")
     mlflow.set_registry_uri(f"sqlite:///{server['cwd']}/mlruns/mlflow.db")
     offline = mlflow.pyfunc.load_model("models:/swap/1").predict(pd.DataFrame({"image": images}))["label"].tolist()
-    batch = requests.post(f"{server['url']}/predict", headers=AUTH, timeout=60,
-                          json={"images": [base64.b64encode(i).decode() for i in images]})
+    batch = requests.post(
+        f"{server['url']}/predict",
+        headers=AUTH,
+        timeout=60,
+        json={"images": [base64.b64encode(i).decode() for i in images]},
+    )
     assert batch.status_code == 200, batch.text
     served = [p["label"] for p in batch.json()["predictions"]]
     assert served == offline  # 100% agreement
-    raw = requests.post(f"{server['url']}/predict?top_k=3", data=images[0], timeout=30,
-                        headers={**AUTH, "Content-Type": "image/png"}).json()
-    form = requests.post(f"{server['url']}/predict", files={"file": ("a.png", images[0], "image/png")}, headers=AUTH,
-                         timeout=30).json()
+    raw = requests.post(
+        f"{server['url']}/predict?top_k=3", data=images[0], timeout=30, headers={**AUTH, "Content-Type": "image/png"}
+    ).json()
+    form = requests.post(
+        f"{server['url']}/predict", files={"file": ("a.png", images[0], "image/png")}, headers=AUTH, timeout=30
+    ).json()
     assert raw["predictions"][0]["label"] == form["predictions"][0]["label"] == offline[0]
     assert len(raw["predictions"][0]["top_k"]) == 3 and raw["model"] == {"name": "swap", "version": "1"}
 
@@ -118,8 +150,9 @@ def test_concurrent_requests_are_batched(server, digits):
     before = requests.get(f"{server['url']}/info", headers=AUTH, timeout=10).json()
 
     def one(i):
-        return requests.post(f"{server['url']}/predict", data=digits[0][i], timeout=60,
-                             headers={**AUTH, "Content-Type": "image/png"}).status_code
+        return requests.post(
+            f"{server['url']}/predict", data=digits[0][i], timeout=60, headers={**AUTH, "Content-Type": "image/png"}
+        ).status_code
 
     with ThreadPoolExecutor(16) as pool:
         assert set(pool.map(one, range(64))) == {200}
@@ -132,8 +165,9 @@ def test_concurrent_requests_are_batched(server, digits):
 def test_a_bad_request_fails_alone_and_its_batch_neighbours_succeed(server, digits):
     def one(i):
         data = b"not pixels at all" if i % 4 == 0 else digits[0][i]
-        return i, requests.post(f"{server['url']}/predict", data=data, timeout=60,
-                                headers={**AUTH, "Content-Type": "image/png"})
+        return i, requests.post(
+            f"{server['url']}/predict", data=data, timeout=60, headers={**AUTH, "Content-Type": "image/png"}
+        )
 
     before = requests.get(f"{server['url']}/info", headers=AUTH, timeout=10).json()
     with ThreadPoolExecutor(16) as pool:
@@ -151,10 +185,23 @@ def png(size: int) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize("case, status", [
-    ("no key", 401), ("wrong key", 401), ("empty", 400), ("not an image", 415), ("truncated", 400),
-    ("wrong type", 415), ("bad base64", 400), ("bad json", 400), ("json without images", 400),
-    ("too many bytes", 413), ("too many pixels", 413), ("multipart without file", 400)])
+@pytest.mark.parametrize(
+    "case, status",
+    [
+        ("no key", 401),
+        ("wrong key", 401),
+        ("empty", 400),
+        ("not an image", 415),
+        ("truncated", 400),
+        ("wrong type", 415),
+        ("bad base64", 400),
+        ("bad json", 400),
+        ("json without images", 400),
+        ("too many bytes", 413),
+        ("too many pixels", 413),
+        ("multipart without file", 400),
+    ],
+)
 def test_every_bad_input_gets_its_4xx_as_json(server, case, status):
     headers, data, json_body, files = {**AUTH, "Content-Type": "image/png"}, png(16), None, None
     if case == "no key":
@@ -181,15 +228,22 @@ def test_every_bad_input_gets_its_4xx_as_json(server, case, status):
         data = png(400)
     elif case == "multipart without file":
         headers, data, files = AUTH, {"field": "value"}, {"x": (None, "text only")}
-    response = requests.post(f"{server['url']}/predict", headers=headers, data=data, json=json_body, files=files,
-                             timeout=30)
+    response = requests.post(
+        f"{server['url']}/predict", headers=headers, data=data, json=json_body, files=files, timeout=30
+    )
     assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith("application/json") and response.json()["detail"]
 
 
 def multipart(boundary: str = "cnnlab-test") -> bytes:
-    return (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n"
-            f"Content-Type: image/png\r\n\r\n").encode() + png(16) + f"\r\n--{boundary}--\r\n".encode()
+    return (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n'
+            f"Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + png(16)
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
 
 
 B64 = base64.b64encode(png(16)).decode()
@@ -198,11 +252,14 @@ MALFORMED = {  # every request that once answered 500, or 200 for a broken body:
     "multipart, wrong boundary": ({"Content-Type": "multipart/form-data; boundary=other"}, multipart(), ""),
     "multipart, truncated": ({"Content-Type": "multipart/form-data; boundary=cnnlab-test"}, multipart()[:90], ""),
     "top_k abc": ({"Content-Type": "application/json"}, json.dumps({"images": [B64], "top_k": "abc"}), ""),
-    "top_k Infinity": ({"Content-Type": "application/json"}, '{"images": ["%s"], "top_k": Infinity}' % B64, ""),
-    "top_k NaN": ({"Content-Type": "application/json"}, '{"images": ["%s"], "top_k": NaN}' % B64, ""),
+    "top_k Infinity": ({"Content-Type": "application/json"}, f'{{"images": ["{B64}"], "top_k": Infinity}}', ""),
+    "top_k NaN": ({"Content-Type": "application/json"}, f'{{"images": ["{B64}"], "top_k": NaN}}', ""),
     "top_k [1]": ({"Content-Type": "application/json"}, json.dumps({"images": [B64], "top_k": [1]}), ""),
-    "top_k of 5000 digits": ({"Content-Type": "application/json"}, '{"images": ["%s"], "top_k": %s}' % (B64, "9" * 5000),
-                             ""),
+    "top_k of 5000 digits": (
+        {"Content-Type": "application/json"},
+        f'{{"images": ["{B64}"], "top_k": {"9" * 5000}}}',
+        "",
+    ),
     "JSON nested 100k deep": ({"Content-Type": "application/json"}, "[" * 100_000 + "]" * 100_000, ""),
     "query top_k superscript two": ({"Content-Type": "image/png"}, png(16), "?top_k=%C2%B2"),
     "401 images": ({"Content-Type": "application/json"}, json.dumps({"images": [B64] * 401}), ""),
@@ -220,13 +277,15 @@ def test_malformed_requests_get_a_4xx_never_a_500(server, case):
 def test_odd_headers_and_extreme_shapes_are_served(server):
     odd = {"X-Odd": b"\xff\xfe not utf-8"}
     assert requests.get(f"{server['url']}/health", headers=odd, timeout=10).status_code == 200
-    ok = requests.post(f"{server['url']}/predict", data=png(16), headers={**AUTH, **odd, "Content-Type": "image/png"},
-                       timeout=30)
+    ok = requests.post(
+        f"{server['url']}/predict", data=png(16), headers={**AUTH, **odd, "Content-Type": "image/png"}, timeout=30
+    )
     assert ok.status_code == 200, ok.text
     strip = io.BytesIO()
     Image.fromarray(np.zeros((1, 80_000, 3), np.uint8)).save(strip, "PNG")  # enlarged 16x, it would be 1.28M px long
-    wide = requests.post(f"{server['url']}/predict", data=strip.getvalue(), timeout=30,
-                         headers={**AUTH, "Content-Type": "image/png"})
+    wide = requests.post(
+        f"{server['url']}/predict", data=strip.getvalue(), timeout=30, headers={**AUTH, "Content-Type": "image/png"}
+    )
     assert wide.status_code == 200, wide.text
 
 
@@ -252,7 +311,7 @@ def test_fuzzed_bodies_get_4xx_and_valid_neighbours_200_within_a_memory_bound(se
             if choice == 0:
                 body[k] = int(rng.integers(0, 256))
             elif choice == 1:
-                del body[k:k + int(rng.integers(1, 16))]
+                del body[k : k + int(rng.integers(1, 16))]
             else:
                 body[k:k] = rng.integers(0, 256, int(rng.integers(1, 16)), dtype=np.uint8).tobytes()
         fuzzed.append((bytes(body), "image/png" if i % 2 else "application/json"))
@@ -260,8 +319,9 @@ def test_fuzzed_bodies_get_4xx_and_valid_neighbours_200_within_a_memory_bound(se
 
     def send(item):
         body, kind = item
-        return item in valid, requests.post(f"{server['url']}/predict", data=body, timeout=60,
-                                            headers={**AUTH, "Content-Type": kind}).status_code
+        return item in valid, requests.post(
+            f"{server['url']}/predict", data=body, timeout=60, headers={**AUTH, "Content-Type": kind}
+        ).status_code
 
     mixed = [x for pair in zip(fuzzed, valid + valid[:20]) for x in pair]
     with ThreadPoolExecutor(16) as pool:
@@ -279,8 +339,9 @@ def test_alias_swap_under_load_fails_no_request(server, digits):
         session = requests.Session()
         i = 0
         while not stop.is_set():
-            response = session.post(f"{url}/predict", data=digits[0][i % 50], timeout=60,
-                                    headers={**AUTH, "Content-Type": "image/png"})
+            response = session.post(
+                f"{url}/predict", data=digits[0][i % 50], timeout=60, headers={**AUTH, "Content-Type": "image/png"}
+            )
             results.append((response.status_code, response.json().get("model", {}).get("version")))
             i += 1
 

@@ -30,18 +30,32 @@ def test_quickstart_run_holds_recipe_params_metrics_checkpoint_and_confusion_mat
     assert len(client.get_metric_history(run.info.run_id, "val/acc")) == 8
     assert len(client.get_metric_history(run.info.run_id, "train/loss_epoch")) == 8
     assert {"test/acc", "test/f1", "test/top5", "test/loss", "test/acc_class/7"} <= set(run.data.metrics)
-    artifacts = {a.path for top in client.list_artifacts(run.info.run_id)
-                 for a in ([top] if not top.is_dir else client.list_artifacts(run.info.run_id, top.path))}
+    artifacts = {
+        a.path
+        for top in client.list_artifacts(run.info.run_id)
+        for a in ([top] if not top.is_dir else client.list_artifacts(run.info.run_id, top.path))
+    }
     assert {"recipe.yaml", "checkpoints/best.ckpt", "plots/confusion_matrix.png"} <= artifacts
     recipe = Path(client.download_artifacts(run.info.run_id, "recipe.yaml")).read_text()
     assert "model: resnet18" in recipe and "OneCycle" in recipe
 
 
 def test_resume_after_a_kill_continues_the_same_mlflow_run(workdir):
-    args = ["fit", "--config", QUICKSTART, "--trainer.max_epochs=4", "--data.num_workers=0",
-            "--trainer.enable_progress_bar=false"]
-    first = subprocess.Popen([sys.executable, "-m", "cnnlab", *map(str, args)], cwd=workdir,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    args = [
+        "fit",
+        "--config",
+        QUICKSTART,
+        "--trainer.max_epochs=4",
+        "--data.num_workers=0",
+        "--trainer.enable_progress_bar=false",
+    ]
+    first = subprocess.Popen(
+        [sys.executable, "-m", "cnnlab", *map(str, args)],
+        cwd=workdir,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=os.environ.copy(),
+    )
     deadline = time.time() + 300
     while not list(workdir.glob("mlruns/*/*/checkpoints/last.ckpt")) and time.time() < deadline:
         assert first.poll() is None, "the fit ended before its first checkpoint"
@@ -70,14 +84,27 @@ def test_resume_after_a_kill_continues_the_same_mlflow_run(workdir):
 
 
 def test_sigterm_saves_marks_the_run_killed_and_resume_keeps_every_learning_rate(workdir):
-    args = ["fit", "--config", QUICKSTART, "--trainer.max_epochs=3", "--data.num_workers=0",
-            "--trainer.enable_progress_bar=false", "--log_model=false"]
+    args = [
+        "fit",
+        "--config",
+        QUICKSTART,
+        "--trainer.max_epochs=3",
+        "--data.num_workers=0",
+        "--trainer.enable_progress_bar=false",
+        "--log_model=false",
+    ]
     (workdir / "reference").mkdir()  # its own store: its checkpoints are not the stopped fit's
     reference = cnnlab(*args, cwd=workdir / "reference")
     assert reference.returncode == 0, reference.stderr[-3000:]
     reference = only_run(mlflow_client(f"sqlite:///{workdir}/reference/mlruns/mlflow.db"))
-    first = subprocess.Popen([sys.executable, "-m", "cnnlab", *map(str, args)], cwd=workdir, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    first = subprocess.Popen(
+        [sys.executable, "-m", "cnnlab", *map(str, args)],
+        cwd=workdir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=os.environ.copy(),
+    )
     deadline = time.time() + 300
     while not list(workdir.glob("mlruns/*/*/checkpoints/last.ckpt")) and time.time() < deadline:
         assert first.poll() is None, "the fit ended before its first checkpoint"
@@ -103,17 +130,37 @@ def test_sigterm_saves_marks_the_run_killed_and_resume_keeps_every_learning_rate
 
 
 def test_onecycle_on_a_very_short_fit_is_refused_or_works(workdir):
-    short = cnnlab("fit", "--config", QUICKSTART, "--trainer.max_epochs=1", "--trainer.limit_train_batches=4",
-                   "--trainer.limit_val_batches=1", "--data.num_workers=0", "--log_model=false", "--test_after_fit=false",
-                   cwd=workdir)
+    short = cnnlab(
+        "fit",
+        "--config",
+        QUICKSTART,
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=4",
+        "--trainer.limit_val_batches=1",
+        "--data.num_workers=0",
+        "--log_model=false",
+        "--test_after_fit=false",
+        cwd=workdir,
+    )
     assert short.returncode == 0, short.stderr[-3000:]
 
 
 def test_ddp_on_two_cpu_processes_makes_one_run_with_synced_metrics(workdir):
-    result = cnnlab("fit", "--config", QUICKSTART, "--trainer.max_epochs=2", "--trainer.devices=2",
-                    "--trainer.strategy=ddp", "--trainer.accelerator=cpu", "--data.num_workers=0",
-                    "--data.val_fraction=0.25",  # 450 images: an even split over two ranks, no padding
-                    "--trainer.enable_progress_bar=false", "--register", "ddp", cwd=workdir)
+    result = cnnlab(
+        "fit",
+        "--config",
+        QUICKSTART,
+        "--trainer.max_epochs=2",
+        "--trainer.devices=2",
+        "--trainer.strategy=ddp",
+        "--trainer.accelerator=cpu",
+        "--data.num_workers=0",
+        "--data.val_fraction=0.25",  # 450 images: an even split over two ranks, no padding
+        "--trainer.enable_progress_bar=false",
+        "--register",
+        "ddp",
+        cwd=workdir,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     client = mlflow_client()
     run = only_run(client)  # rank 0 alone talks to MLflow: one run, one registered version

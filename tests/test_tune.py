@@ -15,9 +15,11 @@ from cnnlab.cli import main
 from cnnlab.tune import open_storage
 from conftest import QUICKSTART, cnnlab, cnnlab_here, mlflow_client, require
 
-SPACE = {"model.optimizer.init_args.lr": {"type": "float", "low": 0.05, "high": 0.4, "log": True},
-         "model.label_smoothing": {"type": "float", "low": 0.0, "high": 0.2},
-         "data.batch_size": {"type": "int", "low": 64, "high": 128, "step": 64}}
+SPACE = {
+    "model.optimizer.init_args.lr": {"type": "float", "low": 0.05, "high": 0.4, "log": True},
+    "model.label_smoothing": {"type": "float", "low": 0.0, "high": 0.2},
+    "data.batch_size": {"type": "int", "low": 64, "high": 128, "step": 64},
+}
 
 
 @pytest.fixture
@@ -57,8 +59,26 @@ def test_six_trials_with_two_workers_all_accounted_for_and_nested_in_mlflow(smal
     recipe = yaml.safe_load(small.read_text())
     recipe["trainer"]["max_epochs"] = 2
     small.write_text(yaml.safe_dump(recipe))
-    result = cnnlab("tune", "--config", small, "--space", write_space(workdir, SPACE), "--n-trials", 6, "--workers", 2,
-                    "--study", name, "--storage", storage, "--seed", 0, cwd=workdir, env=env, timeout=900)
+    result = cnnlab(
+        "tune",
+        "--config",
+        small,
+        "--space",
+        write_space(workdir, SPACE),
+        "--n-trials",
+        6,
+        "--workers",
+        2,
+        "--study",
+        name,
+        "--storage",
+        storage,
+        "--seed",
+        0,
+        cwd=workdir,
+        env=env,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     study = optuna.load_study(study_name=name, storage=open_storage(storage))
     assert sorted(t.number for t in study.trials) == list(range(6))
@@ -71,7 +91,8 @@ def test_six_trials_with_two_workers_all_accounted_for_and_nested_in_mlflow(smal
         run = next(r for r in runs if r.info.run_id == trial.user_attrs["mlflow_run_id"])
         assert run.data.tags["optuna.state"] == trial.state.name
         assert float(run.data.params["model.optimizer.init_args.lr"]) == pytest.approx(
-            trial.params["model.optimizer.init_args.lr"])
+            trial.params["model.optimizer.init_args.lr"]
+        )
         assert len(mlflow_client(tracking).get_metric_history(run.info.run_id, "val/acc")) == trial.user_attrs["epochs"]
     client = mlflow_client(tracking)
     plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
@@ -83,23 +104,46 @@ def test_six_trials_with_two_workers_all_accounted_for_and_nested_in_mlflow(smal
     assert shown.returncode == 0 and shown.stdout.count("\n") == 8 and f"study {name}" in shown.stdout
     if storage.startswith("sqlite"):  # the best recipe fits as it is, to the best trial's accuracy
         threads = study.best_trial.user_attrs["threads"]  # the cores shared out among the workers
-        assert threads == "1" and f"OMP_NUM_THREADS=1 cnnlab fit --config recipes/tuned/{name}.yaml" in tuned.read_text()
-        refit = cnnlab("fit", "--config", tuned, "--trainer.enable_progress_bar=false", cwd=workdir,
-                       env={**env, "OMP_NUM_THREADS": threads})
+        assert (
+            threads == "1" and f"OMP_NUM_THREADS=1 cnnlab fit --config recipes/tuned/{name}.yaml" in tuned.read_text()
+        )
+        refit = cnnlab(
+            "fit",
+            "--config",
+            tuned,
+            "--trainer.enable_progress_bar=false",
+            cwd=workdir,
+            env={**env, "OMP_NUM_THREADS": threads},
+        )
         assert refit.returncode == 0, refit.stderr[-3000:]
-        run = max(client.search_runs([parent.info.experiment_id], f"tags.mlflow.runName = '{name}'"),
-                  key=lambda r: r.info.start_time)
+        run = max(
+            client.search_runs([parent.info.experiment_id], f"tags.mlflow.runName = '{name}'"),
+            key=lambda r: r.info.start_time,
+        )
         best = max(m.value for m in client.get_metric_history(run.info.run_id, "val/acc"))
         assert best >= study.best_value - 0.005
 
 
 def test_median_pruner_stops_clearly_bad_learning_rates_and_the_study_resumes_by_name(small, workdir):
     name, storage = "prune", f"sqlite:///{workdir}/mlruns/optuna.db"
-    good = cnnlab("tune", "--config", small, "--space", write_space(workdir, SPACE), "--n-trials", 3,
-                  "--study", name, "--seed", 1, cwd=workdir)
+    good = cnnlab(
+        "tune",
+        "--config",
+        small,
+        "--space",
+        write_space(workdir, SPACE),
+        "--n-trials",
+        3,
+        "--study",
+        name,
+        "--seed",
+        1,
+        cwd=workdir,
+    )
     assert good.returncode == 0, good.stderr[-3000:]
-    bad = write_space(workdir, {"model.optimizer.init_args.lr": {"type": "float", "low": 1e-7, "high": 1e-6,
-                                                                 "log": True}}, "bad.yaml")
+    bad = write_space(
+        workdir, {"model.optimizer.init_args.lr": {"type": "float", "low": 1e-7, "high": 1e-6, "log": True}}, "bad.yaml"
+    )
     resumed = cnnlab("tune", "--config", small, "--space", bad, "--n-trials", 2, "--study", name, cwd=workdir)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     study = optuna.load_study(study_name=name, storage=open_storage(storage))
@@ -109,16 +153,35 @@ def test_median_pruner_stops_clearly_bad_learning_rates_and_the_study_resumes_by
 
 
 def test_failed_trials_keep_their_reason_and_the_study_goes_on(small, workdir):
-    space = write_space(workdir, {"model.model": {"type": "categorical", "choices": ["resnet18", "inception_v4"]},
-                                  "model.optimizer.init_args.lr": {"type": "categorical", "choices": [0.1, 1.0e+12]}})
-    result = cnnlab("tune", "--config", small, "--space", space, "--sampler", "grid", "--n-trials", 4,
-                    "--workers", 2, "--study", "fail", cwd=workdir)
+    space = write_space(
+        workdir,
+        {
+            "model.model": {"type": "categorical", "choices": ["resnet18", "inception_v4"]},
+            "model.optimizer.init_args.lr": {"type": "categorical", "choices": [0.1, 1.0e12]},
+        },
+    )
+    result = cnnlab(
+        "tune",
+        "--config",
+        small,
+        "--space",
+        space,
+        "--sampler",
+        "grid",
+        "--n-trials",
+        4,
+        "--workers",
+        2,
+        "--study",
+        "fail",
+        cwd=workdir,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     study = optuna.load_study(study_name="fail", storage=open_storage(f"sqlite:///{workdir}/mlruns/optuna.db"))
     outcome = {(t.params["model.model"], t.params["model.optimizer.init_args.lr"]): t for t in study.trials}
     assert outcome[("resnet18", 0.1)].state.name == "COMPLETE"
     assert "cannot" in outcome[("inception_v4", 0.1)].user_attrs["fail_reason"]
-    diverged = outcome[("resnet18", 1.0e+12)]
+    diverged = outcome[("resnet18", 1.0e12)]
     assert diverged.state.name == "FAIL" and "diverged" in diverged.user_attrs["fail_reason"]
 
 
@@ -138,8 +201,13 @@ def children_of(pid: int) -> list[int]:
 def test_a_killed_study_leaves_no_trial_running_and_its_trials_fail_on_resume(small, workdir):
     storage, space = f"sqlite:///{workdir}/mlruns/optuna.db", write_space(workdir, SPACE)
     args = ["--config", small, "--space", space, "--study", "killed", "--storage", storage, "--heartbeat", 1]
-    tune = subprocess.Popen([sys.executable, "-m", "cnnlab", "tune", *map(str, args), "--n-trials", "4", "--workers", "2"],
-                            cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    tune = subprocess.Popen(
+        [sys.executable, "-m", "cnnlab", "tune", *map(str, args), "--n-trials", "4", "--workers", "2"],
+        cwd=workdir,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline, trials = time.time() + 180, []
     while time.time() < deadline and len(trials) < 2:
         assert tune.poll() is None, "the study ended before it could be killed"
@@ -162,26 +230,43 @@ def test_a_killed_study_leaves_no_trial_running_and_its_trials_fail_on_resume(sm
     assert not list(Path(tempfile.gettempdir()).glob(f"cnnlab-fit-{tune.pid}-*"))  # its temp folders went too
 
 
-@pytest.mark.parametrize("space, message", [
-    ({"model.optimizer.init_args.lrr": {"type": "float", "low": 0.01, "high": 0.1}}, "key 'model.optimizer.init_args.lrr'"),
-    ({"model.label_smoothing": {"type": "float", "low": 0.3, "high": 0.1}}, "low=0.3 is above high=0.1"),
-    ({"data.batch_size": {"type": "categorical", "choices": ["big"]}}, "key 'data.batch_size' = 'big'"),
-    ({"data.batch_size": {"type": "int", "low": 8.5, "high": 64}}, "whole numbers"),
-    ({"model.act": {"type": "choice", "choices": ["relu"]}}, "needs a `type`"),
-])
+@pytest.mark.parametrize(
+    "space, message",
+    [
+        (
+            {"model.optimizer.init_args.lrr": {"type": "float", "low": 0.01, "high": 0.1}},
+            "key 'model.optimizer.init_args.lrr'",
+        ),
+        ({"model.label_smoothing": {"type": "float", "low": 0.3, "high": 0.1}}, "low=0.3 is above high=0.1"),
+        ({"data.batch_size": {"type": "categorical", "choices": ["big"]}}, "key 'data.batch_size' = 'big'"),
+        ({"data.batch_size": {"type": "int", "low": 8.5, "high": 64}}, "whole numbers"),
+        ({"model.act": {"type": "choice", "choices": ["relu"]}}, "needs a `type`"),
+    ],
+)
 def test_a_bad_space_is_rejected_before_any_trial_runs(space, message, small, workdir, capsys):
     assert main(["tune", "--config", str(small), "--space", str(write_space(workdir, space)), "--n-trials", "1"]) == 2
     assert message in capsys.readouterr().err
     assert not (workdir / "mlruns" / "optuna.db").exists() or not optuna.get_all_study_names(
-        open_storage(f"sqlite:///{workdir}/mlruns/optuna.db"))
+        open_storage(f"sqlite:///{workdir}/mlruns/optuna.db")
+    )
 
 
 def test_a_ddp_trial_draws_its_values_once_for_every_rank(small, workdir):
     recipe = yaml.safe_load(small.read_text())
     recipe["trainer"].update(devices=2, strategy="ddp", accelerator="cpu", max_epochs=2)
     (workdir / "ddp.yaml").write_text(yaml.safe_dump(recipe))
-    result = cnnlab("tune", "--config", workdir / "ddp.yaml", "--space", write_space(workdir, SPACE),
-                    "--n-trials", 1, "--study", "ddp", cwd=workdir)
+    result = cnnlab(
+        "tune",
+        "--config",
+        workdir / "ddp.yaml",
+        "--space",
+        write_space(workdir, SPACE),
+        "--n-trials",
+        1,
+        "--study",
+        "ddp",
+        cwd=workdir,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     study = optuna.load_study(study_name="ddp", storage=open_storage(f"sqlite:///{workdir}/mlruns/optuna.db"))
     (trial,) = study.trials
@@ -189,4 +274,5 @@ def test_a_ddp_trial_draws_its_values_once_for_every_rank(small, workdir):
     _, runs = nested_runs(mlflow_client(), study.user_attrs["mlflow_parent_run"])
     (run,) = runs
     assert float(run.data.params["model.optimizer.init_args.lr"]) == pytest.approx(
-        trial.params["model.optimizer.init_args.lr"])
+        trial.params["model.optimizer.init_args.lr"]
+    )

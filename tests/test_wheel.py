@@ -12,8 +12,8 @@ import time
 import pytest
 import requests
 
-from conftest import ROOT, STORE_VARIABLES, free_port
 from cnnlab.sources import digits_folder
+from conftest import ROOT, STORE_VARIABLES, free_port
 
 RECIPE = """\
 seed_everything: 0
@@ -35,16 +35,34 @@ def installed(tmp_path_factory):
     import os
 
     root = tmp_path_factory.mktemp("wheel")
-    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                            root / "dist", ROOT], capture_output=True, text=True)
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", root / "dist", ROOT],
+        capture_output=True,
+        text=True,
+    )
     assert build.returncode == 0, build.stderr[-3000:]
     wheel = next((root / "dist").glob("cnnlab-*.whl"))
     venv = root / "env"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)
     site = next(venv.glob("lib/python*/site-packages"))
     (site / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")  # the installed dependencies
-    install = subprocess.run([sys.executable, "-m", "pip", "--python", venv / "bin" / "python", "install", "-q",
-                              "--no-deps", "--no-index", "--force-reinstall", wheel], capture_output=True, text=True)
+    install = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            venv / "bin" / "python",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-index",
+            "--force-reinstall",
+            wheel,
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert install.returncode == 0, install.stderr[-3000:]
     outside = root / "project"
     outside.mkdir()
@@ -52,11 +70,23 @@ def installed(tmp_path_factory):
     env["PATH"] = f"{venv / 'bin'}:{env['PATH']}"
 
     def run(*args, **kwargs):
-        return subprocess.run([venv / "bin" / "cnnlab", *map(str, args)], cwd=outside, env=env, capture_output=True,
-                              text=True, timeout=600, **kwargs)
+        return subprocess.run(
+            [venv / "bin" / "cnnlab", *map(str, args)],
+            cwd=outside,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            **kwargs,
+        )
 
-    where = subprocess.run([venv / "bin" / "python", "-c", "import cnnlab, cnnlab.callbacks; print(cnnlab.__file__)"],
-                           cwd=outside, env=env, capture_output=True, text=True)
+    where = subprocess.run(
+        [venv / "bin" / "python", "-c", "import cnnlab, cnnlab.callbacks; print(cnnlab.__file__)"],
+        cwd=outside,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert where.stdout.startswith(str(site)), where.stdout + where.stderr  # the wheel's, not the repository's
     return run, outside, env, venv
 
@@ -75,9 +105,15 @@ def test_the_lifecycle_from_a_wheel_with_the_training_data_gone(installed, tmp_p
     test_images = sorted((moved / "7").glob("*.png"))[:5]
 
     port = free_port()
-    server = subprocess.Popen([venv / "bin" / "cnnlab", "serve", "models:/digits@champion", "--port", str(port)],
-                              cwd=outside, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True)
+    server = subprocess.Popen(
+        [venv / "bin" / "cnnlab", "serve", "models:/digits@champion", "--port", str(port)],
+        cwd=outside,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         url, deadline = f"http://127.0.0.1:{port}", time.time() + 180
         while time.time() < deadline and server.poll() is None:
@@ -87,8 +123,12 @@ def test_the_lifecycle_from_a_wheel_with_the_training_data_gone(installed, tmp_p
             except requests.ConnectionError:
                 time.sleep(0.5)
         assert server.poll() is None, server.stdout.read()[-3000:]
-        labels = [requests.post(f"{url}/predict", data=path.read_bytes(), headers={"Content-Type": "image/png"},
-                                timeout=60).json()["predictions"][0]["label"] for path in test_images]
+        labels = [
+            requests.post(
+                f"{url}/predict", data=path.read_bytes(), headers={"Content-Type": "image/png"}, timeout=60
+            ).json()["predictions"][0]["label"]
+            for path in test_images
+        ]
         assert labels.count("7") >= 4, labels
         info = requests.get(f"{url}/info", timeout=10).json()
     finally:

@@ -26,10 +26,14 @@ def _zoo(args) -> int:
     print(f"{'model':<20} {'family':<20} {'params':>9} {'GFLOPs*':>8} {'input':>6} {'paper top-1':>11}  source")
     for row in zoo_table():
         top1 = f"{row['paper_top1']:.1f}%" if row["paper_top1"] else "-"
-        print(f"{row['name']:<20} {row['family']:<20} {row['params'] / 1e6:>8.2f}M {row['gmacs']:>8.2f} "
-              f"{row['input']:>6} {top1:>11}  {row['source']}")
-    print("* multiply-adds of one forward pass at the native input size (the papers' convention), 1000 classes.\n"
-          "Any timm model name works too: `cnnlab zoo --search 'resnet*'`.")
+        print(
+            f"{row['name']:<20} {row['family']:<20} {row['params'] / 1e6:>8.2f}M {row['gmacs']:>8.2f} "
+            f"{row['input']:>6} {top1:>11}  {row['source']}"
+        )
+    print(
+        "* multiply-adds of one forward pass at the native input size (the papers' convention), 1000 classes.\n"
+        "Any timm model name works too: `cnnlab zoo --search 'resnet*'`."
+    )
     return 0
 
 
@@ -50,16 +54,30 @@ def _ui(args) -> int:
     if uri.startswith(("http://", "https://")):
         raise UserError(f"MLFLOW_TRACKING_URI points at an MLflow server ({uri}): open that address in a browser.")
     print(f"MLflow UI for {uri} at http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
-    return subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-                            "--host", args.host, "--port", str(args.port)])
+    return subprocess.call(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "ui",
+            "--backend-store-uri",
+            uri,
+            "--host",
+            args.host,
+            "--port",
+            str(args.port),
+        ]
+    )
 
 
 def _register(args) -> int:
     from cnnlab.registry import register
 
     version = register(args.run_id, args.name)
-    print(f"registered {args.name} v{version.version} from run {args.run_id} (alias challenger); "
-          f"promote it with `cnnlab promote {args.name}`")
+    print(
+        f"registered {args.name} v{version.version} from run {args.run_id} (alias challenger); "
+        f"promote it with `cnnlab promote {args.name}`"
+    )
     return 0
 
 
@@ -82,16 +100,35 @@ def _tune(args) -> int:
         return tune.show(args.show, args.storage)
     if not args.config or not args.space:
         raise UserError("cnnlab tune needs --config RECIPE and --space SPACE.yaml (or --show STUDY).")
-    return tune.tune(args.config, args.space, n_trials=args.n_trials, timeout=args.timeout, study=args.study,
-                     storage=args.storage, workers=args.workers, sampler=args.sampler, pruner=args.pruner,
-                     metric=args.metric, direction=args.direction, seed=args.seed, heartbeat=args.heartbeat)
+    return tune.tune(
+        args.config,
+        args.space,
+        n_trials=args.n_trials,
+        timeout=args.timeout,
+        study=args.study,
+        storage=args.storage,
+        workers=args.workers,
+        sampler=args.sampler,
+        pruner=args.pruner,
+        metric=args.metric,
+        direction=args.direction,
+        seed=args.seed,
+        heartbeat=args.heartbeat,
+    )
 
 
 def _export(args) -> int:
     from cnnlab.export import export
 
-    export(args.model_uri, args.out, fmt=args.format, int8=args.int8, data=args.data, calib_batches=args.calib_batches,
-           register=args.register)
+    export(
+        args.model_uri,
+        args.out,
+        fmt=args.format,
+        int8=args.int8,
+        data=args.data,
+        calib_batches=args.calib_batches,
+        register=args.register,
+    )
     return 0
 
 
@@ -105,19 +142,32 @@ def _compress(args) -> int:
 def _serve(args) -> int:
     from cnnlab.serve import serve
 
-    return serve(args.model_uri, device=args.device, max_batch_size=args.max_batch_size,
-                 batch_timeout_ms=args.batch_timeout_ms, workers=args.workers, host=args.host, port=args.port,
-                 follow_alias=args.follow_alias, poll_seconds=args.poll_seconds, api_key_env=args.api_key_env,
-                 max_body_bytes=args.max_body_bytes, max_pixels=args.max_pixels, threads=args.threads,
-                 max_images=args.max_images, max_inflight_bytes=args.max_inflight_bytes,
-                 max_decode_seconds=args.max_decode_seconds, body_timeout=args.body_timeout,
-                 idle_timeout=args.idle_timeout)
+    return serve(
+        args.model_uri,
+        device=args.device,
+        max_batch_size=args.max_batch_size,
+        batch_timeout_ms=args.batch_timeout_ms,
+        workers=args.workers,
+        host=args.host,
+        port=args.port,
+        follow_alias=args.follow_alias,
+        poll_seconds=args.poll_seconds,
+        api_key_env=args.api_key_env,
+        max_body_bytes=args.max_body_bytes,
+        max_pixels=args.max_pixels,
+        threads=args.threads,
+        max_images=args.max_images,
+        max_inflight_bytes=args.max_inflight_bytes,
+        max_decode_seconds=args.max_decode_seconds,
+        body_timeout=args.body_timeout,
+        idle_timeout=args.idle_timeout,
+    )
 
 
 def _compare(args) -> int:
-    from cnnlab.compare import compare
-
     import yaml
+
+    from cnnlab.compare import compare
 
     overrides = {}
     for item in args.set or []:
@@ -129,13 +179,16 @@ def _compare(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cnnlab", description="Train, tune, track, compress and serve classic "
-                                     "CNN image classifiers from one YAML recipe.")
+    parser = argparse.ArgumentParser(
+        prog="cnnlab",
+        description="Train, tune, track, compress and serve classic CNN image classifiers from one YAML recipe.",
+    )
     parser.add_argument("--version", action="version", version=f"cnnlab {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, text in RECIPE_COMMANDS.items():
-        commands.add_parser(name, help=f"{text}: cnnlab {name} --config RECIPE [--dotted.key=value ...]",
-                            add_help=False)
+        commands.add_parser(
+            name, help=f"{text}: cnnlab {name} --config RECIPE [--dotted.key=value ...]", add_help=False
+        )
 
     zoo = commands.add_parser("zoo", help="list the architectures: params, GFLOPs, input size, paper top-1")
     zoo.add_argument("--search", metavar="PATTERN", help="list timm model names matching a pattern, e.g. 'vgg*'")
@@ -183,37 +236,58 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--metric", default="val/acc", help="the validation metric to optimize (default: val/acc)")
     tune.add_argument("--direction", default="maximize", choices=["maximize", "minimize"])
     tune.add_argument("--seed", type=int, help="sampler seed")
-    tune.add_argument("--heartbeat", type=float, default=60, help="seconds between a running trial's heartbeats; "
-                      "trials of a killed study that miss two are failed when it resumes (default: 60)")
+    tune.add_argument(
+        "--heartbeat",
+        type=float,
+        default=60,
+        help="seconds between a running trial's heartbeats; "
+        "trials of a killed study that miss two are failed when it resumes (default: 60)",
+    )
     tune.add_argument("--show", metavar="STUDY", help="print a study's leaderboard and exit")
     tune.set_defaults(func=_tune)
 
-    export = commands.add_parser("export", help="export a model to ONNX (fp32 or int8) or TorchScript, with parity checks")
-    export.add_argument("model_uri", help="models:/NAME@ALIAS, models:/NAME/V, a run id or runs:/RUN_ID, a logged-model "
-                        "id (m-...), or a .ckpt")
+    export = commands.add_parser(
+        "export", help="export a model to ONNX (fp32 or int8) or TorchScript, with parity checks"
+    )
+    export.add_argument(
+        "model_uri",
+        help="models:/NAME@ALIAS, models:/NAME/V, a run id or runs:/RUN_ID, a logged-model id (m-...), or a .ckpt",
+    )
     export.add_argument("--out", required=True, help="the folder to write")
     export.add_argument("--format", default="onnx", choices=["onnx", "torchscript"])
     export.add_argument("--int8", action="store_true", help="static int8 quantization (ONNX Runtime, QOperator)")
-    export.add_argument("--data", help="labelled images (ImageFolder, CSV, shards): int8 calibrates on its training "
-                        "split and parity is checked on its test split (default for int8: the data the model records)")
+    export.add_argument(
+        "--data",
+        help="labelled images (ImageFolder, CSV, shards): int8 calibrates on its training "
+        "split and parity is checked on its test split (default for int8: the data the model records)",
+    )
     export.add_argument("--calib-batches", type=int, default=10, help="training batches (of 32) to calibrate on")
     export.add_argument("--register", metavar="NAME", help="register the ONNX file as a new version of NAME")
     export.set_defaults(func=_export)
 
     compress = commands.add_parser("compress", help="compare compressed variants of a model")
     compress_actions = compress.add_subparsers(dest="action", metavar="ACTION", required=True)
-    compress_report = compress_actions.add_parser("report", help="params, size, CPU latency, top-1 and drop per variant")
-    compress_report.add_argument("model_uris", nargs="+", help="the baseline first, then variants: model URIs, "
-                                 "checkpoints or `cnnlab export` folders")
+    compress_report = compress_actions.add_parser(
+        "report", help="params, size, CPU latency, top-1 and drop per variant"
+    )
+    compress_report.add_argument(
+        "model_uris",
+        nargs="+",
+        help="the baseline first, then variants: model URIs, checkpoints or `cnnlab export` folders",
+    )
     compress_report.add_argument("--threads", type=int, default=2, help="CPU threads for the latency (default: 2)")
     compress_report.add_argument("--runs", type=int, default=20, help="timed runs at batch 1 (a quarter at 32)")
-    compress_report.add_argument("--data", help="evaluate on this source's test split (default: the data the "
-                                 "first model records)")
+    compress_report.add_argument(
+        "--data", help="evaluate on this source's test split (default: the data the first model records)"
+    )
     compress_report.set_defaults(func=_compress)
 
     serve = commands.add_parser("serve", help="a prediction service (LitServe): batching, alias hot swap, hardening")
-    serve.add_argument("model_uri", help="models:/NAME@ALIAS, models:/NAME/V, a run, a logged-model id, a .ckpt or a "
-                       "`cnnlab export` folder; served on the runtime its artifact holds")
+    serve.add_argument(
+        "model_uri",
+        help="models:/NAME@ALIAS, models:/NAME/V, a run, a logged-model id, a .ckpt or a "
+        "`cnnlab export` folder; served on the runtime its artifact holds",
+    )
     serve.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     serve.add_argument("--max-batch-size", type=int, default=32, help="concurrent requests stacked into one call")
     serve.add_argument("--batch-timeout-ms", type=float, default=5.0, help="how long a batch waits to fill")
@@ -223,29 +297,52 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--follow-alias", action="store_true", help="poll the registry and swap when the alias moves")
     serve.add_argument("--poll-seconds", type=float, default=5.0, help="how often --follow-alias polls")
-    serve.add_argument("--api-key-env", metavar="VAR", help="require the key in this environment variable (401 without)")
+    serve.add_argument(
+        "--api-key-env", metavar="VAR", help="require the key in this environment variable (401 without)"
+    )
     serve.add_argument("--max-body-bytes", type=int, default=10_000_000, help="larger bodies get 413")
-    serve.add_argument("--max-pixels", type=int, default=40_000_000, help="a request whose images together are "
-                       "larger gets 413")
+    serve.add_argument(
+        "--max-pixels", type=int, default=40_000_000, help="a request whose images together are larger gets 413"
+    )
     serve.add_argument("--max-images", type=int, default=64, help="more images in one request get 413")
-    serve.add_argument("--max-inflight-bytes", type=int, default=200_000_000,
-                       help="request bodies held at once, all together; beyond it new requests get 503")
-    serve.add_argument("--max-decode-seconds", type=float, default=5.0, help="decoding one request's images "
-                       "beyond this gets 413")
+    serve.add_argument(
+        "--max-inflight-bytes",
+        type=int,
+        default=200_000_000,
+        help="request bodies held at once, all together; beyond it new requests get 503",
+    )
+    serve.add_argument(
+        "--max-decode-seconds", type=float, default=5.0, help="decoding one request's images beyond this gets 413"
+    )
     serve.add_argument("--body-timeout", type=float, default=30.0, help="seconds a body may pause before 408")
-    serve.add_argument("--idle-timeout", type=float, default=5.0, help="seconds an idle keep-alive connection stays open")
+    serve.add_argument(
+        "--idle-timeout", type=float, default=5.0, help="seconds an idle keep-alive connection stays open"
+    )
     serve.set_defaults(func=_serve)
 
-    compare = commands.add_parser("compare", help="train recipes under one budget and compare them (nested MLflow runs)")
+    compare = commands.add_parser(
+        "compare", help="train recipes under one budget and compare them (nested MLflow runs)"
+    )
     compare.add_argument("recipes", nargs="*", help="recipes and/or study files (recipes/studies/)")
     compare.add_argument("--max-epochs", type=int, help="the same epoch budget for every recipe")
     compare.add_argument("--name", help="the comparison's name (default: the study's)")
-    compare.add_argument("--set", action="append", metavar="KEY=VALUE",
-                         help="a dotted recipe key for every run, e.g. --set trainer.limit_train_batches=20")
-    compare.add_argument("--runs", nargs="+", metavar="RUN_ID", help="compare finished runs instead of training "
-                         "(a former comparison's parent run stands for its children)")
-    compare.add_argument("--docs", metavar="PATH", help="write the measured table into this markdown file's "
-                         "measured block (e.g. docs/architectures.md)")
+    compare.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="a dotted recipe key for every run, e.g. --set trainer.limit_train_batches=20",
+    )
+    compare.add_argument(
+        "--runs",
+        nargs="+",
+        metavar="RUN_ID",
+        help="compare finished runs instead of training (a former comparison's parent run stands for its children)",
+    )
+    compare.add_argument(
+        "--docs",
+        metavar="PATH",
+        help="write the measured table into this markdown file's measured block (e.g. docs/architectures.md)",
+    )
     compare.set_defaults(func=_compare)
 
     ui = commands.add_parser("ui", help="open the MLflow UI on the project's store (mlruns/ or MLFLOW_TRACKING_URI)")

@@ -21,9 +21,9 @@ from __future__ import annotations
 import io
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import cv2
 import numpy as np
@@ -32,8 +32,10 @@ from PIL import Image
 META_FILE = "cnnlab.json"
 SCHEMA = 1
 NETWORK_FILES = {"torch": "network.pt2", "onnx": "network.onnx", "torchscript": "network.ts"}
-PREPROCESS = ("decode to RGB uint8; resize the short side to image_size / crop_pct (area filter when shrinking, "
-              "bilinear when enlarging); center crop image_size x image_size; N x 3 x H x W")
+PREPROCESS = (
+    "decode to RGB uint8; resize the short side to image_size / crop_pct (area filter when shrinking, "
+    "bilinear when enlarging); center crop image_size x image_size; N x 3 x H x W"
+)
 
 
 def to_rgb(image: Image.Image) -> np.ndarray:
@@ -84,15 +86,15 @@ def center_crop(image: np.ndarray, size: int, crop_pct: float = 1.0) -> np.ndarr
     if scale <= 1 or max(height, width) <= keep:
         pass
     elif height > width:
-        image = image[(height - keep) // 2:(height - keep) // 2 + keep]
+        image = image[(height - keep) // 2 : (height - keep) // 2 + keep]
     elif width > keep and width > height:
-        image = image[:, (width - keep) // 2:(width - keep) // 2 + keep]
+        image = image[:, (width - keep) // 2 : (width - keep) // 2 + keep]
     height, width = image.shape[:2]
     new_h, new_w = max(size, round(height * scale)), max(size, round(width * scale))
     if (new_h, new_w) != (height, width):
         image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
     top, left = (new_h - size) // 2, (new_w - size) // 2
-    return np.ascontiguousarray(image[top:top + size, left:left + size])
+    return np.ascontiguousarray(image[top : top + size, left : left + size])
 
 
 def default_crop_pct(image_size: int) -> float:
@@ -149,7 +151,7 @@ class Network:
         """Logits of encoded images or uint8 arrays, through the model's own preprocessing, in batches."""
         out = []
         for start in range(0, len(images), batch_size):
-            batch = np.stack([self.preprocess(x) for x in images[start:start + batch_size]])
+            batch = np.stack([self.preprocess(x) for x in images[start : start + batch_size]])
             out.append(np.asarray(self.predict(np.ascontiguousarray(batch.transpose(0, 3, 1, 2))), np.float32))
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
 
@@ -178,8 +180,9 @@ def load_network(folder, threads: int | None = None, device: str = "cpu") -> Net
     folder = Path(folder)
     meta = json.loads((folder / META_FILE).read_text())
     if meta.get("schema", 0) > SCHEMA:
-        raise ValueError(f"{folder / META_FILE} has schema {meta['schema']}; this code reads up to {SCHEMA}: "
-                         "upgrade cnnlab")
+        raise ValueError(
+            f"{folder / META_FILE} has schema {meta['schema']}; this code reads up to {SCHEMA}: upgrade cnnlab"
+        )
     file = folder / meta["network"]
     runtime = meta["runtime"]
     samples = [((folder / s["file"]).read_bytes(), s["label"]) for s in meta.get("samples", [])]
@@ -209,8 +212,14 @@ def load_network(folder, threads: int | None = None, device: str = "cpu") -> Net
     else:
         raise ValueError(f"{folder / META_FILE}: unknown runtime {runtime!r}")
     module = module.to(device)
-    return Network(torch_predict(module, device), meta, folder, module=module,
-                   params=sum(p.numel() for p in module.parameters()), samples=samples)
+    return Network(
+        torch_predict(module, device),
+        meta,
+        folder,
+        module=module,
+        params=sum(p.numel() for p in module.parameters()),
+        samples=samples,
+    )
 
 
 class ImageClassifier:
@@ -232,8 +241,13 @@ class ImageClassifier:
             images = list(model_input) if isinstance(model_input, list) else [model_input]
         probs = self.network.probabilities(images)
         classes = self.network.classes
-        return pd.DataFrame({"label": [classes[i] for i in probs.argmax(1)], "score": probs.max(1).astype(float),
-                             "probabilities": [row.astype(float).tolist() for row in probs]})
+        return pd.DataFrame(
+            {
+                "label": [classes[i] for i in probs.argmax(1)],
+                "score": probs.max(1).astype(float),
+                "probabilities": [row.astype(float).tolist() for row in probs],
+            }
+        )
 
 
 def _load_pyfunc(data_path: str, model_config=None) -> ImageClassifier:
@@ -260,11 +274,22 @@ def write_meta(folder: Path, network: Path, meta: dict, samples: list[tuple[byte
         (folder / "samples" / f"{i:03d}.{suffix}").write_bytes(raw)
         rows.append({"file": f"samples/{i:03d}.{suffix}", "label": int(label)})
     runtime = meta["runtime"]
-    meta = {"schema": SCHEMA, **meta, "network": network.name, "sha256": sha256(network),
-            "bytes": network.stat().st_size, "samples": rows,
-            "preprocess": PREPROCESS, "output": "logits",
-            "input": {"name": "images", "dtype": "uint8", "shape": [-1, 3, meta["image_size"], meta["image_size"]],
-                      "layout": "N x 3 x H x W, RGB, 0..255"}}
+    meta = {
+        "schema": SCHEMA,
+        **meta,
+        "network": network.name,
+        "sha256": sha256(network),
+        "bytes": network.stat().st_size,
+        "samples": rows,
+        "preprocess": PREPROCESS,
+        "output": "logits",
+        "input": {
+            "name": "images",
+            "dtype": "uint8",
+            "shape": [-1, 3, meta["image_size"], meta["image_size"]],
+            "layout": "N x 3 x H x W, RGB, 0..255",
+        },
+    }
     meta.setdefault("format", runtime)
     (folder / META_FILE).write_text(json.dumps(meta, indent=2))
     return meta
@@ -272,24 +297,33 @@ def write_meta(folder: Path, network: Path, meta: dict, samples: list[tuple[byte
 
 def save_model(path, folder: Path, meta: dict) -> None:
     """An MLflow model at `path` whose pyfunc is this module, loading `folder` (network, cnnlab.json, samples)."""
+    from importlib.metadata import version
+
     import mlflow.pyfunc
     import pandas as pd
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, DataType, Schema
     from mlflow.types.schema import Array
 
-    from importlib.metadata import version
-
     runtime = ["onnxruntime", "onnx"] if meta["runtime"] == "onnx" else [f"torch=={version('torch').split('+')[0]}"]
     signature = ModelSignature(
         Schema([ColSpec(DataType.binary, "image")]),
-        Schema([ColSpec(DataType.string, "label"), ColSpec(DataType.double, "score"),
-                ColSpec(Array(DataType.double), "probabilities")]))
+        Schema(
+            [
+                ColSpec(DataType.string, "label"),
+                ColSpec(DataType.double, "score"),
+                ColSpec(Array(DataType.double), "probabilities"),
+            ]
+        ),
+    )
     examples = [(folder / s["file"]).read_bytes() for s in meta["samples"][:2]]
-    mlflow.pyfunc.save_model(str(path), loader_module="cnnlab_model", data_path=str(folder),
-                             code_paths=[os.path.abspath(__file__)], signature=signature,
-                             input_example=pd.DataFrame({"image": examples}) if examples else None,
-                             pip_requirements=[*runtime, "numpy", "pandas", "pillow", "opencv-python-headless",
-                                               "pyyaml"],
-                             metadata={"cnnlab": {k: meta[k] for k in ("schema", "runtime", "format", "sha256",
-                                                                       "image_size", "classes")}})
+    mlflow.pyfunc.save_model(
+        str(path),
+        loader_module="cnnlab_model",
+        data_path=str(folder),
+        code_paths=[os.path.abspath(__file__)],
+        signature=signature,
+        input_example=pd.DataFrame({"image": examples}) if examples else None,
+        pip_requirements=[*runtime, "numpy", "pandas", "pillow", "opencv-python-headless", "pyyaml"],
+        metadata={"cnnlab": {k: meta[k] for k in ("schema", "runtime", "format", "sha256", "image_size", "classes")}},
+    )

@@ -29,8 +29,9 @@ from cnnlab import UserError
 MARKERS = ("<!-- measured:start -->", "<!-- measured:end -->")
 
 
-def expand(paths: list[str], max_epochs: int | None, overrides: dict | None = None
-           ) -> tuple[str | None, list[tuple[str, dict]], int | None]:
+def expand(
+    paths: list[str], max_epochs: int | None, overrides: dict | None = None
+) -> tuple[str | None, list[tuple[str, dict]], int | None]:
     """(study name, [(run name, recipe)], budget) from recipe and study files; `overrides` apply to all."""
     from cnnlab.run import apply
     from cnnlab.sources import resolve_path
@@ -82,21 +83,34 @@ def row(client, run_id: str) -> dict:
     history = sorted(client.get_metric_history(run_id, "val/acc"), key=lambda m: m.step)
     speeds = [m.value for m in client.get_metric_history(run_id, "perf/train_images_per_sec")]
     end = run.info.end_time or run.info.start_time
-    return {"name": run.info.run_name, "run_id": run_id, "model": model,
-            "family": CLASSIC.get(model, (model,))[0], "act": params.get("model.act", "None"),
-            "params": size["params"], "gflops": size["gmacs"], "image_size": image_size,
-            "img_per_sec": max(speeds) if speeds else float("nan"),
-            "best_val": max((m.value for m in history), default=float("nan")),
-            "test": metrics.get("test/acc", float("nan")), "minutes": (end - run.info.start_time) / 60000,
-            "val_curve": [m.value for m in history], "status": run.info.status}
+    return {
+        "name": run.info.run_name,
+        "run_id": run_id,
+        "model": model,
+        "family": CLASSIC.get(model, (model,))[0],
+        "act": params.get("model.act", "None"),
+        "params": size["params"],
+        "gflops": size["gmacs"],
+        "image_size": image_size,
+        "img_per_sec": max(speeds) if speeds else float("nan"),
+        "best_val": max((m.value for m in history), default=float("nan")),
+        "test": metrics.get("test/acc", float("nan")),
+        "minutes": (end - run.info.start_time) / 60000,
+        "val_curve": [m.value for m in history],
+        "status": run.info.status,
+    }
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = ["| run | family | params | GFLOPs* | input | train img/s | best val top-1 | test top-1 | wall min |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| run | family | params | GFLOPs* | input | train img/s | best val top-1 | test top-1 | wall min |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['name']}{' (failed)' if r['status'] == 'FAILED' else ''} | {r['family']} | {r['params'] / 1e6:.2f}M | {r['gflops']:.3f} | {r['image_size']} "
-                     f"| {r['img_per_sec']:.0f} | {r['best_val']:.4f} | {r['test']:.4f} | {r['minutes']:.1f} |")
+        lines.append(
+            f"| {r['name']}{' (failed)' if r['status'] == 'FAILED' else ''} | {r['family']} | {r['params'] / 1e6:.2f}M | {r['gflops']:.3f} | {r['image_size']} "
+            f"| {r['img_per_sec']:.0f} | {r['best_val']:.4f} | {r['test']:.4f} | {r['minutes']:.1f} |"
+        )
     return "\n".join(lines) + "\n\n\\* multiply-adds of one forward pass at the trained input size.\n"
 
 
@@ -107,7 +121,10 @@ def plots(rows: list[dict], folder: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     out = []
-    for key, label, log in (("params", "parameters", True), ("img_per_sec", "training images / s (this machine)", True)):
+    for key, label, log in (
+        ("params", "parameters", True),
+        ("img_per_sec", "training images / s (this machine)", True),
+    ):
         fig, ax = plt.subplots(figsize=(7, 5))
         for r in rows:
             ax.scatter(r[key], r["test"] if r["test"] == r["test"] else r["best_val"])
@@ -146,8 +163,14 @@ def write_docs(path: str, table: str, source: str) -> None:
     doc.write_text(text)
 
 
-def compare(paths: list[str], max_epochs: int | None = None, name: str | None = None, runs: list[str] | None = None,
-            docs: str | None = None, overrides: dict | None = None) -> int:
+def compare(
+    paths: list[str],
+    max_epochs: int | None = None,
+    name: str | None = None,
+    runs: list[str] | None = None,
+    docs: str | None = None,
+    overrides: dict | None = None,
+) -> int:
     from cnnlab import store
     from cnnlab.run import fit_process
     from cnnlab.store import default_tracking_uri
@@ -160,16 +183,20 @@ def compare(paths: list[str], max_epochs: int | None = None, name: str | None = 
         for given in runs:  # a former comparison's parent stands for its children
             children = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{given}'")
             run_ids += [c.info.run_id for c in sorted(children, key=lambda c: c.info.start_time)] or [given]
-        parent = client.create_run(experiment_id, run_name=f"compare-{name or 'runs'}", tags={
-            "cnnlab.role": "compare", "cnnlab.compared_runs": ",".join(run_ids)[:5000]}).info.run_id
+        parent = client.create_run(
+            experiment_id,
+            run_name=f"compare-{name or 'runs'}",
+            tags={"cnnlab.role": "compare", "cnnlab.compared_runs": ",".join(run_ids)[:5000]},
+        ).info.run_id
         source = f"runs {', '.join(runs)}"
     else:
         if not paths:
             raise UserError("cnnlab compare needs recipes, a study file (recipes/studies/) or --runs RUN_ID ...")
         study, entries, budget = expand(paths, max_epochs, overrides)
         name = name or study or "compare"
-        parent = client.create_run(experiment_id, run_name=f"compare-{name}",
-                                   tags={"cnnlab.role": "compare", "cnnlab.compare": name}).info.run_id
+        parent = client.create_run(
+            experiment_id, run_name=f"compare-{name}", tags={"cnnlab.role": "compare", "cnnlab.compare": name}
+        ).info.run_id
         client.log_param(parent, "max_epochs", str(budget))
         for key, value in (overrides or {}).items():
             client.log_param(parent, f"set.{key}", str(value))
@@ -177,10 +204,13 @@ def compare(paths: list[str], max_epochs: int | None = None, name: str | None = 
         source = f"the comparison '{name}' (MLflow run {parent}; budget: {settings})"
         run_ids = []
         for run_name, recipe in entries:
-            child = client.create_run(experiment_id, run_name=run_name, tags={"mlflow.parentRunId": parent,
-                                                                                "cnnlab.compare": name}).info.run_id
+            child = client.create_run(
+                experiment_id, run_name=run_name, tags={"mlflow.parentRunId": parent, "cnnlab.compare": name}
+            ).info.run_id
             print(f"training {run_name} ...", flush=True)
-            proc = fit_process(recipe, child, "cnnlab", default_tracking_uri(), name=run_name, extra=["--log_model=false"])
+            proc = fit_process(
+                recipe, child, "cnnlab", default_tracking_uri(), name=run_name, extra=["--log_model=false"]
+            )
             if proc.returncode != 0:
                 print(f"  failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
                 client.set_terminated(child, "FAILED")

@@ -41,11 +41,16 @@ def report(uris: list[str], threads: int = 2, runs: int = 20, data: str | None =
     for uri, network in zip(uris, networks):
         size = network.image_size
         label = Path(uri).name if Path(uri).is_dir() else uri  # an export folder by its name
-        rows.append({"variant": f"{label} ({network.meta.get('format')})", "params": network.params,
-                     "mb": network.meta.get("bytes", 4 * network.params) / 1e6,
-                     "ms_b1": latency_ms(network.predict, size, 1, runs),
-                     "ms_b32": latency_ms(network.predict, size, 32, max(3, runs // 4)),
-                     "top1": evaluate(network, datamodule, split)["test/acc"]})
+        rows.append(
+            {
+                "variant": f"{label} ({network.meta.get('format')})",
+                "params": network.params,
+                "mb": network.meta.get("bytes", 4 * network.params) / 1e6,
+                "ms_b1": latency_ms(network.predict, size, 1, runs),
+                "ms_b32": latency_ms(network.predict, size, 32, max(3, runs // 4)),
+                "top1": evaluate(network, datamodule, split)["test/acc"],
+            }
+        )
     for row in rows:
         row["drop"] = 100 * (rows[0]["top1"] - row["top1"])
         row["speedup_b1"] = rows[0]["ms_b1"] / row["ms_b1"]
@@ -56,11 +61,15 @@ def report(uris: list[str], threads: int = 2, runs: int = 20, data: str | None =
 
 
 def format_table(rows: list[dict], threads: int, data: str) -> str:
-    lines = [f"CPU, {threads} threads; top-1 on {data}; drop in points against the first row",
-             f"{'variant':<44} {'params':>10} {'MB':>7} {'ms b1':>8} {'ms b32':>8} {'x b1':>5} {'top-1':>7} {'drop':>6}"]
+    lines = [
+        f"CPU, {threads} threads; top-1 on {data}; drop in points against the first row",
+        f"{'variant':<44} {'params':>10} {'MB':>7} {'ms b1':>8} {'ms b32':>8} {'x b1':>5} {'top-1':>7} {'drop':>6}",
+    ]
     for r in rows:
-        lines.append(f"{r['variant'][:44]:<44} {r['params'] / 1e6:>9.2f}M {r['mb']:>7.1f} {r['ms_b1']:>8.2f} "
-                     f"{r['ms_b32']:>8.1f} {r['speedup_b1']:>5.2f} {r['top1']:>7.4f} {r['drop']:>+6.2f}")
+        lines.append(
+            f"{r['variant'][:44]:<44} {r['params'] / 1e6:>9.2f}M {r['mb']:>7.1f} {r['ms_b1']:>8.2f} "
+            f"{r['ms_b32']:>8.1f} {r['speedup_b1']:>5.2f} {r['top1']:>7.4f} {r['drop']:>+6.2f}"
+        )
     return "\n".join(lines)
 
 
@@ -68,8 +77,9 @@ def _log(rows: list[dict], table: str) -> None:
     client = store.client()
     experiment = client.get_experiment_by_name("cnnlab")
     experiment_id = experiment.experiment_id if experiment else client.create_experiment("cnnlab")
-    run_id = client.create_run(experiment_id, run_name="compress-report",
-                               tags={"cnnlab.role": "compress-report"}).info.run_id
+    run_id = client.create_run(
+        experiment_id, run_name="compress-report", tags={"cnnlab.role": "compress-report"}
+    ).info.run_id
     client.log_text(run_id, table + "\n", "compress_report.txt")
     client.log_dict(run_id, rows, "compress_report.json")
     for i, row in enumerate(rows):

@@ -23,8 +23,18 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, default_colla
 
 from cnnlab import UserError
 from cnnlab.cnnlab_model import center_crop
-from cnnlab.sources import (BadImageError, Samples, digits_folder, load_members, open_image, read_members, read_source,
-                            resolve_path, stratified_split, synthetic_image)
+from cnnlab.sources import (
+    BadImageError,
+    Samples,
+    digits_folder,
+    load_members,
+    open_image,
+    read_members,
+    read_source,
+    resolve_path,
+    stratified_split,
+    synthetic_image,
+)
 
 PRESETS = ("none", "light", "standard", "strong", "cifar")
 # Lightning's warning about an IterableDataset with __len__ under several workers: ShardStream gives each
@@ -42,19 +52,28 @@ def load_augment(augment: str) -> A.BasicTransform:
             return A.load(str(path), data_format="yaml")
     path = resolve_path(augment)
     if not path.exists():
-        raise UserError(f"data.augment='{augment}' is neither a preset ({', '.join(PRESETS)}) nor an existing file. "
-                        "Copy a preset from recipes/augment/ and point data.augment at it.")
+        raise UserError(
+            f"data.augment='{augment}' is neither a preset ({', '.join(PRESETS)}) nor an existing file. "
+            "Copy a preset from recipes/augment/ and point data.augment at it."
+        )
     try:
         return A.load(str(path), data_format="yaml")
     except Exception as err:
-        raise UserError(f"data.augment='{augment}': {path} is not an albumentations pipeline ({err}). "
-                        "Write it with albumentations.save(transform, path, data_format='yaml').") from None
+        raise UserError(
+            f"data.augment='{augment}': {path} is not an albumentations pipeline ({err}). "
+            "Write it with albumentations.save(transform, path, data_format='yaml')."
+        ) from None
 
 
 def train_transform(augment: str, image_size: int):
     """Shortest side to image_size, a random square crop, then the preset (which keeps the size)."""
-    pipeline = A.Compose([A.SmallestMaxSize(max_size=image_size, area_for_downscale="image"),
-                          A.RandomCrop(image_size, image_size), load_augment(augment)])
+    pipeline = A.Compose(
+        [
+            A.SmallestMaxSize(max_size=image_size, area_for_downscale="image"),
+            A.RandomCrop(image_size, image_size),
+            load_augment(augment),
+        ]
+    )
     return partial(_apply, pipeline)
 
 
@@ -90,8 +109,10 @@ class ImageDataset(Dataset):
                 image, _ = open_image(item, self.max_pixels)
             except BadImageError as err:
                 if not self.skip_bad:
-                    raise BadImageError(f"{self.samples.name(i)}: {err}. Fix or remove the file, check the source "
-                                        "with `cnnlab data check`, or set data.on_bad_image: skip.") from None
+                    raise BadImageError(
+                        f"{self.samples.name(i)}: {err}. Fix or remove the file, check the source "
+                        "with `cnnlab data check`, or set data.on_bad_image: skip."
+                    ) from None
                 self.bad[i] = True
                 return None
         image = self.transform(image)
@@ -181,30 +202,51 @@ class DataModule(L.LightningDataModule):
         shuffle_buffer: encoded samples each loader worker holds to shuffle a stream.
     """
 
-    def __init__(self, source: str = "digits", augment: str = "none", image_size: int = 32, batch_size: int = 64,
-                 num_workers: int | None = None, val_fraction: float = 0.1, test_fraction: float = 0.1,
-                 split_seed: int = 0, on_bad_image: Literal["error", "skip"] = "error",
-                 max_pixels: int = 89_478_485, crop_pct: float | None = None, synthetic_size: int = 2048,
-                 pin_memory: bool = True, persistent_workers: bool = True,
-                 device_augment: Literal["flip", "crop_flip", "cifar"] | None = None, stream: bool = False,
-                 shuffle_buffer: int = 1000):
+    def __init__(
+        self,
+        source: str = "digits",
+        augment: str = "none",
+        image_size: int = 32,
+        batch_size: int = 64,
+        num_workers: int | None = None,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        split_seed: int = 0,
+        on_bad_image: Literal["error", "skip"] = "error",
+        max_pixels: int = 89_478_485,
+        crop_pct: float | None = None,
+        synthetic_size: int = 2048,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        device_augment: Literal["flip", "crop_flip", "cifar"] | None = None,
+        stream: bool = False,
+        shuffle_buffer: int = 1000,
+    ):
         super().__init__()
         self.save_hyperparameters(logger=False)
         for key, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
             if not 0 <= value < 1:
                 raise UserError(f"data.{key}={value} must be in [0, 1).")
         if val_fraction + test_fraction >= 1:
-            raise UserError(f"data.val_fraction + data.test_fraction = {val_fraction + test_fraction} leaves no "
-                            "training data. Lower them.")
+            raise UserError(
+                f"data.val_fraction + data.test_fraction = {val_fraction + test_fraction} leaves no "
+                "training data. Lower them."
+            )
         self.source, self.image_size, self.batch_size = source, image_size, batch_size
         self.crop_pct = crop_pct or (1.0 if image_size <= 64 else 0.875)
         self.train_tf = train_transform(augment, image_size)  # fail on a bad preset now, not in a worker
         self.classes, found = read_source(source, synthetic_size, stream)
         fractions = {s: f for s, f in (("val", val_fraction), ("test", test_fraction)) if s not in found}
         base = found.get("train", found.get("all"))
-        splits = {**stratified_split(base, fractions, split_seed), **{s: found[s] for s in ("val", "test") if s in found}}
-        self.splits = {name: samples if name == "train" else load_members(samples)
-                       for name, samples in splits.items() if len(samples) or name == "train"}
+        splits = {
+            **stratified_split(base, fractions, split_seed),
+            **{s: found[s] for s in ("val", "test") if s in found},
+        }
+        self.splits = {
+            name: samples if name == "train" else load_members(samples)
+            for name, samples in splits.items()
+            if len(samples) or name == "train"
+        }
         self.datasets: dict[str, ImageDataset | ShardStream] = {}
 
     @property
@@ -214,15 +256,19 @@ class DataModule(L.LightningDataModule):
     def dataset(self, split: str) -> ImageDataset:
         if split not in self.datasets:
             if split not in self.splits or not len(self.splits[split]):
-                raise UserError(f"data.source='{self.source}' has no {split} split. Add a {split}/ folder or "
-                                f"set data.{split}_fraction above 0.")
+                raise UserError(
+                    f"data.source='{self.source}' has no {split} split. Add a {split}/ folder or "
+                    f"set data.{split}_fraction above 0."
+                )
             transform = self.train_tf if split == "train" else eval_transform(self.image_size, self.crop_pct)
             samples = self.splits[split]
-            self.datasets[split] = ImageDataset(samples, transform, self.image_size,
-                                                self.hparams.max_pixels, self.hparams.on_bad_image == "skip")
+            self.datasets[split] = ImageDataset(
+                samples, transform, self.image_size, self.hparams.max_pixels, self.hparams.on_bad_image == "skip"
+            )
             if samples.items and isinstance(samples.items[0], tuple):
-                self.datasets[split] = ShardStream(self.datasets[split], self.batch_size,
-                                                   self.hparams.shuffle_buffer, self.hparams.split_seed)
+                self.datasets[split] = ShardStream(
+                    self.datasets[split], self.batch_size, self.hparams.shuffle_buffer, self.hparams.split_seed
+                )
         return self.datasets[split]
 
     def describe(self) -> dict:
@@ -233,9 +279,12 @@ class DataModule(L.LightningDataModule):
         for samples in self.splits.values():
             for label in samples.labels:
                 counts[label] += 1
-        return {"fingerprint": "-".join(self.splits[s].fingerprint(root) for s in sorted(self.splits)),
-                "sizes": {s: len(v) for s, v in self.splits.items()},
-                "class_counts": dict(zip(self.classes, counts)), "root": root}
+        return {
+            "fingerprint": "-".join(self.splits[s].fingerprint(root) for s in sorted(self.splits)),
+            "sizes": {s: len(v) for s, v in self.splits.items()},
+            "class_counts": dict(zip(self.classes, counts)),
+            "root": root,
+        }
 
     @property
     def skipped(self) -> int:
@@ -254,10 +303,16 @@ class DataModule(L.LightningDataModule):
         if isinstance(dataset, ShardStream):  # it shuffles itself, and its workers must count the epochs
             dataset.workers, dataset.world = max(1, workers), self.trainer.world_size if self.trainer else 1
             shuffle, persistent = False, True
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=workers,
-                          collate_fn=collate, drop_last=shuffle and len(dataset) > self.batch_size,
-                          pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
-                          persistent_workers=persistent and workers > 0)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=workers,
+            collate_fn=collate,
+            drop_last=shuffle and len(dataset) > self.batch_size,
+            pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
+            persistent_workers=persistent and workers > 0,
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self.loader("train", shuffle=True)
@@ -299,19 +354,25 @@ def labelled(meta: dict, data: str | None, splits: tuple[str, ...] = ("test", "v
     if data:
         recorded["source"] = data
     if not recorded.get("source"):
-        raise UserError("this model records no data source: pass --data SOURCE (an ImageFolder, CSV manifest or "
-                        "shard folder with the model's classes).")
+        raise UserError(
+            "this model records no data source: pass --data SOURCE (an ImageFolder, CSV manifest or "
+            "shard folder with the model's classes)."
+        )
     try:
         datamodule = DataModule(**recorded, image_size=meta["image_size"], num_workers=0)
     except UserError as err:
         if data:
             raise
-        raise UserError(f"the data this model was trained on ({recorded['source']}) is not readable here ({err}). "
-                        "Pass --data SOURCE: an ImageFolder, CSV manifest or shard folder with the model's "
-                        "classes.") from None
+        raise UserError(
+            f"the data this model was trained on ({recorded['source']}) is not readable here ({err}). "
+            "Pass --data SOURCE: an ImageFolder, CSV manifest or shard folder with the model's "
+            "classes."
+        ) from None
     if datamodule.classes != list(meta["classes"]):
-        raise UserError(f"--data {recorded['source']}: its classes {datamodule.classes[:10]} are not the model's "
-                        f"{list(meta['classes'])[:10]}. Pass data with the model's classes.")
+        raise UserError(
+            f"--data {recorded['source']}: its classes {datamodule.classes[:10]} are not the model's "
+            f"{list(meta['classes'])[:10]}. Pass data with the model's classes."
+        )
     split = next((s for s in splits if s in datamodule.splits and len(datamodule.splits[s])), None)
     if split is None:
         raise UserError(f"--data {recorded['source']}: no {' or '.join(splits)} split to use.")
@@ -328,8 +389,12 @@ def augment_on_device(images: torch.Tensor, mode: str, pad: int = 4) -> torch.Te
         dx = torch.randint(0, 2 * pad + 1, (n, 1, 1, 1), device=device)
         rows = dy + torch.arange(height, device=device).view(1, 1, height, 1)
         cols = dx + torch.arange(width, device=device).view(1, 1, 1, width)
-        images = padded[torch.arange(n, device=device).view(n, 1, 1, 1),
-                        torch.arange(channels, device=device).view(1, channels, 1, 1), rows, cols]
+        images = padded[
+            torch.arange(n, device=device).view(n, 1, 1, 1),
+            torch.arange(channels, device=device).view(1, channels, 1, 1),
+            rows,
+            cols,
+        ]
     flip = torch.rand(n, 1, 1, 1, device=device) < 0.5
     images = torch.where(flip, images.flip(-1), images)
     if mode == "cifar":  # one square of half the side, at a random centre, in half of the images
@@ -350,13 +415,18 @@ def preview(datamodule: DataModule, path: Path, n: int = 32, seed: int = 0, cols
 
     samples = datamodule.splits["train"]
     picks = np.random.default_rng(seed).choice(len(samples), size=min(n, len(samples)), replace=False)
-    dataset = ImageDataset(load_members(samples.subset(picks)), datamodule.train_tf, datamodule.image_size,
-                           datamodule.hparams.max_pixels, skip_bad=True)
+    dataset = ImageDataset(
+        load_members(samples.subset(picks)),
+        datamodule.train_tf,
+        datamodule.image_size,
+        datamodule.hparams.max_pixels,
+        skip_bad=True,
+    )
     tile = max(96, datamodule.image_size)
     rows = (len(picks) + cols - 1) // cols
     grid = Image.new("RGB", (cols * (tile + 4), rows * (tile + 18)), "white")
     draw = ImageDraw.Draw(grid)
-    for k, i in enumerate(picks):
+    for k in range(len(picks)):
         x, y = (k % cols) * (tile + 4), (k // cols) * (tile + 18)
         sample = dataset[k]
         if sample is None:
@@ -364,7 +434,7 @@ def preview(datamodule: DataModule, path: Path, n: int = 32, seed: int = 0, cols
             continue
         image = Image.fromarray(sample[0].permute(1, 2, 0).numpy()).resize((tile, tile), Image.NEAREST)
         grid.paste(image, (x, y))
-        draw.text((x + 2, y + tile + 3), datamodule.classes[sample[1]][:tile // 6], fill="black")
+        draw.text((x + 2, y + tile + 3), datamodule.classes[sample[1]][: tile // 6], fill="black")
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
     return path

@@ -10,17 +10,32 @@ from pathlib import Path
 from cnnlab import UserError
 from cnnlab.sources import BadImageError, Samples, check_classes, open_image, read_source, resolve_path, scan_folder
 
-MODE_NAMES = {"L": "grey", "LA": "grey+alpha", "RGBA": "RGBA", "CMYK": "CMYK", "P": "palette", "1": "1-bit",
-              "I;16": "16-bit grey", "I;16B": "16-bit grey", "I;16L": "16-bit grey", "I": "32-bit grey",
-              "F": "float grey", "YCbCr": "YCbCr", "PA": "palette+alpha"}
+MODE_NAMES = {
+    "L": "grey",
+    "LA": "grey+alpha",
+    "RGBA": "RGBA",
+    "CMYK": "CMYK",
+    "P": "palette",
+    "1": "1-bit",
+    "I;16": "16-bit grey",
+    "I;16B": "16-bit grey",
+    "I;16L": "16-bit grey",
+    "I": "32-bit grey",
+    "F": "float grey",
+    "YCbCr": "YCbCr",
+    "PA": "palette+alpha",
+}
 
 
 def check(source: str, max_pixels: int = 89_478_485) -> dict:
     """Returns {'splits': {split: n}, 'classes': [...], 'modes': Counter, 'errors': [(where, what)], 'ignored': [...]}."""
     errors, ignored = [], []
     path = resolve_path(source)
-    if source not in ("digits", "synthetic") and path.is_dir() and not any(
-            p.name.endswith((".tar", ".tar.gz", ".tgz")) for p in path.iterdir()):
+    if (
+        source not in ("digits", "synthetic")
+        and path.is_dir()
+        and not any(p.name.endswith((".tar", ".tar.gz", ".tgz")) for p in path.iterdir())
+    ):
         scan = scan_folder(path)
         classes, splits, ignored = scan["classes"], scan["splits"], scan["ignored"]
         check_classes(classes, source)
@@ -45,8 +60,13 @@ def check(source: str, max_pixels: int = 89_478_485) -> dict:
                 errors.append(error)
             else:
                 modes[mode] += 1
-    return {"classes": classes, "splits": {k: len(v) for k, v in splits.items()}, "modes": modes,
-            "errors": errors, "ignored": [str(p) for p in ignored]}
+    return {
+        "classes": classes,
+        "splits": {k: len(v) for k, v in splits.items()},
+        "modes": modes,
+        "errors": errors,
+        "ignored": [str(p) for p in ignored],
+    }
 
 
 def report(source: str, max_pixels: int) -> int:

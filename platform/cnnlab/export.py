@@ -27,8 +27,16 @@ def to_onnx(module, image_size: int, path: Path) -> Path:
     import torch
 
     example = torch.zeros(2, 3, image_size, image_size, dtype=torch.uint8)
-    torch.onnx.export(module, (example,), str(path), dynamo=True, external_data=False, input_names=["images"],
-                      output_names=["logits"], dynamic_shapes={"images": {0: torch.export.Dim("batch")}})
+    torch.onnx.export(
+        module,
+        (example,),
+        str(path),
+        dynamo=True,
+        external_data=False,
+        input_names=["images"],
+        output_names=["logits"],
+        dynamic_shapes={"images": {0: torch.export.Dim("batch")}},
+    )
     return path
 
 
@@ -49,8 +57,15 @@ def to_int8(fp32: Path, path: Path, batches) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32), str(prepared))
-        quantize_static(str(prepared), str(path), Reader(), quant_format=QuantFormat.QOperator,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True)
+        quantize_static(
+            str(prepared),
+            str(path),
+            Reader(),
+            quant_format=QuantFormat.QOperator,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+        )
     return path
 
 
@@ -58,15 +73,20 @@ def parity(reference: Network, exported: Network, images: list, labels: list[int
     """The exported network against its source: max |logit difference|, top-1 agreement, both accuracies."""
     diff, agree, correct_ref, correct_exp = 0.0, 0, 0, 0
     for start in range(0, len(images), 64):
-        chunk, truth = images[start:start + 64], np.asarray(labels[start:start + 64])
+        chunk, truth = images[start : start + 64], np.asarray(labels[start : start + 64])
         ours, theirs = reference.logits(chunk), exported.logits(chunk)
         diff = max(diff, float(np.abs(ours - theirs).max()))
         agree += int((ours.argmax(1) == theirs.argmax(1)).sum())
         correct_ref += int((ours.argmax(1) == truth).sum())
         correct_exp += int((theirs.argmax(1) == truth).sum())
     total = max(1, len(images))
-    return {"max_abs_diff": diff, "top1_agreement": agree / total, "source_acc": correct_ref / total,
-            "acc": correct_exp / total, "images": len(images)}
+    return {
+        "max_abs_diff": diff,
+        "top1_agreement": agree / total,
+        "source_acc": correct_ref / total,
+        "acc": correct_exp / total,
+        "images": len(images),
+    }
 
 
 def calibration(source: Network, data: str | None, calib_batches: int, batch: int = 32):
@@ -75,14 +95,21 @@ def calibration(source: Network, data: str | None, calib_batches: int, batch: in
 
     datamodule, split = labelled(source.meta, data, splits=("train", "val", "test"))
     samples = datamodule.splits[split]
-    picks = np.random.default_rng(0).permutation(len(samples))[:calib_batches * batch]
+    picks = np.random.default_rng(0).permutation(len(samples))[: calib_batches * batch]
     for start in range(0, len(picks), batch):
-        images = [source.preprocess(samples.raw(int(i), source.image_size)) for i in picks[start:start + batch]]
+        images = [source.preprocess(samples.raw(int(i), source.image_size)) for i in picks[start : start + batch]]
         yield np.ascontiguousarray(np.stack(images).transpose(0, 3, 1, 2))
 
 
-def export(uri: str, out: str, fmt: str = "onnx", int8: bool = False, data: str | None = None,
-           calib_batches: int = 10, register: str | None = None) -> dict:
+def export(
+    uri: str,
+    out: str,
+    fmt: str = "onnx",
+    int8: bool = False,
+    data: str | None = None,
+    calib_batches: int = 10,
+    register: str | None = None,
+) -> dict:
     """Export the model URI names into the folder `out` (a cnnlab model); returns its cnnlab.json."""
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt}: choose {' or '.join(FORMATS)}.")
@@ -93,8 +120,10 @@ def export(uri: str, out: str, fmt: str = "onnx", int8: bool = False, data: str 
         raise UserError(f"--out {out} is a folder with other files in it: choose a new or empty folder.")
     source = store.load(uri)
     if source.runtime != "torch":
-        raise UserError(f"'{uri}' is already a {source.meta.get('format')} model: export from the torch model it "
-                        f"came from ({source.meta.get('source', {}).get('uri', 'its source')}).")
+        raise UserError(
+            f"'{uri}' is already a {source.meta.get('format')} model: export from the torch model it "
+            f"came from ({source.meta.get('source', {}).get('uri', 'its source')})."
+        )
     size = source.image_size
     with tempfile.TemporaryDirectory(prefix="cnnlab-export-") as tmp:
         folder = Path(tmp) / "network"
@@ -112,12 +141,19 @@ def export(uri: str, out: str, fmt: str = "onnx", int8: bool = False, data: str 
                 path = to_int8(path, folder / INT8_FILE, calibration(source, data, calib_batches))
                 (folder / NETWORK_FILES["onnx"]).unlink()
             runtime, form = "onnx", "onnx-int8" if int8 else "onnx"
-        keep = {k: v for k, v in source.meta.items() if k in ("classes", "image_size", "crop_pct", "mean", "std",
-                                                                  "model", "data", "run_id")}
-        lineage = {"uri": uri, "sha256": source.digest, "format": source.meta.get("format"), "name": source.name,
-                   "version": source.version}
-        meta = write_meta(folder, path, {**keep, "runtime": runtime, "format": form, "source": lineage},
-                          source.samples)
+        keep = {
+            k: v
+            for k, v in source.meta.items()
+            if k in ("classes", "image_size", "crop_pct", "mean", "std", "model", "data", "run_id")
+        }
+        lineage = {
+            "uri": uri,
+            "sha256": source.digest,
+            "format": source.meta.get("format"),
+            "name": source.name,
+            "version": source.version,
+        }
+        meta = write_meta(folder, path, {**keep, "runtime": runtime, "format": form, "source": lineage}, source.samples)
         exported = load_network(folder)
         images, labels = [raw for raw, _ in source.samples], [label for _, label in source.samples]
         checked_on = f"{len(images)} sample images"
@@ -134,9 +170,11 @@ def export(uri: str, out: str, fmt: str = "onnx", int8: bool = False, data: str 
             shutil.rmtree(target)
         save_model(target, folder, meta)
     checks = meta["checks"]
-    print(f"exported {uri} -> {target} ({form}, {meta['bytes'] / 1e6:.1f} MB)\n"
-          f"parity on {checked_on}: max |logit diff| {checks['max_abs_diff']:.2e}, top-1 agreement "
-          f"{checks['top1_agreement']:.4f}; top-1 {checks['acc']:.4f} (source {checks['source_acc']:.4f})")
+    print(
+        f"exported {uri} -> {target} ({form}, {meta['bytes'] / 1e6:.1f} MB)\n"
+        f"parity on {checked_on}: max |logit diff| {checks['max_abs_diff']:.2e}, top-1 agreement "
+        f"{checks['top1_agreement']:.4f}; top-1 {checks['acc']:.4f} (source {checks['source_acc']:.4f})"
+    )
     meta["run_id"], meta["version"] = _track(target, meta, register)
     return meta
 
@@ -154,20 +192,35 @@ def _track(folder: Path, meta: dict, register: str | None) -> tuple[str, str | N
     for key, value in meta["checks"].items():
         client.log_metric(run_id, f"export/{key}", value)
     client.log_metric(run_id, "test/acc", meta["checks"]["acc"])
-    model_tags = {"cnnlab.runtime": meta["runtime"], "cnnlab.format": meta["format"], "cnnlab.sha256": meta["sha256"],
-                  "cnnlab.source": source["uri"], "cnnlab.source_sha256": source["sha256"] or "",
-                  **({"cnnlab.source_version": f"{source['name']}/{source['version']}"} if source["version"] else {}),
-                  **({"cnnlab.parent_run": meta["run_id"]} if meta.get("run_id") else {})}
+    model_tags = {
+        "cnnlab.runtime": meta["runtime"],
+        "cnnlab.format": meta["format"],
+        "cnnlab.sha256": meta["sha256"],
+        "cnnlab.source": source["uri"],
+        "cnnlab.source_sha256": source["sha256"] or "",
+        **({"cnnlab.source_version": f"{source['name']}/{source['version']}"} if source["version"] else {}),
+        **({"cnnlab.parent_run": meta["run_id"]} if meta.get("run_id") else {}),
+    }
     model_uri = store.log_model(client, run_id, folder, tags=model_tags)
     version = None
     if register:
         checks = meta["checks"]
-        created = register_model(client, register, model_uri, run_id, {
-            **model_tags, "variant": meta["format"], "test/acc": f"{checks['acc']:.6g}",
-            "export/top1_agreement": f"{checks['top1_agreement']:.6g}",
-            "export/max_abs_diff": f"{checks['max_abs_diff']:.3g}", "export/checked_on": meta["checks_on"]},
+        created = register_model(
+            client,
+            register,
+            model_uri,
+            run_id,
+            {
+                **model_tags,
+                "variant": meta["format"],
+                "test/acc": f"{checks['acc']:.6g}",
+                "export/top1_agreement": f"{checks['top1_agreement']:.6g}",
+                "export/max_abs_diff": f"{checks['max_abs_diff']:.3g}",
+                "export/checked_on": meta["checks_on"],
+            },
             f"{meta['format']} export of {source['uri']} (sha256 {source['sha256'][:12]}); parity on "
-            f"{meta['checks_on']}: top-1 agreement {checks['top1_agreement']:.4f}.")
+            f"{meta['checks_on']}: top-1 agreement {checks['top1_agreement']:.4f}.",
+        )
         version = str(created.version)
         print(f"registered {register} v{version} ({meta['format']}, alias challenger)")
     client.set_terminated(run_id, "FINISHED")

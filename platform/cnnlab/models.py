@@ -43,10 +43,24 @@ SMALL_INPUT_FAMILIES = "resnet*, densenet*, vgg*, alexnet, googlenet"
 MIN_INPUT = {"inception_v4": 75, "inception_resnet_v2": 75, "alexnet": 63}
 
 # Hidden-unit activations (not the sigmoid/tanh gates of attention blocks), torch's and timm's own.
-ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.PReLU,
-               nn.Hardswish, *(getattr(timm_acts, name) for name in ("GELU", "GELUTanh", "QuickGELU", "Swish", "Mish",
-                                                                     "HardSwish", "HardMish", "PReLU")
-                               if hasattr(timm_acts, name)))
+ACTIVATIONS = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.PReLU,
+    nn.Hardswish,
+    *(
+        getattr(timm_acts, name)
+        for name in ("GELU", "GELUTanh", "QuickGELU", "Swish", "Mish", "HardSwish", "HardMish", "PReLU")
+        if hasattr(timm_acts, name)
+    ),
+)
 ACT_CHOICES = ("relu", "relu6", "leaky_relu", "elu", "selu", "celu", "gelu", "silu", "mish", "prelu", "hard_swish")
 
 
@@ -56,14 +70,20 @@ def family_of(name: str) -> str:
     return match.group(1) if match else name
 
 
-def create_model(name: str, num_classes: int = 1000, act: str | None = None, drop_rate: float | None = None,
-                 drop_path_rate: float = 0.0, in_chans: int = 3, small_input: bool = False,
-                 pretrained: bool = False) -> nn.Module:
+def create_model(
+    name: str,
+    num_classes: int = 1000,
+    act: str | None = None,
+    drop_rate: float | None = None,
+    drop_path_rate: float = 0.0,
+    in_chans: int = 3,
+    small_input: bool = False,
+    pretrained: bool = False,
+) -> nn.Module:
     """Build any zoo model; `drop_rate=None` keeps the family's own dropout (AlexNet 0.5, GoogLeNet 0.2)."""
     if name in TORCHVISION:
         if drop_path_rate:
-            raise UserError(f"model='{name}' has no stochastic depth: set drop_path_rate to 0 "
-                            "(resnet* supports it).")
+            raise UserError(f"model='{name}' has no stochastic depth: set drop_path_rate to 0 (resnet* supports it).")
         model = _torchvision_model(name, num_classes, drop_rate, in_chans, pretrained)
     else:
         _check_known(name)
@@ -74,8 +94,9 @@ def create_model(name: str, num_classes: int = 1000, act: str | None = None, dro
             model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
         except TypeError as err:
             if "drop_path_rate" in str(err):
-                raise UserError(f"model='{name}' has no stochastic depth: set drop_path_rate to 0 "
-                                "(resnet* supports it).") from None
+                raise UserError(
+                    f"model='{name}' has no stochastic depth: set drop_path_rate to 0 (resnet* supports it)."
+                ) from None
             raise
     if small_input:
         _small_input_stem(name, model)
@@ -109,8 +130,9 @@ def _torchvision_model(name, num_classes, drop_rate, in_chans, pretrained) -> nn
     kwargs = {"dropout": drop_rate} if drop_rate is not None else {}
     if name == "googlenet":
         kwargs.update(aux_logits=False, init_weights=not pretrained)
-    model = getattr(torchvision.models, name)(weights="DEFAULT" if pretrained else None,
-                                              num_classes=1000 if pretrained else num_classes, **kwargs)
+    model = getattr(torchvision.models, name)(
+        weights="DEFAULT" if pretrained else None, num_classes=1000 if pretrained else num_classes, **kwargs
+    )
     if pretrained and num_classes != 1000:
         head = model.fc if name == "googlenet" else model.classifier[-1]
         new = nn.Linear(head.in_features, num_classes)
@@ -126,8 +148,9 @@ def _torchvision_model(name, num_classes, drop_rate, in_chans, pretrained) -> nn
                     setattr(parent, child_name, nn.Sequential(child.conv, child.bn, nn.ReLU(inplace=True)))
     if in_chans != 3:
         first = model.features[0] if name == "alexnet" else model.conv1[0]
-        replacement = nn.Conv2d(in_chans, first.out_channels, first.kernel_size, first.stride, first.padding,
-                                bias=first.bias is not None)
+        replacement = nn.Conv2d(
+            in_chans, first.out_channels, first.kernel_size, first.stride, first.padding, bias=first.bias is not None
+        )
         if name == "alexnet":
             model.features[0] = replacement
         else:
@@ -156,8 +179,10 @@ def _small_input_stem(name: str, model: nn.Module) -> None:
     else:
         need = MIN_INPUT.get(name)
         size = f" It needs inputs of at least {need} px: upscale with data.image_size (e.g. 96)." if need else ""
-        raise UserError(f"model='{name}' cannot adapt its stem for small inputs (small_input: true).{size} "
-                        f"Families with a small-input stem: {SMALL_INPUT_FAMILIES}.")
+        raise UserError(
+            f"model='{name}' cannot adapt its stem for small inputs (small_input: true).{size} "
+            f"Families with a small-input stem: {SMALL_INPUT_FAMILIES}."
+        )
 
 
 def classifier_of(model: nn.Module) -> nn.Module:

@@ -9,7 +9,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup
 from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 from torchmetrics import MetricCollection
-from torchmetrics.classification import (MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score)
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
 from cnnlab import UserError
 from cnnlab.models import MIN_INPUT, SMALL_INPUT_FAMILIES, create_model
@@ -35,29 +35,51 @@ class ClassifierModule(L.LightningModule):
             `models:/NAME/VERSION`, a run id or `runs:/RUN_ID`, a logged-model id) or a checkpoint path.
     """
 
-    def __init__(self, model: str = "resnet18", classes: list[str] | None = None, num_classes: int = 10,
-                 image_size: int = 224, act: str | None = None, drop_rate: float | None = None,
-                 drop_path_rate: float = 0.0, small_input: bool = False, pretrained: bool = False,
-                 label_smoothing: float = 0.0, mixup: float = 0.0, cutmix: float = 0.0,
-                 optimizer: OptimizerCallable | None = None,
-                 mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN,
-                 std: tuple[float, float, float] = IMAGENET_DEFAULT_STD,
-                 channels_last: bool | None = None, compile: bool = False, compile_mode: str | None = None,
-                 init_weights: str | None = None):
+    def __init__(
+        self,
+        model: str = "resnet18",
+        classes: list[str] | None = None,
+        num_classes: int = 10,
+        image_size: int = 224,
+        act: str | None = None,
+        drop_rate: float | None = None,
+        drop_path_rate: float = 0.0,
+        small_input: bool = False,
+        pretrained: bool = False,
+        label_smoothing: float = 0.0,
+        mixup: float = 0.0,
+        cutmix: float = 0.0,
+        optimizer: OptimizerCallable | None = None,
+        mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN,
+        std: tuple[float, float, float] = IMAGENET_DEFAULT_STD,
+        channels_last: bool | None = None,
+        compile: bool = False,
+        compile_mode: str | None = None,
+        init_weights: str | None = None,
+    ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"], logger=False)
         if classes is not None:
             num_classes = len(classes)
         self.classes = classes or [str(i) for i in range(num_classes)]
-        self.net = create_model(model, num_classes=num_classes, act=act, drop_rate=drop_rate,
-                                drop_path_rate=drop_path_rate, small_input=small_input, pretrained=pretrained)
+        self.net = create_model(
+            model,
+            num_classes=num_classes,
+            act=act,
+            drop_rate=drop_rate,
+            drop_path_rate=drop_path_rate,
+            small_input=small_input,
+            pretrained=pretrained,
+        )
         if init_weights:
             from cnnlab import store
 
             source = store.load(init_weights)
             if source.module is None or source.runtime != "torch":
-                raise UserError(f"model.init_weights='{init_weights}' is a {source.meta.get('format')} model: start "
-                                "from a torch model (a fit's model, run or checkpoint).")
+                raise UserError(
+                    f"model.init_weights='{init_weights}' is a {source.meta.get('format')} model: start "
+                    "from a torch model (a fit's model, run or checkpoint)."
+                )
             state = source.module.state_dict()
             match_shapes(self, state)
             self.load_state_dict({k: v for k, v in state.items() if k.startswith("net.")}, strict=False)
@@ -65,12 +87,17 @@ class ClassifierModule(L.LightningModule):
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255, persistent=False)
         self.optimizer = optimizer
-        self.mixup = (Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=label_smoothing,
-                            num_classes=num_classes) if mixup or cutmix else None)
+        self.mixup = (
+            Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=label_smoothing, num_classes=num_classes)
+            if mixup or cutmix
+            else None
+        )
         self.loss = SoftTargetCrossEntropy() if self.mixup else nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self.eval_loss = nn.CrossEntropyLoss()
-        metrics = {"acc": MulticlassAccuracy(num_classes, average="micro"),
-                   "f1": MulticlassF1Score(num_classes, average="macro")}
+        metrics = {
+            "acc": MulticlassAccuracy(num_classes, average="micro"),
+            "f1": MulticlassF1Score(num_classes, average="macro"),
+        }
         if num_classes >= 5:
             metrics["top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -108,9 +135,11 @@ class ClassifierModule(L.LightningModule):
                 self.net.eval()(torch.zeros(1, 3, size, size))
         except RuntimeError as err:
             need = f" It needs at least {MIN_INPUT[name]} px." if name in MIN_INPUT else ""
-            raise UserError(f"model='{name}' cannot take {size}x{size} inputs ({str(err).splitlines()[0]}).{need} "
-                            f"Raise data.image_size, or for 32 px inputs set model.small_input: true with one of "
-                            f"{SMALL_INPUT_FAMILIES}.") from None
+            raise UserError(
+                f"model='{name}' cannot take {size}x{size} inputs ({str(err).splitlines()[0]}).{need} "
+                f"Raise data.image_size, or for 32 px inputs set model.small_input: true with one of "
+                f"{SMALL_INPUT_FAMILIES}."
+            ) from None
         finally:
             self.net.train(training)
 
@@ -170,8 +199,12 @@ class ClassifierModule(L.LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
         make = self.optimizer or torch.optim.AdamW
-        return make([{"params": [p for p in params if p.ndim > 1]},
-                     {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}])
+        return make(
+            [
+                {"params": [p for p in params if p.ndim > 1]},
+                {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+            ]
+        )
 
 
 def match_shapes(module: nn.Module, state: dict) -> None:

@@ -20,8 +20,15 @@ METRICS = ("test/acc", "test/top5", "test/f1", "test/loss")
 LOWER_IS_BETTER = {"test/loss"}
 
 
-def register_model(client, name: str, model_uri: str, run_id: str | None, tags: dict, description: str = "",
-                   alias: str | None = CHALLENGER):
+def register_model(
+    client,
+    name: str,
+    model_uri: str,
+    run_id: str | None,
+    tags: dict,
+    description: str = "",
+    alias: str | None = CHALLENGER,
+):
     """A new version of NAME (made if new) from a logged model (`models:/m-...`), tagged; `alias` moved to it."""
     from mlflow.exceptions import MlflowException
 
@@ -33,8 +40,14 @@ def register_model(client, name: str, model_uri: str, run_id: str | None, tags: 
     model_id = model_uri.removeprefix("models:/")
     # The logged model's own location: a models:/ source would be looked up on MLflow's global store.
     location = client.get_logged_model(model_id).artifact_location
-    version = client.create_model_version(name, source=location, run_id=run_id, model_id=model_id,
-                                          tags={k: str(v) for k, v in tags.items()}, description=description)
+    version = client.create_model_version(
+        name,
+        source=location,
+        run_id=run_id,
+        model_id=model_id,
+        tags={k: str(v) for k, v in tags.items()},
+        description=description,
+    )
     if alias:
         client.set_registered_model_alias(name, alias, version.version)
     return version
@@ -48,24 +61,38 @@ def register(run_id: str, name: str):
     try:
         run = client.get_run(run_id)
     except MlflowException:
-        raise UserError(f"run '{run_id}' is not in {store.default_tracking_uri()}. The MLflow UI (`cnnlab ui`) lists "
-                        "the runs; set MLFLOW_TRACKING_URI if the run lives elsewhere.") from None
+        raise UserError(
+            f"run '{run_id}' is not in {store.default_tracking_uri()}. The MLflow UI (`cnnlab ui`) lists "
+            "the runs; set MLFLOW_TRACKING_URI if the run lives elsewhere."
+        ) from None
     model_uri = run.data.tags.get("cnnlab.model_uri")
     if not model_uri:
-        raise UserError(f"run '{run_id}' has no logged model (its fit did not finish, or ran with --log_model "
-                        "false). Fit the recipe again.")
+        raise UserError(
+            f"run '{run_id}' has no logged model (its fit did not finish, or ran with --log_model "
+            "false). Fit the recipe again."
+        )
     logged = client.get_logged_model(model_uri.removeprefix("models:/"))
-    tags = {"recipe": run.info.run_name or "", "recipe_uri": f"runs:/{run_id}/recipe.yaml", "run_id": run_id,
-            "data.source": run.data.tags.get("cnnlab.data.source", ""),
-            "data.fingerprint": run.data.tags.get("cnnlab.data.fingerprint", ""),
-            **{k: v for k, v in logged.tags.items() if k.startswith("cnnlab.")},
-            **{k: f"{v:.6g}" for k, v in run.data.metrics.items() if k.startswith("test/") and k.count("/") == 1}}
+    tags = {
+        "recipe": run.info.run_name or "",
+        "recipe_uri": f"runs:/{run_id}/recipe.yaml",
+        "run_id": run_id,
+        "data.source": run.data.tags.get("cnnlab.data.source", ""),
+        "data.fingerprint": run.data.tags.get("cnnlab.data.fingerprint", ""),
+        **{k: v for k, v in logged.tags.items() if k.startswith("cnnlab.")},
+        **{k: f"{v:.6g}" for k, v in run.data.metrics.items() if k.startswith("test/") and k.count("/") == 1},
+    }
     try:
         recipe = Path(client.download_artifacts(run_id, "recipe.yaml")).read_text()
     except (MlflowException, OSError):
         recipe = "(not logged)\n"
-    return register_model(client, name, model_uri, run_id, tags,
-                          f"Trained by run {run_id} ({run.info.run_name}). Recipe:\n\n```yaml\n{recipe}```\n")
+    return register_model(
+        client,
+        name,
+        model_uri,
+        run_id,
+        tags,
+        f"Trained by run {run_id} ({run.info.run_name}). Recipe:\n\n```yaml\n{recipe}```\n",
+    )
 
 
 def _version(client, name: str, version: str | None):
@@ -80,8 +107,10 @@ def _version(client, name: str, version: str | None):
             return max(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
     except (MlflowException, ValueError):
         known = ", ".join(m.name for m in client.search_registered_models()) or "none yet"
-        raise UserError(f"no version {version or '(latest)'} of a registered model '{name}'. Registered models: "
-                        f"{known}. `cnnlab models` lists them.") from None
+        raise UserError(
+            f"no version {version or '(latest)'} of a registered model '{name}'. Registered models: "
+            f"{known}. `cnnlab models` lists them."
+        ) from None
 
 
 def _champion(client, name: str):
@@ -99,18 +128,33 @@ def evaluate(network, datamodule, split: str, batch: int = 256) -> dict[str, flo
     from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
 
     samples = datamodule.splits[split]
-    probs = torch.from_numpy(np.concatenate([
-        network.probabilities([samples.raw(i, network.image_size) for i in range(start, min(start + batch, len(samples)))])
-        for start in range(0, len(samples), batch)]))
+    probs = torch.from_numpy(
+        np.concatenate(
+            [
+                network.probabilities(
+                    [samples.raw(i, network.image_size) for i in range(start, min(start + batch, len(samples)))]
+                )
+                for start in range(0, len(samples), batch)
+            ]
+        )
+    )
     labels, classes = torch.tensor(samples.labels), len(network.classes)
-    return {"test/acc": float(multiclass_accuracy(probs, labels, classes, average="micro")),
-            "test/top5": float(multiclass_accuracy(probs, labels, classes, average="micro", top_k=min(5, classes))),
-            "test/f1": float(multiclass_f1_score(probs, labels, classes, average="macro")),
-            "test/loss": float(torch.nn.functional.nll_loss(probs.clamp(min=1e-12).log(), labels))}
+    return {
+        "test/acc": float(multiclass_accuracy(probs, labels, classes, average="micro")),
+        "test/top5": float(multiclass_accuracy(probs, labels, classes, average="micro", top_k=min(5, classes))),
+        "test/f1": float(multiclass_f1_score(probs, labels, classes, average="macro")),
+        "test/loss": float(torch.nn.functional.nll_loss(probs.clamp(min=1e-12).log(), labels)),
+    }
 
 
-def promote(name: str, version: str | None = None, metric: str = "test/acc", min_delta: float = 0.0,
-            data: str | None = None, force: bool = False) -> int:
+def promote(
+    name: str,
+    version: str | None = None,
+    metric: str = "test/acc",
+    min_delta: float = 0.0,
+    data: str | None = None,
+    force: bool = False,
+) -> int:
     """Move `champion` to the candidate only if it beats the champion by min_delta; 0 when promoted. The gate
     loads each version exactly as `cnnlab serve` does (same file, same runtime) and records which."""
     from cnnlab.data import labelled
@@ -123,10 +167,12 @@ def promote(name: str, version: str | None = None, metric: str = "test/acc", min
     network = store.load(f"models:/{name}/{candidate.version}")
     datamodule, split = labelled(network.meta, data)
     fingerprint = datamodule.splits[split].fingerprint(datamodule.describe()["root"])
-    print(f"evaluating {name} v{candidate.version} ({network.runtime}, sha256 {network.digest[:12]})" +
-          (f" and champion v{champion.version}" if champion and str(champion.version) != str(candidate.version)
-           else "") + f" on {datamodule.source} {split} ({len(datamodule.splits[split])} images, fingerprint "
-          f"{fingerprint})")
+    print(
+        f"evaluating {name} v{candidate.version} ({network.runtime}, sha256 {network.digest[:12]})"
+        + (f" and champion v{champion.version}" if champion and str(champion.version) != str(candidate.version) else "")
+        + f" on {datamodule.source} {split} ({len(datamodule.splits[split])} images, fingerprint "
+        f"{fingerprint})"
+    )
     scores = {"candidate": evaluate(network, datamodule, split)}
     if champion and str(champion.version) != str(candidate.version):
         scores["champion"] = evaluate(store.load(f"models:/{name}/{champion.version}"), datamodule, split)
@@ -136,21 +182,34 @@ def promote(name: str, version: str | None = None, metric: str = "test/acc", min
     decision = "promoted" if better else ("forced" if force else "refused")
     _print_table(scores, str(candidate.version), str(champion.version) if "champion" in scores else None, metric)
     when = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    record = {"promotion.decision": decision, "promotion.metric": metric, "promotion.min_delta": str(min_delta),
-              "promotion.candidate_score": f"{ours:.6g}", "promotion.champion_score": f"{theirs:.6g}",
-              "promotion.champion_version": str(champion.version) if champion else "none",
-              "promotion.data_source": datamodule.source, "promotion.data_fingerprint": fingerprint,
-              "promotion.runtime": network.runtime, "promotion.sha256": network.digest, "promotion.time": when}
+    record = {
+        "promotion.decision": decision,
+        "promotion.metric": metric,
+        "promotion.min_delta": str(min_delta),
+        "promotion.candidate_score": f"{ours:.6g}",
+        "promotion.champion_score": f"{theirs:.6g}",
+        "promotion.champion_version": str(champion.version) if champion else "none",
+        "promotion.data_source": datamodule.source,
+        "promotion.data_fingerprint": fingerprint,
+        "promotion.runtime": network.runtime,
+        "promotion.sha256": network.digest,
+        "promotion.time": when,
+    }
     for key, value in record.items():
         client.set_model_version_tag(name, candidate.version, key, value)
-    line = (f"{when} {decision}: {metric} {ours:.4f} vs champion "
-            f"{f'v{champion.version} {theirs:.4f}' if champion else 'none'} (min delta {min_delta}) "
-            f"on {datamodule.source} {split}, fingerprint {fingerprint}")
-    client.update_model_version(name, candidate.version,
-                                description=f"{candidate.description or ''}\n- {line}".lstrip("\n"))
+    line = (
+        f"{when} {decision}: {metric} {ours:.4f} vs champion "
+        f"{f'v{champion.version} {theirs:.4f}' if champion else 'none'} (min delta {min_delta}) "
+        f"on {datamodule.source} {split}, fingerprint {fingerprint}"
+    )
+    client.update_model_version(
+        name, candidate.version, description=f"{candidate.description or ''}\n- {line}".lstrip("\n")
+    )
     if decision == "refused":
-        print(f"refused: v{candidate.version} does not beat the champion by {min_delta} on {metric}. "
-              f"`--force` promotes it anyway (and records that).")
+        print(
+            f"refused: v{candidate.version} does not beat the champion by {min_delta} on {metric}. "
+            f"`--force` promotes it anyway (and records that)."
+        )
         return 1
     client.set_registered_model_alias(name, CHAMPION, candidate.version)
     print(f"{decision}: {name}@{CHAMPION} is now v{candidate.version}")
@@ -158,8 +217,9 @@ def promote(name: str, version: str | None = None, metric: str = "test/acc", min
 
 
 def _print_table(scores: dict, candidate: str, champion: str | None, metric: str) -> None:
-    header = f"{'metric':<12} {'candidate v' + candidate:>14}" + (f" {'champion v' + champion:>14} {'delta':>9}"
-                                                                   if champion else "")
+    header = f"{'metric':<12} {'candidate v' + candidate:>14}" + (
+        f" {'champion v' + champion:>14} {'delta':>9}" if champion else ""
+    )
     print(header)
     for key, value in scores["candidate"].items():
         row = f"{key:<12} {value:>14.4f}"
@@ -173,17 +233,23 @@ def models_table(name: str | None = None) -> int:
     client = store.client()
     registered = client.search_registered_models(f"name='{name}'" if name else None)
     if not registered:
-        print(f"no registered model{' named ' + repr(name) if name else 's'} in {store.default_tracking_uri()}. "
-              "Register one with `cnnlab register RUN_ID --name NAME` or `cnnlab fit ... --register NAME`.")
+        print(
+            f"no registered model{' named ' + repr(name) if name else 's'} in {store.default_tracking_uri()}. "
+            "Register one with `cnnlab register RUN_ID --name NAME` or `cnnlab fit ... --register NAME`."
+        )
         return 1 if name else 0
-    print(f"{'model':<24} {'version':>7} {'aliases':<20} {'test/acc':>9} {'test/f1':>8} {'promotion':<10} "
-          f"{'recipe':<28} run")
+    print(
+        f"{'model':<24} {'version':>7} {'aliases':<20} {'test/acc':>9} {'test/f1':>8} {'promotion':<10} "
+        f"{'recipe':<28} run"
+    )
     for model in registered:
         aliases: dict[str, list[str]] = {}
         for alias, version in (client.get_registered_model(model.name).aliases or {}).items():
             aliases.setdefault(str(version), []).append(alias)
         for v in sorted(client.search_model_versions(f"name='{model.name}'"), key=lambda v: -int(v.version)):
-            print(f"{model.name:<24} {v.version:>7} {','.join(sorted(aliases.get(str(v.version), []))) or '-':<20} "
-                  f"{v.tags.get('test/acc', '-'):>9} {v.tags.get('test/f1', '-'):>8} "
-                  f"{v.tags.get('promotion.decision', '-'):<10} {v.tags.get('recipe', '-'):<28} {v.run_id}")
+            print(
+                f"{model.name:<24} {v.version:>7} {','.join(sorted(aliases.get(str(v.version), []))) or '-':<20} "
+                f"{v.tags.get('test/acc', '-'):>9} {v.tags.get('test/f1', '-'):>8} "
+                f"{v.tags.get('promotion.decision', '-'):<10} {v.tags.get('recipe', '-'):<28} {v.run_id}"
+            )
     return 0

@@ -18,9 +18,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
-import yaml
-
 import torch
+import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
@@ -37,8 +36,14 @@ warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # cn
 def trainer_defaults() -> dict:
     """Defaults a recipe may override: MLflow tracking, and the GPU fast path when there is a GPU."""
     cuda = torch.cuda.is_available()
-    return {"logger": {"class_path": LOGGER}, "default_root_dir": "mlruns", "log_every_n_steps": 10,
-            "precision": "bf16-mixed" if cuda else "32-true", "benchmark": cuda, "callbacks": [Tracking()]}
+    return {
+        "logger": {"class_path": LOGGER},
+        "default_root_dir": "mlruns",
+        "log_every_n_steps": 10,
+        "precision": "bf16-mixed" if cuda else "32-true",
+        "benchmark": cuda,
+        "callbacks": [Tracking()],
+    }
 
 
 class CnnlabCLI(LightningCLI):
@@ -48,9 +53,17 @@ class CnnlabCLI(LightningCLI):
     def __init__(self, args=None, run: bool = True, **kwargs):
         # errors come back to us, to be explained in one paragraph; a key is never matched by its prefix
         quiet = {"exit_on_error": False, "allow_abbrev": False}
-        super().__init__(ClassifierModule, DataModule, save_config_callback=LogRecipe, trainer_defaults=trainer_defaults(),
-                         auto_configure_optimizers=False, args=args, run=run,
-                         parser_kwargs={**quiet, **{name: quiet for name in self.subcommands()}}, **kwargs)
+        super().__init__(
+            ClassifierModule,
+            DataModule,
+            save_config_callback=LogRecipe,
+            trainer_defaults=trainer_defaults(),
+            auto_configure_optimizers=False,
+            args=args,
+            run=run,
+            parser_kwargs={**quiet, **{name: quiet for name in self.subcommands()}},
+            **kwargs,
+        )
 
     def parse_arguments(self, parser, args) -> None:
         from jsonargparse import ArgumentError
@@ -75,14 +88,34 @@ class CnnlabCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.image_size", "model.image_size")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.monitor": "val/acc", "checkpoint.mode": "max", "checkpoint.save_last": True,
-                             "checkpoint.filename": "best", "checkpoint.auto_insert_metric_name": False})
-        parser.add_argument("--test_after_fit", type=bool, default=True,
-                            help="after `fit`, test the best checkpoint on the test split (same MLflow run)")
-        parser.add_argument("--log_model", type=bool, default=True,
-                            help="after `fit`, log the best weights as an MLflow model (pytorch + raw-image pyfunc)")
-        parser.add_argument("--register", type=str | None, default=None, metavar="NAME",
-                            help="after `fit`, register the logged model as a new version of NAME (alias challenger)")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/acc",
+                "checkpoint.mode": "max",
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "best",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+        parser.add_argument(
+            "--test_after_fit",
+            type=bool,
+            default=True,
+            help="after `fit`, test the best checkpoint on the test split (same MLflow run)",
+        )
+        parser.add_argument(
+            "--log_model",
+            type=bool,
+            default=True,
+            help="after `fit`, log the best weights as an MLflow model (pytorch + raw-image pyfunc)",
+        )
+        parser.add_argument(
+            "--register",
+            type=str | None,
+            default=None,
+            metavar="NAME",
+            help="after `fit`, register the logged model as a new version of NAME (alias challenger)",
+        )
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -98,10 +131,12 @@ class CnnlabCLI(LightningCLI):
         ckpt_path = config.get("ckpt_path")
         known, data = self.checkpoint_classes, list(self.datamodule.classes)
         if known and list(known) != data:
-            raise UserError(f"--ckpt_path {ckpt_path} knows {len(known)} classes ({', '.join(map(str, known[:6]))}"
-                            f"{', ...' if len(known) > 6 else ''}); data.source='{self.datamodule.source}' has "
-                            f"{len(data)} ({', '.join(data[:6])}{', ...' if len(data) > 6 else ''}). Use data with the "
-                            "checkpoint's classes, or start a new fit (model.init_weights fine-tunes from it).")
+            raise UserError(
+                f"--ckpt_path {ckpt_path} knows {len(known)} classes ({', '.join(map(str, known[:6]))}"
+                f"{', ...' if len(known) > 6 else ''}); data.source='{self.datamodule.source}' has "
+                f"{len(data)} ({', '.join(data[:6])}{', ...' if len(data) > 6 else ''}). Use data with the "
+                "checkpoint's classes, or start a new fit (model.init_weights fine-tunes from it)."
+            )
         if not ckpt_path or logger is None:
             return
         found = resumable_run(str(ckpt_path), logger, logger._run_name, self.trainer.default_root_dir)
@@ -110,9 +145,11 @@ class CnnlabCLI(LightningCLI):
             if self.trainer.is_global_zero:
                 logger.experiment.update_run(found[0], status="RUNNING")  # not FAILED or KILLED while it trains
                 history = logger.experiment.get_metric_history
-                logger.logged_through = {key: max((m.step for m in history(found[0], key)), default=-1)
-                                         for key in logger.experiment.get_run(found[0]).data.metrics
-                                         if not key.startswith("test/")}
+                logger.logged_through = {
+                    key: max((m.step for m in history(found[0], key)), default=-1)
+                    for key in logger.experiment.get_run(found[0]).data.metrics
+                    if not key.startswith("test/")
+                }
             rank_zero_info(f"cnnlab: continuing MLflow run {found[0]} from {found[1]}")
         elif ckpt_path == "last":
             config["ckpt_path"] = None
@@ -141,9 +178,16 @@ class CnnlabCLI(LightningCLI):
             if self.trainer.is_global_zero:
                 recipe = self.config_init.fit.get("config")
                 again = f"cnnlab fit --config {recipe[-1]}" if recipe else "the same cnnlab fit command"
-                print(f"cnnlab: stopped by {signal.Signals(signum).name} in epoch {self.trainer.current_epoch}; " +
-                      (f"saved {saved}. Resume with `{again} --ckpt_path last`." if saved else
-                       "no checkpoint saved (checkpoint.save_last is off)."), file=sys.stderr, flush=True)
+                print(
+                    f"cnnlab: stopped by {signal.Signals(signum).name} in epoch {self.trainer.current_epoch}; "
+                    + (
+                        f"saved {saved}. Resume with `{again} --ckpt_path last`."
+                        if saved
+                        else "no checkpoint saved (checkpoint.save_last is off)."
+                    ),
+                    file=sys.stderr,
+                    flush=True,
+                )
             raise SystemExit(128 + signum) from None
         if self.trainer.interrupted:
             return
@@ -152,7 +196,9 @@ class CnnlabCLI(LightningCLI):
         if config.test_after_fit and "test" in datamodule.splits:
             results = self.trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
             if self.trainer.is_global_zero and results:
-                print("cnnlab: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(results[0].items()) if k.count("/") == 1))
+                print(
+                    "cnnlab: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(results[0].items()) if k.count("/") == 1)
+                )
         elif best:
             model.load_state_dict(torch.load(best, map_location=model.device, weights_only=True)["state_dict"])
         if logger is None or not self.trainer.is_global_zero:
@@ -163,8 +209,10 @@ class CnnlabCLI(LightningCLI):
             from cnnlab.registry import register
 
             version = register(logger.run_id, config.register)
-            print(f"cnnlab: registered {config.register} v{version.version} (alias challenger); "
-                  f"promote it with `cnnlab promote {config.register}`")
+            print(
+                f"cnnlab: registered {config.register} v{version.version} (alias challenger); "
+                f"promote it with `cnnlab promote {config.register}`"
+            )
         where = logger._tracking_uri
         browse = f"open {where}" if where.startswith("http") else "browse it with `cnnlab ui`"
         print(f"cnnlab: MLflow run {logger.run_id} in {where}; {browse}")
@@ -181,9 +229,15 @@ class CnnlabCLI(LightningCLI):
             writer = csv.writer(f)
             writer.writerow(["item", "label", "predicted", "probability"])
             for i, row in enumerate(probs):
-                writer.writerow([samples.name(i), datamodule.classes[samples.labels[i]],
-                                 datamodule.classes[int(row.argmax())], f"{float(row.max()):.4f}"])
-        accuracy = (probs.argmax(1) == torch.tensor(samples.labels[:len(probs)])).float().mean()
+                writer.writerow(
+                    [
+                        samples.name(i),
+                        datamodule.classes[samples.labels[i]],
+                        datamodule.classes[int(row.argmax())],
+                        f"{float(row.max()):.4f}",
+                    ]
+                )
+        accuracy = (probs.argmax(1) == torch.tensor(samples.labels[: len(probs)])).float().mean()
         print(f"cnnlab: {len(probs)} predictions (top-1 {accuracy:.4f}) written to {out}")
 
 
@@ -217,22 +271,44 @@ def apply(recipe: dict, overrides: dict) -> dict:
     return out
 
 
-def fit_process(recipe: dict, run_id: str, experiment: str, tracking_uri: str, name: str = "recipe",
-                extra: list[str] = (), env: dict | None = None) -> subprocess.CompletedProcess:
+def fit_process(
+    recipe: dict,
+    run_id: str,
+    experiment: str,
+    tracking_uri: str,
+    name: str = "recipe",
+    extra: list[str] = (),
+    env: dict | None = None,
+) -> subprocess.CompletedProcess:
     """Train a recipe in its own `cnnlab fit` process, logging into an MLflow run made beforehand (the way
     tuning trials and comparisons nest their runs under a parent)."""
-    runnable = apply(recipe, {"trainer.logger": {"class_path": LOGGER,
-                                                 "init_args": {"experiment_name": experiment, "run_id": run_id}}})
+    runnable = apply(
+        recipe,
+        {"trainer.logger": {"class_path": LOGGER, "init_args": {"experiment_name": experiment, "run_id": run_id}}},
+    )
     with tempfile.TemporaryDirectory(prefix=f"{TEMP_PREFIX}{os.getpid()}-") as tmp:
         path = Path(tmp) / f"{name}.yaml"
         path.write_text(yaml.safe_dump(runnable, sort_keys=False))
         # Its own process group, ended with ours (end_children), and told by the kernel if we die (SIGKILL).
-        child = subprocess.Popen([sys.executable, "-m", "cnnlab", "fit", "--config", str(path),
-                                  "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", *extra],
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                                 preexec_fn=_end_with_parent,
-                                 env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri,
-                                      "MLFLOW_REGISTRY_URI": tracking_uri, **(env or {})})
+        child = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "cnnlab",
+                "fit",
+                "--config",
+                str(path),
+                "--trainer.enable_progress_bar=false",
+                "--trainer.enable_model_summary=false",
+                *extra,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+            preexec_fn=_end_with_parent,
+            env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_REGISTRY_URI": tracking_uri, **(env or {})},
+        )
         _CHILDREN.add(child)
         try:
             stdout, stderr = child.communicate()
@@ -250,7 +326,7 @@ def remove_stale_temp() -> None:
     import shutil
 
     for folder in Path(tempfile.gettempdir()).glob(f"{TEMP_PREFIX}*"):
-        pid = folder.name[len(TEMP_PREFIX):].split("-")[0]
+        pid = folder.name[len(TEMP_PREFIX) :].split("-")[0]
         if pid.isdigit() and not Path(f"/proc/{pid}").exists():
             shutil.rmtree(folder, ignore_errors=True)
 
@@ -287,28 +363,43 @@ def explain_recipe_error(message: str, keys: list[str]) -> str:
     """jsonargparse's error as one paragraph that names the key and the valid choices."""
     where = re.search(r'Parser key "([^"]+)"', message)
     prefix = f"recipe key '{where[1]}': " if where else "recipe: "
-    unknown = re.search(r"does not accept option '([^']+)'", message) or \
-        re.search(r"unrecognized arguments: --([^\s=]+)", message)
+    unknown = re.search(r"does not accept option '([^']+)'", message) or re.search(
+        r"unrecognized arguments: --([^\s=]+)", message
+    )
     if unknown:
-        return (f"recipe key '{unknown[1]}' is not known.{_did_you_mean(unknown[1], keys)} "
-                "`cnnlab fit --help` lists every key.")
-    option, class_path = re.search(r"Option '(\w+)' is not accepted", message), re.search(r"class_path[ =]'([\w.]+)'", message)
+        return (
+            f"recipe key '{unknown[1]}' is not known.{_did_you_mean(unknown[1], keys)} "
+            "`cnnlab fit --help` lists every key."
+        )
+    option, class_path = (
+        re.search(r"Option '(\w+)' is not accepted", message),
+        re.search(r"class_path[ =]'([\w.]+)'", message),
+    )
     if option and class_path:
         module, _, name = class_path[1].rpartition(".")
-        accepted = [p for p in inspect.signature(getattr(importlib.import_module(module), name)).parameters
-                    if p not in ("self", "params", "args", "kwargs")]
-        return (f"{prefix}{class_path[1]} has no argument '{option[1]}'.{_did_you_mean(option[1], accepted)} "
-                f"It accepts: {', '.join(accepted)}.")
+        accepted = [
+            p
+            for p in inspect.signature(getattr(importlib.import_module(module), name)).parameters
+            if p not in ("self", "params", "args", "kwargs")
+        ]
+        return (
+            f"{prefix}{class_path[1]} has no argument '{option[1]}'.{_did_you_mean(option[1], accepted)} "
+            f"It accepts: {', '.join(accepted)}."
+        )
     if missing := re.search(r"module '([\w.]+)' has no attribute '(\w+)'", message):
         names = [n for n in dir(importlib.import_module(missing[1])) if n[:1].isupper()]
         return f"{prefix}{missing[1]}.{missing[2]} does not exist.{_did_you_mean(missing[2], names)}"
-    lines = [line.strip() for line in message.splitlines() if line.strip() and not line.strip().startswith("Given value")]
+    lines = [
+        line.strip() for line in message.splitlines() if line.strip() and not line.strip().startswith("Given value")
+    ]
     return prefix + " ".join(lines[1:] if where else lines)
 
 
 def run_recipe(argv: list[str]) -> None:
     for flag, value in zip(argv, argv[1:]):
-        path = value if flag in ("--config", "-c") else (flag.split("=", 1)[1] if flag.startswith("--config=") else None)
+        path = (
+            value if flag in ("--config", "-c") else (flag.split("=", 1)[1] if flag.startswith("--config=") else None)
+        )
         if path and not Path(path).is_file():
             raise UserError(f"--config {path}: no such file. Recipes live in recipes/ (e.g. recipes/quickstart.yaml).")
     CnnlabCLI(args=argv)

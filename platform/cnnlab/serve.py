@@ -34,27 +34,52 @@ from fastapi import HTTPException
 from cnnlab import UserError
 
 ERROR_KEY = "cnnlab_error"  # a worker's per-request error, answered by the Gate with its own status
-ERRORS = {400: "bad request", 401: "unauthorized", 408: "body too slow", 413: "too large",
-          415: "unsupported media type", 503: "busy: too many bytes in flight"}
+ERRORS = {
+    400: "bad request",
+    401: "unauthorized",
+    408: "body too slow",
+    413: "too large",
+    415: "unsupported media type",
+    503: "busy: too many bytes in flight",
+}
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
 PREDICT_OPENAPI = {  # LitServe registers /predict without a body schema; this describes what it takes
     "summary": "Classify images: raw bytes, multipart files or JSON base64",
     "parameters": [{"name": "top_k", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1}}],
-    "requestBody": {"required": True, "content": {
-        "image/*": _BINARY, "application/octet-stream": _BINARY,
-        "multipart/form-data": {"schema": {"type": "object", "properties": {"file": _BINARY["schema"]}}},
-        "application/json": {"schema": {"type": "object", "properties": {
-            "images": {"type": "array", "items": {"type": "string", "format": "byte"}}, "top_k": {"type": "integer"}}}}}},
-    "responses": {"200": {"description": "top-k labels and probabilities per image"},
-                  **{str(k): {"description": v} for k, v in ERRORS.items()}},
+    "requestBody": {
+        "required": True,
+        "content": {
+            "image/*": _BINARY,
+            "application/octet-stream": _BINARY,
+            "multipart/form-data": {"schema": {"type": "object", "properties": {"file": _BINARY["schema"]}}},
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "images": {"type": "array", "items": {"type": "string", "format": "byte"}},
+                        "top_k": {"type": "integer"},
+                    },
+                }
+            },
+        },
+    },
+    "responses": {
+        "200": {"description": "top-k labels and probabilities per image"},
+        **{str(k): {"description": v} for k, v in ERRORS.items()},
+    },
 }
 
 
 def _json_error(status: int, message: str) -> tuple[dict, bytes]:
     body = json.dumps({"detail": message}).encode()  # FastAPI's shape, as the workers' errors
-    return ({"type": "http.response.start", "status": status,
-             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]},
-            body)
+    return (
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        },
+        body,
+    )
 
 
 class Gate:
@@ -62,8 +87,15 @@ class Gate:
     request, slow bodies), every body shape turned into JSON for the workers, and every malformed request
     answered with a 4xx JSON error."""
 
-    def __init__(self, app, api_key: str | None, max_body_bytes: int, max_inflight_bytes: int, max_images: int,
-                 body_timeout: float):
+    def __init__(
+        self,
+        app,
+        api_key: str | None,
+        max_body_bytes: int,
+        max_inflight_bytes: int,
+        max_images: int,
+        body_timeout: float,
+    ):
         self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
         self.max_inflight_bytes, self.max_images, self.body_timeout = max_inflight_bytes, max_images, body_timeout
         self.inflight = 0  # bytes of request bodies held right now (one event loop: no lock needed)
@@ -98,8 +130,9 @@ class Gate:
                 if held + len(chunk) > self.max_body_bytes:
                     return await self._reply(send, 413, f"body over {self.max_body_bytes} bytes (--max-body-bytes)")
                 if self.inflight + len(chunk) > self.max_inflight_bytes:
-                    return await self._reply(send, 503, "busy: too many bytes in flight (--max-inflight-bytes); "
-                                                        "retry shortly")
+                    return await self._reply(
+                        send, 503, "busy: too many bytes in flight (--max-inflight-bytes); retry shortly"
+                    )
                 chunks.append(chunk)
                 held += len(chunk)
                 self.inflight += len(chunk)
@@ -107,8 +140,9 @@ class Gate:
                     break
             body = b"".join(chunks)
             if not body:
-                return await self._reply(send, 400, "empty body: send an image (image/*), a multipart file or JSON "
-                                                    "{\"images\": [base64, ...]}")
+                return await self._reply(
+                    send, 400, 'empty body: send an image (image/*), a multipart file or JSON {"images": [base64, ...]}'
+                )
             try:
                 payload = await self._payload(headers.get("content-type", ""), body, scope)
                 query = _query_top_k(scope)
@@ -118,12 +152,17 @@ class Gate:
             except ValueError as err:
                 return await self._reply(send, 400, str(err))
             if len(payload["images"]) > self.max_images:
-                return await self._reply(send, 413, f"{len(payload['images'])} images in one request; at most "
-                                                    f"{self.max_images} (--max-images)")
+                return await self._reply(
+                    send,
+                    413,
+                    f"{len(payload['images'])} images in one request; at most {self.max_images} (--max-images)",
+                )
             data = json.dumps(payload).encode()
-            scope = {**scope, "headers": [(b"content-type", b"application/json"),
-                                          (b"content-length", str(len(data)).encode())]
-                     + [(k, v) for k, v in scope["headers"] if k.lower() not in (b"content-type", b"content-length")]}
+            scope = {
+                **scope,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+                + [(k, v) for k, v in scope["headers"] if k.lower() not in (b"content-type", b"content-length")],
+            }
             sent = False
 
             async def replay():
@@ -156,8 +195,11 @@ class Gate:
                     error = json.loads(body)[ERROR_KEY]
                     start, body = _json_error(int(error["status"]), str(error["detail"]))
                 else:
-                    start = {**start, "headers": [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
-                             + [(b"content-length", str(len(body)).encode())]}
+                    start = {
+                        **start,
+                        "headers": [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
+                        + [(b"content-length", str(len(body)).encode())],
+                    }
                 await send(start)
                 await send({"type": "http.response.body", "body": body})
                 return
@@ -180,13 +222,17 @@ class Gate:
                 payload = json.loads(body, parse_constant=_no_constant)
             except (ValueError, RecursionError):
                 raise ValueError("the JSON body does not parse (or nests too deep, or holds NaN/Infinity)") from None
-            images = payload.get("images", [payload["image"]] if "image" in payload else None) \
-                if isinstance(payload, dict) else None
+            images = (
+                payload.get("images", [payload["image"]] if "image" in payload else None)
+                if isinstance(payload, dict)
+                else None
+            )
             if not isinstance(images, list) or not images or not all(isinstance(i, str) for i in images):
-                raise ValueError("JSON bodies are {\"images\": [base64, ...]} (or {\"image\": base64})")
+                raise ValueError('JSON bodies are {"images": [base64, ...]} (or {"image": base64})')
             return {"images": images, "top_k": payload.get("top_k")}
-        raise LookupError(f"Content-Type '{kind or 'none'}' is not accepted: send image/*, multipart/form-data "
-                          "or application/json")
+        raise LookupError(
+            f"Content-Type '{kind or 'none'}' is not accepted: send image/*, multipart/form-data or application/json"
+        )
 
     @staticmethod
     async def _reply(send, status: int, message: str):
@@ -225,11 +271,13 @@ async def _multipart_files(params: str, body: bytes, scope) -> list[bytes]:
     """The file fields of a complete multipart body (a missing boundary or a truncated body: ValueError)."""
     from starlette.requests import Request
 
-    boundary = next((p.split("=", 1)[1].strip().strip('"') for p in params.split(";")
-                     if p.strip().lower().startswith("boundary=")), "")
+    boundary = next(
+        (p.split("=", 1)[1].strip().strip('"') for p in params.split(";") if p.strip().lower().startswith("boundary=")),
+        "",
+    )
     if not boundary:
         raise ValueError("multipart body without a boundary in its Content-Type")
-    if f"--{boundary}--".encode("latin-1", "replace") not in body[-len(boundary) - 8:]:
+    if f"--{boundary}--".encode("latin-1", "replace") not in body[-len(boundary) - 8 :]:
         raise ValueError("the multipart body is truncated or its boundary does not match the Content-Type's")
 
     async def receive():
@@ -248,8 +296,17 @@ async def _multipart_files(params: str, body: bytes, scope) -> list[bytes]:
 class ImageClassifierAPI(ls.LitAPI):
     """One worker: decode and crop each request, stack concurrent ones, run the model, answer top-k."""
 
-    def __init__(self, uri: str, max_pixels: int, max_decode_seconds: float, follow_alias: float, state_dir: str,
-                 threads: int, max_batch_size: int, batch_timeout: float):
+    def __init__(
+        self,
+        uri: str,
+        max_pixels: int,
+        max_decode_seconds: float,
+        follow_alias: float,
+        state_dir: str,
+        threads: int,
+        max_batch_size: int,
+        batch_timeout: float,
+    ):
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout)
         self.uri, self.max_pixels, self.max_decode_seconds = uri, max_pixels, max_decode_seconds
         self.follow_alias, self.state_dir, self.threads = follow_alias, state_dir, threads
@@ -288,9 +345,17 @@ class ImageClassifierAPI(ls.LitAPI):
                 print(f"cnnlab serve: alias poll failed ({err}); keeping v{self.current.version}", flush=True)
 
     def _write_state(self, loaded) -> None:
-        state = {"pid": os.getpid(), "name": loaded.name, "version": loaded.version, "alias": loaded.alias,
-                 "uri": self.uri, "runtime": loaded.runtime, "sha256": loaded.digest, "device": self.device,
-                 **self.stats}
+        state = {
+            "pid": os.getpid(),
+            "name": loaded.name,
+            "version": loaded.version,
+            "alias": loaded.alias,
+            "uri": self.uri,
+            "runtime": loaded.runtime,
+            "sha256": loaded.digest,
+            "device": self.device,
+            **self.stats,
+        }
         path = Path(self.state_dir) / f"worker-{os.getpid()}.json"
         path.with_suffix(".tmp").write_text(json.dumps(state))
         path.with_suffix(".tmp").replace(path)
@@ -301,8 +366,10 @@ class ImageClassifierAPI(ls.LitAPI):
         request's pixels together stay within --max-pixels, and its decoding within --max-decode-seconds."""
         budget = {"pixels": self.max_pixels, "deadline": time.monotonic() + self.max_decode_seconds}
         try:
-            return {"arrays": np.stack([self._image(i, text, budget) for i, text in enumerate(request["images"])]),
-                    "top_k": max(1, min(int(request.get("top_k") or 5), len(self.current.classes)))}
+            return {
+                "arrays": np.stack([self._image(i, text, budget) for i, text in enumerate(request["images"])]),
+                "top_k": max(1, min(int(request.get("top_k") or 5), len(self.current.classes))),
+            }
         except HTTPException as err:
             return {"error": err.status_code, "detail": err.detail}
 
@@ -310,8 +377,11 @@ class ImageClassifierAPI(ls.LitAPI):
         from PIL import Image
 
         if time.monotonic() > budget["deadline"]:
-            raise HTTPException(413, f"image {index}: decoding this request took over {self.max_decode_seconds:g} s "
-                                     "(--max-decode-seconds); send fewer or smaller images")
+            raise HTTPException(
+                413,
+                f"image {index}: decoding this request took over {self.max_decode_seconds:g} s "
+                "(--max-decode-seconds); send fewer or smaller images",
+            )
         try:
             raw = base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError):
@@ -323,14 +393,19 @@ class ImageClassifierAPI(ls.LitAPI):
                 width, height = probe.size
             budget["pixels"] -= width * height
             if budget["pixels"] < 0:
-                raise HTTPException(413, f"image {index}: {width}x{height} takes the request over --max-pixels "
-                                         f"{self.max_pixels} (all its images together)")
+                raise HTTPException(
+                    413,
+                    f"image {index}: {width}x{height} takes the request over --max-pixels "
+                    f"{self.max_pixels} (all its images together)",
+                )
             return self.current.preprocess(raw)
         except HTTPException:
             raise
         except Exception as err:
-            raise HTTPException(415 if "cannot identify" in str(err) else 400,
-                                f"image {index}: not a readable image ({str(err).splitlines()[0][:200]})") from None
+            raise HTTPException(
+                415 if "cannot identify" in str(err) else 400,
+                f"image {index}: not a readable image ({str(err).splitlines()[0][:200]})",
+            ) from None
 
     def batch(self, inputs):
         good = [i["arrays"] for i in inputs if "arrays" in i]
@@ -343,7 +418,9 @@ class ImageClassifierAPI(ls.LitAPI):
                 out.append(item)
                 continue
             count = len(item["arrays"])
-            out.append({"probs": output["probs"][start:start + count], "top_k": item["top_k"], "model": output["model"]})
+            out.append(
+                {"probs": output["probs"][start : start + count], "top_k": item["top_k"], "model": output["model"]}
+            )
             start += count
         return out
 
@@ -360,8 +437,11 @@ class ImageClassifierAPI(ls.LitAPI):
             self.stats["images"] += len(probs)
         self.stats["requests"] += len(batch["inputs"])
         self._write_state(current)
-        output = {**batch, "probs": probs, "model": {"name": current.name, "version": current.version,
-                                                      "classes": current.classes}}
+        output = {
+            **batch,
+            "probs": probs,
+            "model": {"name": current.name, "version": current.version, "classes": current.classes},
+        }
         return self.unbatch(output)[0] if single else output
 
     def encode_response(self, output):
@@ -370,11 +450,18 @@ class ImageClassifierAPI(ls.LitAPI):
         classes = output["model"]["classes"]
         predictions = []
         for row in output["probs"]:
-            order = np.argsort(-row)[:output["top_k"]]
-            predictions.append({"label": classes[order[0]], "probability": float(row[order[0]]),
-                                "top_k": [{"label": classes[i], "probability": float(row[i])} for i in order]})
-        return {"predictions": predictions, "model": {"name": output["model"]["name"],
-                                                      "version": output["model"]["version"]}}
+            order = np.argsort(-row)[: output["top_k"]]
+            predictions.append(
+                {
+                    "label": classes[order[0]],
+                    "probability": float(row[order[0]]),
+                    "top_k": [{"label": classes[i], "probability": float(row[i])} for i in order],
+                }
+            )
+        return {
+            "predictions": predictions,
+            "model": {"name": output["model"]["name"], "version": output["model"]["version"]},
+        }
 
 
 async def info(state_dir: str, static: dict):
@@ -388,18 +475,40 @@ async def info(state_dir: str, static: dict):
         except (OSError, ValueError):
             continue
     current = max(workers, key=lambda w: int(w["version"] or 0), default={})
-    return JSONResponse({**static, "name": current.get("name"), "version": current.get("version"),
-                         "alias": current.get("alias"), "sha256": current.get("sha256"), "workers": workers,
-                         "model_calls": sum(w["model_calls"] for w in workers),
-                         "requests": sum(w["requests"] for w in workers)})
+    return JSONResponse(
+        {
+            **static,
+            "name": current.get("name"),
+            "version": current.get("version"),
+            "alias": current.get("alias"),
+            "sha256": current.get("sha256"),
+            "workers": workers,
+            "model_calls": sum(w["model_calls"] for w in workers),
+            "requests": sum(w["requests"] for w in workers),
+        }
+    )
 
 
-
-def serve(uri: str, device: str = "cpu", max_batch_size: int = 32, batch_timeout_ms: float = 5, workers: int = 1,
-          host: str = "127.0.0.1", port: int = 8000, follow_alias: bool = False, poll_seconds: float = 5.0,
-          api_key_env: str | None = None, max_body_bytes: int = 10_000_000, max_pixels: int = 40_000_000,
-          threads: int | None = None, max_images: int = 64, max_inflight_bytes: int = 200_000_000,
-          max_decode_seconds: float = 5.0, body_timeout: float = 30.0, idle_timeout: float = 5.0) -> int:
+def serve(
+    uri: str,
+    device: str = "cpu",
+    max_batch_size: int = 32,
+    batch_timeout_ms: float = 5,
+    workers: int = 1,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    follow_alias: bool = False,
+    poll_seconds: float = 5.0,
+    api_key_env: str | None = None,
+    max_body_bytes: int = 10_000_000,
+    max_pixels: int = 40_000_000,
+    threads: int | None = None,
+    max_images: int = 64,
+    max_inflight_bytes: int = 200_000_000,
+    max_decode_seconds: float = 5.0,
+    body_timeout: float = 30.0,
+    idle_timeout: float = 5.0,
+) -> int:
     """Serve the model a URI names, on the runtime its artifact holds (torch program, ONNX, TorchScript)."""
     from cnnlab import store
 
@@ -412,21 +521,54 @@ def serve(uri: str, device: str = "cpu", max_batch_size: int = 32, batch_timeout
         raise UserError(f"--follow-alias needs a models:/NAME@ALIAS URI, got {uri}.")
     network = store.load(uri, 1)  # a bad URI fails here, not in a worker
     if device != "cpu" and network.runtime == "onnx":
-        raise UserError(f"--device {device}: '{uri}' is an ONNX model, which runs on the CPU here (onnxruntime's "
-                        "CPU build). Serve its torch source on a GPU.")
+        raise UserError(
+            f"--device {device}: '{uri}' is an ONNX model, which runs on the CPU here (onnxruntime's "
+            "CPU build). Serve its torch source on a GPU."
+        )
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
     state_dir = tempfile.mkdtemp(prefix="cnnlab-serve-")
-    api = ImageClassifierAPI(uri, max_pixels, max_decode_seconds, poll_seconds if follow_alias else 0, state_dir,
-                             threads, max_batch_size, batch_timeout_ms / 1000)
-    server = ls.LitServer(api, accelerator="cuda" if device == "cuda" else "cpu", devices=1,
-                          workers_per_device=workers, info_path="/server-info", timeout=60,
-                          middlewares=[(Gate, {"api_key": api_key, "max_body_bytes": max_body_bytes,
-                                               "max_inflight_bytes": max_inflight_bytes, "max_images": max_images,
-                                               "body_timeout": body_timeout})])
-    static = {"uri": uri, "classes": network.classes, "input_size": network.image_size,
-              "crop_pct": network.meta["crop_pct"], "runtime": network.runtime, "format": network.meta.get("format"),
-              "device": device, "params": network.params, "max_batch_size": max_batch_size,
-              "batch_timeout_ms": batch_timeout_ms}
+    api = ImageClassifierAPI(
+        uri,
+        max_pixels,
+        max_decode_seconds,
+        poll_seconds if follow_alias else 0,
+        state_dir,
+        threads,
+        max_batch_size,
+        batch_timeout_ms / 1000,
+    )
+    server = ls.LitServer(
+        api,
+        accelerator="cuda" if device == "cuda" else "cpu",
+        devices=1,
+        workers_per_device=workers,
+        info_path="/server-info",
+        timeout=60,
+        middlewares=[
+            (
+                Gate,
+                {
+                    "api_key": api_key,
+                    "max_body_bytes": max_body_bytes,
+                    "max_inflight_bytes": max_inflight_bytes,
+                    "max_images": max_images,
+                    "body_timeout": body_timeout,
+                },
+            )
+        ],
+    )
+    static = {
+        "uri": uri,
+        "classes": network.classes,
+        "input_size": network.image_size,
+        "crop_pct": network.meta["crop_pct"],
+        "runtime": network.runtime,
+        "format": network.meta.get("format"),
+        "device": device,
+        "params": network.params,
+        "max_batch_size": max_batch_size,
+        "batch_timeout_ms": batch_timeout_ms,
+    }
     server.app.add_api_route("/info", partial(info, state_dir, static), methods=["GET"])
     for route in server.app.routes:
         if getattr(route, "path", None) == "/predict":
@@ -436,7 +578,10 @@ def serve(uri: str, device: str = "cpu", max_batch_size: int = 32, batch_timeout
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
-    print(f"cnnlab serve: {uri} ({network.runtime} on {device}, sha256 {network.digest[:12]}) at "
-          f"http://{host}:{port}/predict", flush=True)
+    print(
+        f"cnnlab serve: {uri} ({network.runtime} on {device}, sha256 {network.digest[:12]}) at "
+        f"http://{host}:{port}/predict",
+        flush=True,
+    )
     server.run(host=host, port=port, generate_client_file=False, log_level="warning", timeout_keep_alive=idle_timeout)
     return 0

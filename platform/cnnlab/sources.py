@@ -10,9 +10,9 @@ import os
 import re
 import tarfile
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -25,7 +25,9 @@ SPLITS = ("train", "val", "test")
 SHARD_IMAGES = ("jpg", "jpeg", "png", "webp")
 # open_image enforces data.max_pixels itself; PIL's own warning would only repeat it.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
-SOURCE_HELP = "Give an ImageFolder root, a CSV manifest (path,label), a folder of WebDataset shards, 'digits' or 'synthetic'."
+SOURCE_HELP = (
+    "Give an ImageFolder root, a CSV manifest (path,label), a folder of WebDataset shards, 'digits' or 'synthetic'."
+)
 
 
 class BadImageError(UserError):
@@ -69,8 +71,11 @@ class Samples:
         return Path(item).read_bytes()
 
     def subset(self, index) -> Samples:
-        return Samples([self.items[i] for i in index], [self.labels[i] for i in index],
-                       [self.names[i] for i in index] if self.names else [])
+        return Samples(
+            [self.items[i] for i in index],
+            [self.labels[i] for i in index],
+            [self.names[i] for i in index] if self.names else [],
+        )
 
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -79,7 +84,9 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 def resolve_path(path: str) -> Path:
     """A path as given, else relative to the project root (so recipes work from any directory)."""
     given = Path(path)
-    return given if given.exists() or given.is_absolute() or not (PROJECT_ROOT / given).exists() else PROJECT_ROOT / given
+    return (
+        given if given.exists() or given.is_absolute() or not (PROJECT_ROOT / given).exists() else PROJECT_ROOT / given
+    )
 
 
 def cache_dir() -> Path:
@@ -94,8 +101,9 @@ def read_source(source: str, synthetic_size: int = 2048, stream: bool = False) -
     if source == "digits":
         source = str(digits_folder())
     if source == "synthetic":
-        return [f"class_{i}" for i in range(10)], {"all": Samples(list(range(synthetic_size)),
-                                                                  [i % 10 for i in range(synthetic_size)])}
+        return [f"class_{i}" for i in range(10)], {
+            "all": Samples(list(range(synthetic_size)), [i % 10 for i in range(synthetic_size)])
+        }
     path = resolve_path(source)
     if not path.exists():
         raise UserError(f"data.source='{source}' does not exist. {SOURCE_HELP}")
@@ -114,12 +122,16 @@ def read_source(source: str, synthetic_size: int = 2048, stream: bool = False) -
 def check_classes(classes: list[str], source: str) -> None:
     """Two classes or more, each named so that its per-class metrics (`test/acc_class/NAME`) are valid."""
     if len(classes) < 2:
-        raise UserError(f"data.source='{source}' has {len(classes)} class ({', '.join(classes) or 'none'}): a "
-                        "classifier needs two or more. Add a folder (or labels) for each class.")
+        raise UserError(
+            f"data.source='{source}' has {len(classes)} class ({', '.join(classes) or 'none'}): a "
+            "classifier needs two or more. Add a folder (or labels) for each class."
+        )
     for name in classes:
         if not re.fullmatch(r"[\w\-. :]+", name) or name.strip(" .") != name.strip() or not name.strip(" ."):
-            raise UserError(f"data.source='{source}': class name {name!r} cannot name a metric. Use letters, digits, "
-                            "spaces and _ - . : only, and not only dots or spaces.")
+            raise UserError(
+                f"data.source='{source}': class name {name!r} cannot name a metric. Use letters, digits, "
+                "spaces and _ - . : only, and not only dots or spaces."
+            )
 
 
 def scan_folder(root: Path) -> dict:
@@ -130,15 +142,18 @@ def scan_folder(root: Path) -> dict:
     class_root = split_dirs.get("train", root)
     classes = sorted(d.name for d in class_root.iterdir() if d.is_dir())
     if not classes:
-        raise UserError(f"data.source='{root}' has no class folders. An ImageFolder root holds one folder per "
-                        "class (optionally under train/, val/, test/).")
+        raise UserError(
+            f"data.source='{root}' has no class folders. An ImageFolder root holds one folder per "
+            "class (optionally under train/, val/, test/)."
+        )
     scan = {"classes": classes, "splits": {}, "empty": [], "ignored": []}
     for split, folder in (split_dirs or {"all": root}).items():
         items, labels = [], []
         for d in sorted(x for x in folder.iterdir() if x.is_dir()):
             if d.name not in classes:
-                raise UserError(f"data.source='{root}': class folder {d} is not in train/. "
-                                f"Classes: {', '.join(classes)}.")
+                raise UserError(
+                    f"data.source='{root}': class folder {d} is not in train/. Classes: {', '.join(classes)}."
+                )
             files = [p for p in sorted(d.rglob("*")) if p.is_file()]
             images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
             scan["ignored"] += [p for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
@@ -153,8 +168,10 @@ def scan_folder(root: Path) -> dict:
 def _read_folder(root: Path) -> tuple[list[str], dict[str, Samples]]:
     scan = scan_folder(root)
     if scan["empty"]:
-        raise UserError(f"data.source='{root}' has a class folder with no images: "
-                        f"{', '.join(map(str, scan['empty']))}. Remove the folder or add images to it.")
+        raise UserError(
+            f"data.source='{root}' has a class folder with no images: "
+            f"{', '.join(map(str, scan['empty']))}. Remove the folder or add images to it."
+        )
     return scan["classes"], scan["splits"]
 
 
@@ -162,12 +179,16 @@ def _read_csv(manifest: Path) -> tuple[list[str], dict[str, Samples]]:
     with open(manifest, newline="") as f:
         rows = list(csv.DictReader(f))
     if not rows or not {"path", "label"} <= set(rows[0]):
-        raise UserError(f"data.source='{manifest}' needs a header with the columns path,label "
-                        "(and optionally split: train/val/test).")
+        raise UserError(
+            f"data.source='{manifest}' needs a header with the columns path,label "
+            "(and optionally split: train/val/test)."
+        )
     for line, row in enumerate(rows, start=2):
         if not row.get("path") or row.get("label") is None or not row["label"].strip():
-            raise UserError(f"data.source='{manifest}' line {line}: every row needs a path and a label "
-                            f"(got path={row.get('path')!r}, label={row.get('label')!r}).")
+            raise UserError(
+                f"data.source='{manifest}' line {line}: every row needs a path and a label "
+                f"(got path={row.get('path')!r}, label={row.get('label')!r})."
+            )
     names = sorted({r["label"] for r in rows}, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
     splits: dict[str, Samples] = {}
     for line, row in enumerate(rows, start=2):
@@ -199,15 +220,19 @@ def _read_shards(folder: Path, stream: bool = False) -> tuple[list[str], dict[st
                     key, _, ext = member.name.partition(".")
                     sample = pending.setdefault(key, {})
                     is_image = ext in SHARD_IMAGES
-                    sample[ext] = (str(shard), member.name) if is_image and by_reference else tar.extractfile(member).read()
+                    sample[ext] = (
+                        (str(shard), member.name) if is_image and by_reference else tar.extractfile(member).read()
+                    )
                     if "cls" in sample and (image := next((e for e in sample if e in SHARD_IMAGES), None)):
                         target.items.append(sample[image])
                         target.labels.append(int(sample["cls"]))
                         target.names.append(f"{shard}:{key}.{image}")
                         del pending[key]
         except (tarfile.TarError, OSError, EOFError) as err:
-            raise UserError(f"data.source='{folder}': shard {shard.name} is unreadable ({err}). "
-                            "Check it with `sha256sum -c SHA256SUMS` or remove it.") from None
+            raise UserError(
+                f"data.source='{folder}': shard {shard.name} is unreadable ({err}). "
+                "Check it with `sha256sum -c SHA256SUMS` or remove it."
+            ) from None
     if classes is None:
         classes = [str(i) for i in range(max(max(s.labels, default=0) for s in splits.values()) + 1)]
     return classes, splits
@@ -228,8 +253,10 @@ def read_members(shard: str, names) -> Iterator[tuple[str, bytes]]:
     except (tarfile.TarError, OSError, EOFError) as err:
         raise UserError(f"shard {shard} is unreadable ({err}). Check it with `sha256sum -c SHA256SUMS`.") from None
     if wanted:
-        raise UserError(f"shard {shard} changed since it was indexed: {len(wanted)} members are gone "
-                        f"(e.g. {next(iter(wanted))}). Restart the run.")
+        raise UserError(
+            f"shard {shard} changed since it was indexed: {len(wanted)} members are gone "
+            f"(e.g. {next(iter(wanted))}). Restart the run."
+        )
 
 
 def load_members(samples: Samples) -> Samples:
@@ -278,7 +305,7 @@ def stratified_split(samples: Samples, fractions: dict[str, float], seed: int) -
         start = 0
         for name, fraction in fractions.items():
             n = int(round(len(members) * fraction))
-            index[name] += members[start:start + n].tolist()
+            index[name] += members[start : start + n].tolist()
             start += n
         index["train"] += members[start:].tolist()
     return {name: samples.subset(sorted(ix)) for name, ix in index.items()}
@@ -289,8 +316,9 @@ def open_image(item, max_pixels: int) -> tuple[np.ndarray, str]:
     try:
         return read_image(item if isinstance(item, bytes) else Path(item).read_bytes(), max_pixels)
     except OverflowError as err:
-        raise BadImageError(f"{str(err).split(' is over')[0]} is over data.max_pixels={max_pixels} "
-                            "(a decompression bomb?)") from None
+        raise BadImageError(
+            f"{str(err).split(' is over')[0]} is over data.max_pixels={max_pixels} (a decompression bomb?)"
+        ) from None
     except UnidentifiedImageError:
         raise BadImageError("not an image") from None
     except Image.DecompressionBombError as err:

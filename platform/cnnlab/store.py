@@ -18,8 +18,10 @@ from cnnlab.cnnlab_model import Network, data_folder, default_crop_pct, load_net
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 
-URI_FORMS = ("a run id or runs:/RUN_ID, models:/NAME@ALIAS, models:/NAME/VERSION, a logged-model id (m-...), "
-             "a model folder written by `cnnlab export`, or a .ckpt file")
+URI_FORMS = (
+    "a run id or runs:/RUN_ID, models:/NAME@ALIAS, models:/NAME/VERSION, a logged-model id (m-...), "
+    "a model folder written by `cnnlab export`, or a .ckpt file"
+)
 
 
 def default_tracking_uri() -> str:
@@ -27,7 +29,7 @@ def default_tracking_uri() -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     if uri.startswith("sqlite:///"):
         # Absolute, because MLflow caches one store per URI string, whatever the working directory.
-        path = Path(uri[len("sqlite:///"):]).resolve()
+        path = Path(uri[len("sqlite:///") :]).resolve()
         path.parent.mkdir(parents=True, exist_ok=True)
         uri = f"sqlite:///{path}"
     return uri
@@ -67,8 +69,8 @@ def resolve(uri: str) -> ModelRef:
         raise UserError(f"'{uri}': no such file or folder. A model is {URI_FORMS}.")
     store = client()
     try:
-        if uri.startswith("models:/") and not uri[len("models:/"):].startswith("m-"):
-            name, _, alias = uri[len("models:/"):].partition("@")
+        if uri.startswith("models:/") and not uri[len("models:/") :].startswith("m-"):
+            name, _, alias = uri[len("models:/") :].partition("@")
             if alias:
                 version = store.get_model_version_by_alias(name, alias)
             else:
@@ -82,16 +84,20 @@ def resolve(uri: str) -> ModelRef:
         if model_id.startswith("m-"):
             logged = store.get_logged_model(model_id)
             return ModelRef(uri, "logged", f"models:/{model_id}", logged.name, run_id=logged.source_run_id)
-        run_id = uri[len("runs:/"):].split("/")[0] if uri.startswith("runs:/") else uri
+        run_id = uri[len("runs:/") :].split("/")[0] if uri.startswith("runs:/") else uri
         run = store.get_run(run_id)
     except MlflowException as err:
         known = ", ".join(m.name for m in store.search_registered_models(max_results=20)) or "none"
-        raise UserError(f"'{uri}' is not a model in {default_tracking_uri()} ({str(err).splitlines()[0][:160]}). "
-                        f"A model is {URI_FORMS}. Registered models: {known} (`cnnlab models` lists them).") from None
+        raise UserError(
+            f"'{uri}' is not a model in {default_tracking_uri()} ({str(err).splitlines()[0][:160]}). "
+            f"A model is {URI_FORMS}. Registered models: {known} (`cnnlab models` lists them)."
+        ) from None
     logged = run.data.tags.get("cnnlab.model_uri")
     if not logged:
-        raise UserError(f"run '{run_id}' logged no model (its fit did not finish, or ran with --log_model false). "
-                        "Fit the recipe again, or pass its checkpoint (.ckpt).")
+        raise UserError(
+            f"run '{run_id}' logged no model (its fit did not finish, or ran with --log_model false). "
+            "Fit the recipe again, or pass its checkpoint (.ckpt)."
+        )
     return ModelRef(uri, "run", logged, run.info.run_name, run_id=run_id)
 
 
@@ -103,9 +109,10 @@ def download(ref: ModelRef, into: str) -> Path:
         return Path(ref.artifact)
     location = ref.artifact
     if location.startswith("models:/m-"):  # a logged model: its artifacts' own location, read with our client
-        location = client().get_logged_model(location[len("models:/"):]).artifact_location
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=into,
-                                                    tracking_uri=default_tracking_uri()))
+        location = client().get_logged_model(location[len("models:/") :]).artifact_location
+    return Path(
+        mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=into, tracking_uri=default_tracking_uri())
+    )
 
 
 def load(uri: str, threads: int | None = None, device: str = "cpu") -> Network:
@@ -138,12 +145,16 @@ def read_checkpoint(path, what: str = "checkpoint") -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as err:
-        raise UserError(f"{what} '{path}' holds Python objects beyond tensors and plain data, which could run code "
-                        f"when loaded; it was not loaded ({str(err).splitlines()[0][:160]}). Load only checkpoints "
-                        "you trust, saved by a cnnlab fit.") from None
+        raise UserError(
+            f"{what} '{path}' holds Python objects beyond tensors and plain data, which could run code "
+            f"when loaded; it was not loaded ({str(err).splitlines()[0][:160]}). Load only checkpoints "
+            "you trust, saved by a cnnlab fit."
+        ) from None
     except Exception as err:
-        raise UserError(f"{what} '{path}' is not a readable PyTorch checkpoint ({str(err).splitlines()[0][:160]}): "
-                        "empty, truncated or another kind of file. Pass the best.ckpt or last.ckpt of a fit.") from None
+        raise UserError(
+            f"{what} '{path}' is not a readable PyTorch checkpoint ({str(err).splitlines()[0][:160]}): "
+            "empty, truncated or another kind of file. Pass the best.ckpt or last.ckpt of a fit."
+        ) from None
 
 
 def from_checkpoint(path: Path, device: str = "cpu") -> Network:
@@ -155,17 +166,29 @@ def from_checkpoint(path: Path, device: str = "cpu") -> Network:
     if "state_dict" not in saved or "hyper_parameters" not in saved:
         raise UserError(f"checkpoint '{path}' is not a cnnlab fit's checkpoint (no state_dict and hyper_parameters).")
     try:
-        module = ClassifierModule.load_from_checkpoint(path, map_location="cpu", weights_only=True, pretrained=False,
-                                                       init_weights=None)
+        module = ClassifierModule.load_from_checkpoint(
+            path, map_location="cpu", weights_only=True, pretrained=False, init_weights=None
+        )
     except Exception as err:
-        raise UserError(f"checkpoint '{path}' does not make a cnnlab model ({str(err).splitlines()[0][:200]}). Pass "
-                        "the best.ckpt or last.ckpt of a cnnlab fit.") from None
+        raise UserError(
+            f"checkpoint '{path}' does not make a cnnlab model ({str(err).splitlines()[0][:200]}). Pass "
+            "the best.ckpt or last.ckpt of a cnnlab fit."
+        ) from None
     data = saved.get("datamodule_hyper_parameters") or {}
     size = module.hparams.image_size
-    meta = {"classes": module.classes, "image_size": size, "crop_pct": data.get("crop_pct") or default_crop_pct(size),
-            "runtime": "torch", "format": "checkpoint", "sha256": "", "data": recorded_data(data)}
+    meta = {
+        "classes": module.classes,
+        "image_size": size,
+        "crop_pct": data.get("crop_pct") or default_crop_pct(size),
+        "runtime": "torch",
+        "format": "checkpoint",
+        "sha256": "",
+        "data": recorded_data(data),
+    }
     module = module.eval().to(device)
-    return Network(torch_predict(module, device), meta, module=module, params=sum(p.numel() for p in module.parameters()))
+    return Network(
+        torch_predict(module, device), meta, module=module, params=sum(p.numel() for p in module.parameters())
+    )
 
 
 def log_model(store, run_id: str, folder: Path, name: str = "model", tags: dict | None = None) -> str:
@@ -173,10 +196,10 @@ def log_model(store, run_id: str, folder: Path, name: str = "model", tags: dict 
     from mlflow.entities import LoggedModelStatus
 
     run = store.get_run(run_id)
-    logged = store.create_logged_model(run.info.experiment_id, name=name, source_run_id=run_id,
-                                       tags={k: str(v) for k, v in (tags or {}).items()})
+    logged = store.create_logged_model(
+        run.info.experiment_id, name=name, source_run_id=run_id, tags={k: str(v) for k, v in (tags or {}).items()}
+    )
     store.log_model_artifacts(logged.model_id, str(folder))
     store.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
     store.set_tag(run_id, "cnnlab.model_uri", f"models:/{logged.model_id}")
     return f"models:/{logged.model_id}"
-

@@ -19,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from cnnlab.store import default_tracking_uri
 
+
 def flatten(value, prefix: str = "") -> dict:
     """Nested dicts and lists of dicts to dotted keys: {'trainer.callbacks.0.class_path': ...}."""
     if isinstance(value, dict):
@@ -37,13 +38,25 @@ class MLflowLogger(MLFlowLogger):
     """Lightning's MLflow logger on cnnlab's store: asynchronous metric logging, and params too long for
     MLflow stored whole as artifacts (`params/KEY.txt`) instead of being cut."""
 
-    def __init__(self, experiment_name: str = "cnnlab", run_name: str | None = None, tracking_uri: str | None = None,
-                 tags: dict[str, str] | None = None, run_id: str | None = None, synchronous: bool = False):
+    def __init__(
+        self,
+        experiment_name: str = "cnnlab",
+        run_name: str | None = None,
+        tracking_uri: str | None = None,
+        tags: dict[str, str] | None = None,
+        run_id: str | None = None,
+        synchronous: bool = False,
+    ):
         from cnnlab import __version__
 
-        super().__init__(experiment_name=experiment_name, run_name=run_name, tags={"cnnlab.version": __version__,
-                         **(tags or {})}, tracking_uri=tracking_uri or default_tracking_uri(), run_id=run_id,
-                         synchronous=synchronous)
+        super().__init__(
+            experiment_name=experiment_name,
+            run_name=run_name,
+            tags={"cnnlab.version": __version__, **(tags or {})},
+            tracking_uri=tracking_uri or default_tracking_uri(),
+            run_id=run_id,
+            synchronous=synchronous,
+        )
 
     @rank_zero_only
     def log_hyperparams(self, params) -> None:
@@ -54,12 +67,14 @@ class MLflowLogger(MLFlowLogger):
         logged = self.experiment.get_run(self.run_id).data.params  # a resumed run keeps what it was started with
         changed = sorted(k for k, v in flat.items() if k in logged and logged[k] != v)
         if changed:
-            rank_zero_warn(f"cnnlab: resumed with other values for {', '.join(changed)}; the run keeps its first "
-                           "values as params (the resumed recipe is in recipe.yaml).")
+            rank_zero_warn(
+                f"cnnlab: resumed with other values for {', '.join(changed)}; the run keeps its first "
+                "values as params (the resumed recipe is in recipe.yaml)."
+            )
         flat = {k: v for k, v in flat.items() if k not in logged}
         short = [Param(k, v) for k, v in flat.items() if len(v) <= MAX_PARAM_VAL_LENGTH]
         for start in range(0, len(short), 100):
-            self.experiment.log_batch(self.run_id, params=short[start:start + 100])
+            self.experiment.log_batch(self.run_id, params=short[start : start + 100])
         for key, value in flat.items():
             if len(value) > MAX_PARAM_VAL_LENGTH:
                 self.experiment.log_text(self.run_id, value, f"params/{key}.txt")
@@ -143,8 +158,13 @@ class Tracking(Callback):
         datamodule = trainer.datamodule
         if hasattr(datamodule, "describe"):
             data = datamodule.describe()
-            tags.update({"cnnlab.data.source": datamodule.source, "cnnlab.data.fingerprint": data["fingerprint"],
-                         "cnnlab.data.sizes": json.dumps(data["sizes"])})
+            tags.update(
+                {
+                    "cnnlab.data.source": datamodule.source,
+                    "cnnlab.data.fingerprint": data["fingerprint"],
+                    "cnnlab.data.sizes": json.dumps(data["sizes"]),
+                }
+            )
             counts = json.dumps(data["class_counts"])
             if len(counts) <= 5000:
                 tags["cnnlab.data.class_counts"] = counts
@@ -176,9 +196,15 @@ class Tracking(Callback):
             from mlflow.entities import Metric
 
             now = int(time.time() * 1000)
-            logger.experiment.log_batch(logger.run_id, synchronous=False, metrics=[
-                Metric("lr", lr, now, step) for step, lr in self._lrs
-                if step > getattr(logger, "logged_through", {}).get("lr", -1)])
+            logger.experiment.log_batch(
+                logger.run_id,
+                synchronous=False,
+                metrics=[
+                    Metric("lr", lr, now, step)
+                    for step, lr in self._lrs
+                    if step > getattr(logger, "logged_through", {}).get("lr", -1)
+                ],
+            )
         self._lrs = []
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
@@ -207,14 +233,24 @@ def system_info() -> dict[str, str]:
 
     from cnnlab import __version__
 
-    info = {"cnnlab.version": __version__, "sys.python": platform.python_version(), "sys.torch": torch.__version__,
-            "sys.cuda": torch.version.cuda or "none", "sys.host_cpus": str(os.cpu_count()),
-            "sys.gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"}
+    info = {
+        "cnnlab.version": __version__,
+        "sys.python": platform.python_version(),
+        "sys.torch": torch.__version__,
+        "sys.cuda": torch.version.cuda or "none",
+        "sys.host_cpus": str(os.cpu_count()),
+        "sys.gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+    }
     try:
         root = Path(__file__).resolve().parents[2]
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
         if commit.returncode == 0:
             info["cnnlab.git_commit"] = commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.TimeoutExpired):
@@ -226,8 +262,12 @@ def pip_freeze() -> str:
     """What `pip freeze` prints, without a subprocess."""
     from importlib.metadata import distributions
 
-    return "\n".join(sorted({f"{d.metadata['Name']}=={d.version}" for d in distributions() if d.metadata["Name"]},
-                            key=str.lower)) + "\n"
+    return (
+        "\n".join(
+            sorted({f"{d.metadata['Name']}=={d.version}" for d in distributions() if d.metadata["Name"]}, key=str.lower)
+        )
+        + "\n"
+    )
 
 
 def log_model(logger: MLFlowLogger, module, datamodule, samples: int = 16) -> str:
@@ -254,10 +294,18 @@ def log_model(logger: MLFlowLogger, module, datamodule, samples: int = 16) -> st
         module.net = net._orig_mod  # export the plain network, not the compiled wrapper
     module.eval().cpu()
     size = datamodule.image_size
-    meta = {"classes": list(module.classes), "image_size": size, "crop_pct": datamodule.crop_pct,
-            "mean": list(module.hparams.mean), "std": list(module.hparams.std), "runtime": "torch",
-            "format": "torch.export", "model": module.hparams.model, "data": recorded_data(datamodule),
-            "run_id": logger.run_id}
+    meta = {
+        "classes": list(module.classes),
+        "image_size": size,
+        "crop_pct": datamodule.crop_pct,
+        "mean": list(module.hparams.mean),
+        "std": list(module.hparams.std),
+        "runtime": "torch",
+        "format": "torch.export",
+        "model": module.hparams.model,
+        "data": recorded_data(datamodule),
+        "run_id": logger.run_id,
+    }
     try:
         with tempfile.TemporaryDirectory(prefix="cnnlab-model-") as tmp:
             folder = Path(tmp) / "network"
@@ -267,8 +315,12 @@ def log_model(logger: MLFlowLogger, module, datamodule, samples: int = 16) -> st
             torch.export.save(program, folder / cnnlab_model.NETWORK_FILES["torch"])
             meta = cnnlab_model.write_meta(folder, folder / cnnlab_model.NETWORK_FILES["torch"], meta, examples)
             cnnlab_model.save_model(Path(tmp) / "model", folder, meta)
-            return store.log_model(logger.experiment, logger.run_id, Path(tmp) / "model",
-                                   tags={"cnnlab.runtime": "torch", "cnnlab.sha256": meta["sha256"]})
+            return store.log_model(
+                logger.experiment,
+                logger.run_id,
+                Path(tmp) / "model",
+                tags={"cnnlab.runtime": "torch", "cnnlab.sha256": meta["sha256"]},
+            )
     finally:
         module.net = net
 
@@ -282,8 +334,9 @@ def resumable_run(ckpt_path: str, logger: MLflowLogger, run_name: str | None, ro
         if experiment is None:
             return None
         name_filter = f"attributes.run_name = '{run_name}'" if run_name else ""
-        for run in client.search_runs([experiment.experiment_id], name_filter, order_by=["attributes.start_time DESC"],
-                                      max_results=50):
+        for run in client.search_runs(
+            [experiment.experiment_id], name_filter, order_by=["attributes.start_time DESC"], max_results=50
+        ):
             last = Path(root) / experiment.experiment_id / run.info.run_id / "checkpoints" / "last.ckpt"
             if last.exists():
                 return run.info.run_id, str(last)
@@ -319,8 +372,15 @@ def log_confusion(trainer, matrix, classes: list[str]) -> None:
         ax.set_yticks(range(n), classes)
     if n <= 30:
         for (i, j), value in np.ndenumerate(matrix.numpy()):
-            ax.text(j, i, int(value), ha="center", va="center", fontsize=7,
-                    color="white" if value > matrix.max() / 2 else "black")
+            ax.text(
+                j,
+                i,
+                int(value),
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if value > matrix.max() / 2 else "black",
+            )
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title("test confusion matrix")

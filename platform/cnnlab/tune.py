@@ -33,11 +33,13 @@ def storage_url(url: str | None) -> str:
     """The storage URL, sqlite made absolute: trials open it from other processes."""
     url = url or DEFAULT_STORAGE
     if url.startswith("sqlite:///"):
-        path = Path(url[len("sqlite:///"):]).resolve()
+        path = Path(url[len("sqlite:///") :]).resolve()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise UserError(f"--storage {url}: cannot make its folder ({err.strerror}). Give a writable path.") from None
+            raise UserError(
+                f"--storage {url}: cannot make its folder ({err.strerror}). Give a writable path."
+            ) from None
         return f"sqlite:///{path}"
     return url
 
@@ -54,9 +56,11 @@ def open_storage(url: str | None, heartbeat: float | None = None):
     try:
         return optuna.storages.RDBStorage(url, **kwargs)
     except Exception as err:  # a bad URL, a missing driver, an unreachable server, an unwritable file
-        raise UserError(f"--storage {_redact(url)} cannot be opened ({str(err).splitlines()[0][:200]}). Give a "
-                        "SQLAlchemy URL that this machine can reach and write: sqlite:///path/optuna.db, or "
-                        "postgresql://user@host/db (with its driver installed).") from None
+        raise UserError(
+            f"--storage {_redact(url)} cannot be opened ({str(err).splitlines()[0][:200]}). Give a "
+            "SQLAlchemy URL that this machine can reach and write: sqlite:///path/optuna.db, or "
+            "postgresql://user@host/db (with its driver installed)."
+        ) from None
 
 
 def make_pruner(name: str, max_epochs: int = 10):
@@ -73,6 +77,7 @@ def make_pruner(name: str, max_epochs: int = 10):
 
 # ---- the search space ------------------------------------------------------------------------------------
 
+
 def load_space(path: str) -> tuple[dict, dict]:
     """({dotted recipe key: optuna distribution}, {key: grid values}) from YAML; categorical dicts and lists
     travel through Optuna as JSON strings."""
@@ -82,8 +87,10 @@ def load_space(path: str) -> tuple[dict, dict]:
         raise UserError(f"--space {path}: no such file.")
     raw = yaml.safe_load(Path(path).read_text()) or {}
     if not isinstance(raw, dict) or not raw:
-        raise UserError(f"--space {path}: expected a mapping of recipe keys to distributions, e.g. "
-                        "model.optimizer.init_args.lr: {type: float, low: 1.0e-4, high: 0.1, log: true}")
+        raise UserError(
+            f"--space {path}: expected a mapping of recipe keys to distributions, e.g. "
+            "model.optimizer.init_args.lr: {type: float, low: 1.0e-4, high: 0.1, log: true}"
+        )
     space, grids = {}, {}
     for key, spec in raw.items():
         where = f"--space {path}: key '{key}'"
@@ -148,6 +155,7 @@ def check_space(recipe: dict, space: dict, path: str) -> None:
 
 # ---- running a study ---------------------------------------------------------------------------------------
 
+
 class TrialFailed(Exception):
     """A trial's fit ended in an error; Optuna records the message as the trial's fail reason."""
 
@@ -190,8 +198,19 @@ def make_sampler(name: str, space: dict, grids: dict, seed: int | None):
 class Study:
     """One `cnnlab tune` invocation: the Optuna study, its MLflow parent run, and the trial runner."""
 
-    def __init__(self, config: str, space_path: str, study_name: str | None, storage: str | None, sampler: str,
-                 pruner: str, metric: str, direction: str, seed: int | None = None, heartbeat: float = 60):
+    def __init__(
+        self,
+        config: str,
+        space_path: str,
+        study_name: str | None,
+        storage: str | None,
+        sampler: str,
+        pruner: str,
+        metric: str,
+        direction: str,
+        seed: int | None = None,
+        heartbeat: float = 60,
+    ):
         import optuna
 
         from cnnlab.store import default_tracking_uri
@@ -207,12 +226,19 @@ class Study:
         trainer = self.recipe.get("trainer") or {}
         self.max_epochs = int(trainer.get("max_epochs") or 10)
         self.storage = open_storage(self.storage_url, heartbeat)
-        self.study = optuna.create_study(study_name=self.name, storage=self.storage, direction=direction,
-                                         sampler=make_sampler(sampler, self.space, grids, seed),
-                                         pruner=make_pruner(pruner, self.max_epochs), load_if_exists=True)
+        self.study = optuna.create_study(
+            study_name=self.name,
+            storage=self.storage,
+            direction=direction,
+            sampler=make_sampler(sampler, self.space, grids, seed),
+            pruner=make_pruner(pruner, self.max_epochs),
+            load_if_exists=True,
+        )
         if self.study.direction.name.lower() != direction:
-            raise UserError(f"--study {self.name} exists with direction {self.study.direction.name.lower()}, "
-                            f"not {direction}. Use another --study name.")
+            raise UserError(
+                f"--study {self.name} exists with direction {self.study.direction.name.lower()}, "
+                f"not {direction}. Use another --study name."
+            )
         self.tracking_uri = default_tracking_uri()
         logger = trainer.get("logger") if isinstance(trainer.get("logger"), dict) else {}
         self.experiment = (logger.get("init_args") or {}).get("experiment_name", "cnnlab")
@@ -234,11 +260,19 @@ class Study:
                 return parent
         experiment = client.get_experiment_by_name(self.experiment)
         experiment_id = experiment.experiment_id if experiment else client.create_experiment(self.experiment)
-        run = client.create_run(experiment_id, run_name=f"study-{self.name}",
-                                tags={"optuna.study": self.name, "optuna.storage": _redact(self.storage_url),
-                                      "cnnlab.role": "study"})
-        params = {"study": self.name, "sampler": sampler, "pruner": self.pruner_name, "metric": self.metric,
-                  "direction": self.direction, **{f"space.{k}": repr(v)[:500] for k, v in self.space.items()}}
+        run = client.create_run(
+            experiment_id,
+            run_name=f"study-{self.name}",
+            tags={"optuna.study": self.name, "optuna.storage": _redact(self.storage_url), "cnnlab.role": "study"},
+        )
+        params = {
+            "study": self.name,
+            "sampler": sampler,
+            "pruner": self.pruner_name,
+            "metric": self.metric,
+            "direction": self.direction,
+            **{f"space.{k}": repr(v)[:500] for k, v in self.space.items()},
+        }
         for key, value in params.items():
             client.log_param(run.info.run_id, key, value)
         client.log_text(run.info.run_id, yaml.safe_dump(self.recipe, sort_keys=False), "base_recipe.yaml")
@@ -255,23 +289,47 @@ class Study:
         trial.set_user_attr("recipe", json.dumps(recipe))
         trial.set_user_attr("threads", self.threads)
         client = self._client()
-        run = client.create_run(client.get_run(self.parent).info.experiment_id, run_name=f"trial-{trial.number}",
-                                tags={"mlflow.parentRunId": self.parent, "optuna.study": self.name,
-                                      "optuna.trial": str(trial.number)})
+        run = client.create_run(
+            client.get_run(self.parent).info.experiment_id,
+            run_name=f"trial-{trial.number}",
+            tags={"mlflow.parentRunId": self.parent, "optuna.study": self.name, "optuna.trial": str(trial.number)},
+        )
         run_id = run.info.run_id
         trial.set_user_attr("mlflow_run_id", run_id)
-        runnable = apply(recipe, {"checkpoint.monitor": self.metric,
-                                  "checkpoint.mode": "max" if self.direction == "maximize" else "min"})
+        runnable = apply(
+            recipe,
+            {"checkpoint.monitor": self.metric, "checkpoint.mode": "max" if self.direction == "maximize" else "min"},
+        )
         trainer = runnable.setdefault("trainer", {})
-        trainer["callbacks"] = [*(trainer.get("callbacks") or []), {
-            "class_path": "cnnlab.callbacks.OptunaPruning",
-            "init_args": {"storage": self.storage_url, "study_name": self.name, "trial_id": trial._trial_id,
-                          "monitor": self.metric, "pruner": self.pruner_name, "max_epochs": self.max_epochs}}]
+        trainer["callbacks"] = [
+            *(trainer.get("callbacks") or []),
+            {
+                "class_path": "cnnlab.callbacks.OptunaPruning",
+                "init_args": {
+                    "storage": self.storage_url,
+                    "study_name": self.name,
+                    "trial_id": trial._trial_id,
+                    "monitor": self.metric,
+                    "pruner": self.pruner_name,
+                    "max_epochs": self.max_epochs,
+                },
+            },
+        ]
         started = time.time()
-        proc = fit_process(runnable, run_id, self.experiment, self.tracking_uri, name=f"trial-{trial.number}",
-                           env={"OMP_NUM_THREADS": self.threads},
-                           extra=["--test_after_fit=false", "--log_model=false",  # the best recipe is refit, so
-                                  "--checkpoint.save_top_k=0", "--checkpoint.save_last=false"])  # no checkpoints
+        proc = fit_process(
+            runnable,
+            run_id,
+            self.experiment,
+            self.tracking_uri,
+            name=f"trial-{trial.number}",
+            env={"OMP_NUM_THREADS": self.threads},
+            extra=[
+                "--test_after_fit=false",
+                "--log_model=false",  # the best recipe is refit, so
+                "--checkpoint.save_top_k=0",
+                "--checkpoint.save_last=false",
+            ],
+        )  # no checkpoints
         attrs = self.storage.get_trial_system_attrs(trial._trial_id)
         scores = {int(k): v for k, v in (attrs.get(_INTERMEDIATE_VALUE) or {}).items()}
         trial.set_user_attr("epochs", len(scores))
@@ -304,8 +362,14 @@ class Study:
         optuna.logging.set_verbosity(optuna.logging.ERROR)  # each trial prints its own one-line outcome
         # the workers' trials share the cores: two 2-core quickstart fits ran 2.8x slower with a thread per core each
         self.threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, len(os.sched_getaffinity(0)) // workers))
-        self.study.optimize(self.objective, n_trials=n_trials, timeout=timeout, n_jobs=workers,
-                            catch=(TrialFailed,), gc_after_trial=False)
+        self.study.optimize(
+            self.objective,
+            n_trials=n_trials,
+            timeout=timeout,
+            n_jobs=workers,
+            catch=(TrialFailed,),
+            gc_after_trial=False,
+        )
 
     def finish(self, out_dir: str = "recipes/tuned") -> Path | None:
         """The best recipe to recipes/tuned/<study>.yaml, plots and the leaderboard to the parent run."""
@@ -328,12 +392,14 @@ class Study:
             written = Path(out_dir) / f"{self.name}.yaml"
             written.parent.mkdir(parents=True, exist_ok=True)
             threads = best.user_attrs.get("threads")  # absent on trials of a study begun before it was recorded
-            header = (f"# Best trial ({best.number}) of the Optuna study '{self.name}': {self.metric} = {best.value:.4f}\n"
-                      f"# (storage {_redact(self.storage_url)}). Drawn values: "
-                      f"{', '.join(f'{k}={_show(v)}' for k, v in best.params.items())}\n"
-                      f"# Run:    {f'OMP_NUM_THREADS={threads} ' if threads else ''}cnnlab fit --config {written}\n"
-                      f"# Expect: {self.metric} {best.value:.4f} on validation, as in the study (on a CPU, the "
-                      "trial's thread count repeats its numbers exactly).\n")
+            header = (
+                f"# Best trial ({best.number}) of the Optuna study '{self.name}': {self.metric} = {best.value:.4f}\n"
+                f"# (storage {_redact(self.storage_url)}). Drawn values: "
+                f"{', '.join(f'{k}={_show(v)}' for k, v in best.params.items())}\n"
+                f"# Run:    {f'OMP_NUM_THREADS={threads} ' if threads else ''}cnnlab fit --config {written}\n"
+                f"# Expect: {self.metric} {best.value:.4f} on validation, as in the study (on a CPU, the "
+                "trial's thread count repeats its numbers exactly).\n"
+            )
             written.write_text(header + yaml.safe_dump(json.loads(best.user_attrs["recipe"]), sort_keys=False))
             client.log_artifact(self.parent, str(written), "tuned")
         client.set_terminated(self.parent, "FINISHED")
@@ -349,7 +415,13 @@ def _redact(url: str) -> str:
 
 def _show(value) -> str:
     value = _decode(value)
-    return f"{value:.4g}" if isinstance(value, float) else json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+    return (
+        f"{value:.4g}"
+        if isinstance(value, float)
+        else json.dumps(value)
+        if isinstance(value, (dict, list))
+        else str(value)
+    )
 
 
 def _reason(stderr: str) -> str:
@@ -363,16 +435,26 @@ def _reason(stderr: str) -> str:
 def leaderboard(study, metric: str) -> str:
     """Trials best first: number, state, value, epochs, seconds, drawn values."""
     reverse = study.direction.name == "MAXIMIZE"
-    trials = sorted(study.trials, key=lambda t: (t.state.name != "COMPLETE", -(t.value or 0) if reverse else
-                                                 (t.value if t.value is not None else math.inf), t.number))
-    rows = [f"study {study.study_name}: {len(trials)} trials, {metric} ({study.direction.name.lower()})",
-            f"{'trial':>5} {'state':<9} {metric:>10} {'epochs':>6} {'seconds':>8}  params"]
+    trials = sorted(
+        study.trials,
+        key=lambda t: (
+            t.state.name != "COMPLETE",
+            -(t.value or 0) if reverse else (t.value if t.value is not None else math.inf),
+            t.number,
+        ),
+    )
+    rows = [
+        f"study {study.study_name}: {len(trials)} trials, {metric} ({study.direction.name.lower()})",
+        f"{'trial':>5} {'state':<9} {metric:>10} {'epochs':>6} {'seconds':>8}  params",
+    ]
     for t in trials:
         value = f"{t.value:.4f}" if t.value is not None else "-"
         params = ", ".join(f"{k}={_show(v)}" for k, v in t.params.items())
         reason = f"  ({t.user_attrs.get('fail_reason', '')[:100]})" if t.state.name == "FAIL" else ""
-        rows.append(f"{t.number:>5} {t.state.name:<9} {value:>10} {t.user_attrs.get('epochs', '-'):>6} "
-                    f"{t.user_attrs.get('seconds', '-'):>8}  {params}{reason}")
+        rows.append(
+            f"{t.number:>5} {t.state.name:<9} {value:>10} {t.user_attrs.get('epochs', '-'):>6} "
+            f"{t.user_attrs.get('seconds', '-'):>8}  {params}{reason}"
+        )
     return "\n".join(rows) + "\n"
 
 
@@ -387,10 +469,12 @@ def plots(study, folder: Path) -> list[Path]:
     import optuna.visualization.matplotlib as vis
 
     out = []
-    for name, fn in (("optimization_history", vis.plot_optimization_history),
-                     ("param_importances", vis.plot_param_importances),
-                     ("parallel_coordinate", vis.plot_parallel_coordinate),
-                     ("intermediate_values", vis.plot_intermediate_values)):
+    for name, fn in (
+        ("optimization_history", vis.plot_optimization_history),
+        ("param_importances", vis.plot_param_importances),
+        ("parallel_coordinate", vis.plot_parallel_coordinate),
+        ("intermediate_values", vis.plot_intermediate_values),
+    ):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -413,16 +497,29 @@ def show(study_name: str, storage: str | None) -> int:
         study = optuna.load_study(study_name=study_name, storage=open_storage(storage))
     except KeyError:
         names = optuna.get_all_study_names(open_storage(storage))
-        raise UserError(f"no study '{study_name}' in {_redact(storage_url(storage))}. Studies: "
-                        f"{', '.join(names) or 'none'}.") from None
+        raise UserError(
+            f"no study '{study_name}' in {_redact(storage_url(storage))}. Studies: {', '.join(names) or 'none'}."
+        ) from None
     print(leaderboard(study, study.user_attrs.get("metric", "value")), end="")
     return 0
 
 
-def tune(config: str, space: str, n_trials: int | None = None, timeout: float | None = None,
-         study: str | None = None, storage: str | None = None, workers: int = 1, sampler: str = "tpe",
-         pruner: str = "median", metric: str = "val/acc", direction: str = "maximize", seed: int | None = None,
-         out_dir: str = "recipes/tuned", heartbeat: float = 60) -> int:
+def tune(
+    config: str,
+    space: str,
+    n_trials: int | None = None,
+    timeout: float | None = None,
+    study: str | None = None,
+    storage: str | None = None,
+    workers: int = 1,
+    sampler: str = "tpe",
+    pruner: str = "median",
+    metric: str = "val/acc",
+    direction: str = "maximize",
+    seed: int | None = None,
+    out_dir: str = "recipes/tuned",
+    heartbeat: float = 60,
+) -> int:
     if workers < 1:
         raise UserError(f"--workers {workers} must be at least 1.")
     if n_trials is None and timeout is None:
@@ -430,8 +527,11 @@ def tune(config: str, space: str, n_trials: int | None = None, timeout: float | 
     remove_stale_temp()
     runner = Study(config, space, study, storage, sampler, pruner, metric, direction, seed, heartbeat)
     runner.study.set_user_attr("metric", metric)
-    print(f"study '{runner.name}' in {_redact(runner.storage_url)}: {n_trials or 'unlimited'} trials, "
-          f"{workers} worker(s), {sampler} sampler, {pruner} pruner, {direction} {metric}", flush=True)
+    print(
+        f"study '{runner.name}' in {_redact(runner.storage_url)}: {n_trials or 'unlimited'} trials, "
+        f"{workers} worker(s), {sampler} sampler, {pruner} pruner, {direction} {metric}",
+        flush=True,
+    )
 
     def stop(signum, frame):  # unwind, so the trials' processes end and temporary files go
         raise SystemExit(128 + signum)

@@ -83,6 +83,7 @@ class ClassifierModule(L.LightningModule):
             state = source.module.state_dict()
             match_shapes(self, state)
             self.load_state_dict({k: v for k, v in state.items() if k.startswith("net.")}, strict=False)
+        self.compiled: tuple | None = None
         self.loss_hook = None  # callbacks such as Distillation replace the training loss through this
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255, persistent=False)
@@ -111,7 +112,11 @@ class ClassifierModule(L.LightningModule):
         return x.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else x
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net(self.normalize(images))
+        return self.run_net(self.normalize(images))
+
+    def run_net(self, x: torch.Tensor) -> torch.Tensor:
+        """The network, compiled where `compile` asks for it (self.net itself stays the plain module)."""
+        return (self.compiled[0] if self.compiled else self.net)(x)
 
     def setup(self, stage: str) -> None:
         self._check_input_size()
@@ -124,8 +129,9 @@ class ClassifierModule(L.LightningModule):
             batch = getattr(self.trainer.datamodule, "batch_size", 2)
             if batch % 2:
                 raise UserError(f"data.batch_size={batch} must be even with model.mixup/model.cutmix.")
-        if self.hparams.compile and not isinstance(self.net, torch._dynamo.eval_frame.OptimizedModule):
-            self.net = torch.compile(self.net, mode=self.hparams.compile_mode)
+        if self.hparams.compile and not self.compiled:
+            # In a tuple, not an attribute of its own: a module attribute would enter the state dict twice.
+            self.compiled = (torch.compile(self.net, mode=self.hparams.compile_mode),)
 
     def _check_input_size(self) -> None:
         size, name = self.hparams.image_size, self.hparams.model
@@ -151,7 +157,7 @@ class ClassifierModule(L.LightningModule):
         soft_targets = None
         if self.mixup:
             x, soft_targets = self.mixup(x, targets)
-        logits = self.net(x)
+        logits = self.run_net(x)
         loss = self.loss(logits, targets if soft_targets is None else soft_targets)
         if soft_targets is None:
             self.train_acc(logits, targets)

@@ -71,9 +71,7 @@ class CnnlabCLI(LightningCLI):
         try:
             super().parse_arguments(parser, args)
         except ArgumentError as err:
-            parsers = [parser, *getattr(self, "_subcommand_parsers", {}).values()]
-            keys = [o.lstrip("-") for p in parsers for a in p._actions for o in a.option_strings]
-            raise UserError(explain_recipe_error(str(err), keys)) from None
+            raise UserError(explain_recipe_error(str(err), self.recipe_keys())) from None
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path and str(ckpt_path) not in ("last", "best", "hpc"):
@@ -82,6 +80,13 @@ class CnnlabCLI(LightningCLI):
             # as data only, before Lightning reads its hyperparameters; its classes are checked against the data's
             saved = read_checkpoint(ckpt_path, "--ckpt_path").get("hyper_parameters") or {}
             self.checkpoint_classes = saved.get("classes") or [str(i) for i in range(saved.get("num_classes", 0))]
+
+    def recipe_keys(self) -> list[str]:
+        """Every dotted key a recipe may set, from a parser built the way LightningCLI builds its own."""
+        parser = self.init_parser(exit_on_error=False)
+        self.add_core_arguments_to_parser(parser)
+        self.add_arguments_to_parser(parser)
+        return [*parser.get_defaults().keys(), "ckpt_path", "config"]
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.classes", "model.classes", apply_on="instantiate")
@@ -117,18 +122,31 @@ class CnnlabCLI(LightningCLI):
             help="after `fit`, register the logged model as a new version of NAME (alias challenger)",
         )
 
+    checkpoint_classes: list[str] | None = None  # the classes the --ckpt_path checkpoint was trained on
+    resumed: str | None = None  # the MLflow run a fit continues
+
     def before_instantiate_classes(self) -> None:
+        """Name the run after the recipe; with --ckpt_path, continue the MLflow run that wrote the checkpoint."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         logger = config.trainer.logger
-        if getattr(logger, "class_path", None) == LOGGER and logger.init_args.run_name is None and config.get("config"):
+        if getattr(logger, "class_path", None) != LOGGER:
+            return
+        if logger.init_args.run_name is None and config.get("config"):
             logger.init_args.run_name = Path(str(config.config[-1])).stem
-
-    checkpoint_classes: list[str] | None = None
+        ckpt_path = config.get("ckpt_path")
+        if not ckpt_path or logger.init_args.run_id:
+            return
+        found = resumable_run(str(ckpt_path), logger.init_args, config.trainer.default_root_dir)
+        if found:
+            (self.resumed, config.ckpt_path), logger.init_args.run_id = found, found[0]
+            rank_zero_info(f"cnnlab: continuing MLflow run {found[0]} from {found[1]}")
+        elif ckpt_path == "last":
+            config.ckpt_path = None
+            rank_zero_info(f"cnnlab: no last.ckpt for run '{logger.init_args.run_name}' yet: starting a fresh fit")
 
     def _resume_run(self) -> None:
-        """Continue the MLflow run that wrote the checkpoint we start from (which must know the data's classes)."""
-        config, logger = self.config_init[self.subcommand], mlflow_logger(self.trainer)
-        ckpt_path = config.get("ckpt_path")
+        """A checkpoint must know the data's classes; a resumed run shows RUNNING and logs no step twice."""
+        ckpt_path, logger = self.config_init[self.subcommand].get("ckpt_path"), mlflow_logger(self.trainer)
         known, data = self.checkpoint_classes, list(self.datamodule.classes)
         if known and list(known) != data:
             raise UserError(
@@ -137,23 +155,14 @@ class CnnlabCLI(LightningCLI):
                 f"{len(data)} ({', '.join(data[:6])}{', ...' if len(data) > 6 else ''}). Use data with the "
                 "checkpoint's classes, or start a new fit (model.init_weights fine-tunes from it)."
             )
-        if not ckpt_path or logger is None:
-            return
-        found = resumable_run(str(ckpt_path), logger, logger._run_name, self.trainer.default_root_dir)
-        if found:
-            logger._run_id, config["ckpt_path"] = found
-            if self.trainer.is_global_zero:
-                logger.experiment.update_run(found[0], status="RUNNING")  # not FAILED or KILLED while it trains
-                history = logger.experiment.get_metric_history
-                logger.logged_through = {
-                    key: max((m.step for m in history(found[0], key)), default=-1)
-                    for key in logger.experiment.get_run(found[0]).data.metrics
-                    if not key.startswith("test/")
-                }
-            rank_zero_info(f"cnnlab: continuing MLflow run {found[0]} from {found[1]}")
-        elif ckpt_path == "last":
-            config["ckpt_path"] = None
-            rank_zero_info(f"cnnlab: no last.ckpt for run '{logger._run_name}' yet: starting a fresh fit")
+        if self.resumed and logger is not None and self.trainer.is_global_zero:
+            logger.experiment.update_run(self.resumed, status="RUNNING")  # not FAILED or KILLED while it trains
+            history = logger.experiment.get_metric_history
+            logger.logged_through = {
+                key: max((m.step for m in history(self.resumed, key)), default=-1)
+                for key in logger.experiment.get_run(self.resumed).data.metrics
+                if not key.startswith("test/")
+            }
 
     def before_fit(self) -> None:
         self._resume_run()
@@ -213,7 +222,7 @@ class CnnlabCLI(LightningCLI):
                 f"cnnlab: registered {config.register} v{version.version} (alias challenger); "
                 f"promote it with `cnnlab promote {config.register}`"
             )
-        where = logger._tracking_uri
+        where = logger.tracking_uri
         browse = f"open {where}" if where.startswith("http") else "browse it with `cnnlab ui`"
         print(f"cnnlab: MLflow run {logger.run_id} in {where}; {browse}")
 

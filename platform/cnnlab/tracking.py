@@ -49,11 +49,12 @@ class MLflowLogger(MLFlowLogger):
     ):
         from cnnlab import __version__
 
+        self.tracking_uri = tracking_uri or default_tracking_uri()  # public: where the run lives
         super().__init__(
             experiment_name=experiment_name,
             run_name=run_name,
             tags={"cnnlab.version": __version__, **(tags or {})},
-            tracking_uri=tracking_uri or default_tracking_uri(),
+            tracking_uri=self.tracking_uri,
             run_id=run_id,
             synchronous=synchronous,
         )
@@ -91,10 +92,9 @@ class MLflowLogger(MLFlowLogger):
 
     @rank_zero_only
     def finalize(self, status: str = "success") -> None:
-        if self._initialized:
-            import mlflow
+        import mlflow
 
-            mlflow.flush_async_logging()
+        mlflow.flush_async_logging()  # the asynchronous metrics first: the run's status comes last
         super().finalize("KILLED" if self.stopped and status == "failed" else status)
 
 
@@ -289,9 +289,7 @@ def log_model(logger: MLFlowLogger, module, datamodule, samples: int = 16) -> st
         examples.append((raw, held_out.labels[i]))
         if len(examples) == samples:
             break
-    net = module.net
-    if isinstance(net, torch._dynamo.eval_frame.OptimizedModule):
-        module.net = net._orig_mod  # export the plain network, not the compiled wrapper
+    compiled, module.compiled = module.compiled, None  # export the plain network, not the compiled one
     module.eval().cpu()
     size = datamodule.image_size
     meta = {
@@ -322,17 +320,23 @@ def log_model(logger: MLFlowLogger, module, datamodule, samples: int = 16) -> st
                 tags={"cnnlab.runtime": "torch", "cnnlab.sha256": meta["sha256"]},
             )
     finally:
-        module.net = net
+        module.compiled = compiled
 
 
-def resumable_run(ckpt_path: str, logger: MLflowLogger, run_name: str | None, root: str) -> tuple[str, str] | None:
-    """(run_id, checkpoint file) to continue. Checkpoints live in ROOT/EXPERIMENT_ID/RUN_ID/checkpoints/,
-    so a file names its run; `last` takes the newest run of this name that left a last.ckpt."""
-    client = logger._mlflow_client
+def resumable_run(ckpt_path: str, logger_args, root: str) -> tuple[str, str] | None:
+    """(run_id, checkpoint file) to continue, for a logger's init args (experiment_name, run_name, tracking_uri).
+    Checkpoints live in ROOT/EXPERIMENT_ID/RUN_ID/checkpoints/, so a file names its run; `last` takes the newest
+    run of this name that left a last.ckpt."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    uri = logger_args.tracking_uri or default_tracking_uri()
+    client = MlflowClient(uri, registry_uri=uri)
     if ckpt_path == "last":
-        experiment = client.get_experiment_by_name(logger._experiment_name)
+        experiment = client.get_experiment_by_name(logger_args.experiment_name)
         if experiment is None:
             return None
+        run_name = logger_args.run_name
         name_filter = f"attributes.run_name = '{run_name}'" if run_name else ""
         for run in client.search_runs(
             [experiment.experiment_id], name_filter, order_by=["attributes.start_time DESC"], max_results=50
@@ -344,8 +348,6 @@ def resumable_run(ckpt_path: str, logger: MLflowLogger, run_name: str | None, ro
     path = Path(ckpt_path)
     if path.parent.name != "checkpoints":
         return None
-    from mlflow.exceptions import MlflowException
-
     try:
         client.get_run(path.parent.parent.name)
     except MlflowException:

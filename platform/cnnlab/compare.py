@@ -176,8 +176,7 @@ def compare(
     from cnnlab.store import default_tracking_uri
 
     client = store.client()
-    experiment = client.get_experiment_by_name("cnnlab")
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment("cnnlab")
+    experiment_id = store.experiment_id(client)
     if runs:
         run_ids = []
         for given in runs:  # a former comparison's parent stands for its children

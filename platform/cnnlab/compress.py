@@ -75,8 +75,7 @@ def format_table(rows: list[dict], threads: int, data: str) -> str:
 
 def _log(rows: list[dict], table: str) -> None:
     client = store.client()
-    experiment = client.get_experiment_by_name("cnnlab")
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment("cnnlab")
+    experiment_id = store.experiment_id(client)
     run_id = client.create_run(
         experiment_id, run_name="compress-report", tags={"cnnlab.role": "compress-report"}
     ).info.run_id

@@ -71,20 +71,16 @@ def to_int8(fp32: Path, path: Path, batches) -> Path:
 
 def parity(reference: Network, exported: Network, images: list, labels: list[int]) -> dict:
     """The exported network against its source: max |logit difference|, top-1 agreement, both accuracies."""
-    diff, agree, correct_ref, correct_exp = 0.0, 0, 0, 0
-    for start in range(0, len(images), 64):
-        chunk, truth = images[start : start + 64], np.asarray(labels[start : start + 64])
-        ours, theirs = reference.logits(chunk), exported.logits(chunk)
-        diff = max(diff, float(np.abs(ours - theirs).max()))
-        agree += int((ours.argmax(1) == theirs.argmax(1)).sum())
-        correct_ref += int((ours.argmax(1) == truth).sum())
-        correct_exp += int((theirs.argmax(1) == truth).sum())
-    total = max(1, len(images))
+    import torch
+    from torchmetrics.functional.classification import multiclass_accuracy
+
+    ours, theirs = torch.from_numpy(reference.logits(images)), torch.from_numpy(exported.logits(images))
+    truth, classes = torch.tensor(labels), len(reference.classes)
     return {
-        "max_abs_diff": diff,
-        "top1_agreement": agree / total,
-        "source_acc": correct_ref / total,
-        "acc": correct_exp / total,
+        "max_abs_diff": float((ours - theirs).abs().max()) if len(images) else 0.0,
+        "top1_agreement": float(multiclass_accuracy(theirs, ours.argmax(1), classes, average="micro")),
+        "source_acc": float(multiclass_accuracy(ours, truth, classes, average="micro")),
+        "acc": float(multiclass_accuracy(theirs, truth, classes, average="micro")),
         "images": len(images),
     }
 
@@ -184,8 +180,7 @@ def _track(folder: Path, meta: dict, register: str | None) -> tuple[str, str | N
     from cnnlab.registry import register_model
 
     client = store.client()
-    experiment = client.get_experiment_by_name("cnnlab")
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment("cnnlab")
+    experiment_id = store.experiment_id(client)
     source = meta["source"]
     tags = {"cnnlab.role": "export", "cnnlab.export.source": source["uri"], "cnnlab.export.format": meta["format"]}
     run_id = client.create_run(experiment_id, run_name=f"export-{meta['format']}", tags=tags).info.run_id

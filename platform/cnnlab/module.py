@@ -194,7 +194,7 @@ class ClassifierModule(L.LightningModule):
         per_class = matrix.diag() / matrix.sum(1).clamp(min=1)
         for name, acc in zip(self.classes, per_class):
             self.log(f"test/acc_class/{name}", acc.item(), rank_zero_only=True)
-        log_confusion(self.trainer, matrix, self.classes)
+        log_confusion(self.trainer, self.confusion, matrix, self.classes)
 
     def predict_step(self, batch, batch_idx):
         return self(batch[0]).float().softmax(-1)
@@ -203,14 +203,16 @@ class ClassifierModule(L.LightningModule):
         match_shapes(self, checkpoint["state_dict"])  # a structurally pruned network keeps its smaller shapes
 
     def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
-        make = self.optimizer or torch.optim.AdamW
-        return make(
-            [
-                {"params": [p for p in params if p.ndim > 1]},
-                {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
-            ]
-        )
+        from timm.optim import param_groups_weight_decay
+
+        skip = self.net.no_weight_decay() if hasattr(self.net, "no_weight_decay") else ()
+        # Norms, biases and the model's own exceptions get no weight decay, the rest the optimizer's own: timm
+        # marks the decayed group with the value given, which is then dropped so the optimizer's default applies.
+        groups = param_groups_weight_decay(self.net, weight_decay=1.0, no_weight_decay_list=skip)
+        for group in groups:
+            if group["weight_decay"] == 1.0:
+                del group["weight_decay"]
+        return (self.optimizer or torch.optim.AdamW)([g for g in groups if g["params"]])
 
 
 def match_shapes(module: nn.Module, state: dict) -> None:

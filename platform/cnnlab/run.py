@@ -42,6 +42,7 @@ def trainer_defaults() -> dict:
         "log_every_n_steps": 10,
         "precision": "bf16-mixed" if cuda else "32-true",
         "benchmark": cuda,
+        "enable_progress_bar": sys.stderr.isatty(),  # elsewhere Tracking prints one line per epoch
         "callbacks": [Tracking()],
     }
 
@@ -246,7 +247,10 @@ class CnnlabCLI(LightningCLI):
                         f"{float(row.max()):.4f}",
                     ]
                 )
-        accuracy = (probs.argmax(1) == torch.tensor(samples.labels[: len(probs)])).float().mean()
+        from torchmetrics.functional.classification import multiclass_accuracy
+
+        truth = torch.tensor(samples.labels[: len(probs)])
+        accuracy = multiclass_accuracy(probs, truth, datamodule.num_classes, average="micro")
         print(f"cnnlab: {len(probs)} predictions (top-1 {accuracy:.4f}) written to {out}")
 
 

@@ -43,6 +43,18 @@ def client():
     return MlflowClient(uri, registry_uri=uri)
 
 
+def experiment_id(store, name: str = "cnnlab") -> str:
+    """The experiment's id (made if new), marked as model training so the MLflow UI opens on that view."""
+    found = store.get_experiment_by_name(name)
+    experiment = found.experiment_id if found else store.create_experiment(name)
+    if not found or found.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
+        store.set_experiment_tag(experiment, *EXPERIMENT_KIND)
+    return experiment
+
+
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
 @dataclass
 class ModelRef:
     """What a model URI names now: `artifact` is the MLflow artifact URI (or local path) of the model."""

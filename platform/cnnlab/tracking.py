@@ -151,7 +151,10 @@ class Tracking(Callback):
         logger = mlflow_logger(trainer)
         if logger is None or not trainer.is_global_zero:
             return
+        from cnnlab.store import EXPERIMENT_KIND
+
         client, run_id = logger.experiment, logger.run_id
+        client.set_experiment_tag(logger.experiment_id, *EXPERIMENT_KIND)  # the UI's model-training view
         tags = system_info()
         if trainer.checkpoint_callback:
             tags["cnnlab.checkpoint_dir"] = str(Path(trainer.checkpoint_callback.dirpath).resolve())
@@ -169,6 +172,7 @@ class Tracking(Callback):
             if len(counts) <= 5000:
                 tags["cnnlab.data.class_counts"] = counts
             client.log_dict(run_id, data, "data/fingerprint.json")
+            log_dataset(client, run_id, datamodule.source, data)
             with tempfile.TemporaryDirectory() as tmp:
                 from cnnlab.data import preview
 
@@ -216,6 +220,19 @@ class Tracking(Callback):
         datamodule = trainer.datamodule
         if getattr(datamodule, "hparams", {}).get("on_bad_image") == "skip":
             pl_module.log("data/skipped_images", float(datamodule.skipped), reduce_fx="sum", sync_dist=True)
+        if trainer.progress_bar_callback is None and trainer.is_global_zero and not trainer.sanity_checking:
+            # No progress bar (a log file, CI, a batch job): one line per epoch instead of redrawn frames.
+            shown = {
+                k: float(v)
+                for k, v in sorted(trainer.callback_metrics.items())
+                if k.count("/") == 1 and not k.endswith("_step") and v.numel() == 1
+            }
+            print(
+                f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: "
+                + ", ".join(f"{k.removesuffix('_epoch')} {v:.4g}" for k, v in shown.items())
+                + f" ({time.perf_counter() - self._epoch_start:.1f} s)",
+                flush=True,
+            )
 
     def on_fit_end(self, trainer, pl_module) -> None:
         logger, checkpoint = mlflow_logger(trainer), trainer.checkpoint_callback
@@ -223,6 +240,22 @@ class Tracking(Callback):
             return
         logger.experiment.log_artifact(logger.run_id, checkpoint.best_model_path, "checkpoints")
         logger.experiment.set_tag(logger.run_id, "cnnlab.best_checkpoint", Path(checkpoint.best_model_path).name)
+
+
+def log_dataset(client, run_id: str, source: str, data: dict) -> None:
+    """The data as an MLflow dataset input of the run (the UI's Datasets panel): its fingerprint as the
+    digest, split sizes and class counts as the profile."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    kind = "code" if source in ("digits", "synthetic") else "local"
+    dataset = Dataset(
+        name=Path(source).name or source,
+        digest=data["fingerprint"][:36],
+        source_type=kind,
+        source=json.dumps({"uri": data["root"] or source}),
+        profile=json.dumps({"sizes": data["sizes"], "classes": len(data["class_counts"])}),
+    )
+    client.log_inputs(run_id, datasets=[DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])])
 
 
 def system_info() -> dict[str, str]:
@@ -355,8 +388,8 @@ def resumable_run(ckpt_path: str, logger_args, root: str) -> tuple[str, str] | N
     return path.parent.parent.name, ckpt_path
 
 
-def log_confusion(trainer, matrix, classes: list[str]) -> None:
-    """The test confusion matrix as a PNG on the run (rank 0)."""
+def log_confusion(trainer, metric, matrix, classes: list[str]) -> None:
+    """The test confusion matrix, drawn by torchmetrics, as a PNG on the run (rank 0)."""
     logger = mlflow_logger(trainer)
     if logger is None or not trainer.is_global_zero:
         return
@@ -364,27 +397,10 @@ def log_confusion(trainer, matrix, classes: list[str]) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     n = len(classes)
     fig, ax = plt.subplots(figsize=(min(2 + 0.5 * n, 24), min(2 + 0.5 * n, 24)))
-    ax.imshow(matrix.numpy(), cmap="Blues")
-    if n <= 50:
-        ax.set_xticks(range(n), classes, rotation=90)
-        ax.set_yticks(range(n), classes)
-    if n <= 30:
-        for (i, j), value in np.ndenumerate(matrix.numpy()):
-            ax.text(
-                j,
-                i,
-                int(value),
-                ha="center",
-                va="center",
-                fontsize=7,
-                color="white" if value > matrix.max() / 2 else "black",
-            )
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
+    metric.plot(val=matrix, ax=ax, add_text=n <= 30, labels=list(classes) if n <= 50 else None, cmap="Blues")
     ax.set_title("test confusion matrix")
     fig.tight_layout()
     logger.experiment.log_figure(logger.run_id, fig, "plots/confusion_matrix.png")

@@ -258,8 +258,9 @@ class Study:
                 client.get_run(parent)
                 client.update_run(parent, status="RUNNING")
                 return parent
-        experiment = client.get_experiment_by_name(self.experiment)
-        experiment_id = experiment.experiment_id if experiment else client.create_experiment(self.experiment)
+        from cnnlab import store
+
+        experiment_id = store.experiment_id(client, self.experiment)
         run = client.create_run(
             experiment_id,
             run_name=f"study-{self.name}",

@@ -170,7 +170,7 @@ def test_promotion_gate_refuses_a_worse_model_and_records_every_decision(backend
 
 
 def test_register_and_promote_explain_bad_names(workdir):
-    assert "is not in" in cnnlab_here("register", "nope", "--name", "x", cwd=workdir).stderr
+    assert "'nope' is not a model in" in cnnlab_here("register", "nope", "--name", "x", cwd=workdir).stderr
     result = cnnlab_here("promote", "nope", cwd=workdir)
     assert result.returncode == 2 and "no version (latest) of a registered model 'nope'" in result.stderr
 

@@ -19,23 +19,15 @@ import requests
 from PIL import Image
 
 from cnnlab.data import DataModule
-from conftest import STORE_VARIABLES, cnnlab_here, free_port
+from conftest import STORE_VARIABLES, cnnlab_here, free_port, processes
 
 KEY = "s3cret-test-key"
 AUTH = {"X-API-Key": KEY}
 
 
 def session_processes(sid: int) -> list[int]:
-    """Processes of a session, read from /proc (the server starts its own session)."""
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == sid and fields[0] != "Z":
-            pids.append(int(stat.parent.name))
-    return pids
+    """Processes of a session (the server starts its own)."""
+    return processes(3, sid)
 
 
 @pytest.fixture(scope="module")

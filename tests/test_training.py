@@ -1,6 +1,5 @@
 """Whole fits through the real command: quick-start accuracy and its MLflow run, resume, DDP."""
 
-import os
 import signal
 import subprocess
 import sys
@@ -40,6 +39,26 @@ def test_quickstart_run_holds_recipe_params_metrics_checkpoint_and_confusion_mat
     assert "model: resnet18" in recipe and "OneCycle" in recipe
 
 
+def stop_in_second_epoch(args: list, workdir: Path, signum: int) -> tuple[int, str]:
+    """Start a fit, send `signum` early in its second epoch; (exit code, stderr)."""
+    first = subprocess.Popen(
+        [sys.executable, "-m", "cnnlab", *map(str, args)],
+        cwd=workdir,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 300
+    while not list(workdir.glob("mlruns/*/*/checkpoints/last.ckpt")) and time.time() < deadline:
+        assert first.poll() is None, "the fit ended before its first checkpoint"
+        time.sleep(0.2)
+    time.sleep(1.5)  # into the second epoch
+    assert first.poll() is None, "the fit ended before it could be stopped mid-epoch"
+    first.send_signal(signum)
+    _, stderr = first.communicate(timeout=120)
+    return first.returncode, stderr
+
+
 def test_resume_after_a_kill_continues_the_same_mlflow_run(workdir):
     args = [
         "fit",
@@ -49,21 +68,7 @@ def test_resume_after_a_kill_continues_the_same_mlflow_run(workdir):
         "--data.num_workers=0",
         "--trainer.enable_progress_bar=false",
     ]
-    first = subprocess.Popen(
-        [sys.executable, "-m", "cnnlab", *map(str, args)],
-        cwd=workdir,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=os.environ.copy(),
-    )
-    deadline = time.time() + 300
-    while not list(workdir.glob("mlruns/*/*/checkpoints/last.ckpt")) and time.time() < deadline:
-        assert first.poll() is None, "the fit ended before its first checkpoint"
-        time.sleep(0.2)
-    time.sleep(1.5)  # into the second epoch
-    assert first.poll() is None, "the fit ended before it could be killed mid-epoch"
-    first.send_signal(signal.SIGKILL)
-    first.wait()
+    stop_in_second_epoch(args, workdir, signal.SIGKILL)
     client = mlflow_client()
     killed = only_run(client)
     assert killed.info.status == "RUNNING"
@@ -97,22 +102,8 @@ def test_sigterm_saves_marks_the_run_killed_and_resume_keeps_every_learning_rate
     reference = cnnlab(*args, cwd=workdir / "reference")
     assert reference.returncode == 0, reference.stderr[-3000:]
     reference = only_run(mlflow_client(f"sqlite:///{workdir}/reference/mlruns/mlflow.db"))
-    first = subprocess.Popen(
-        [sys.executable, "-m", "cnnlab", *map(str, args)],
-        cwd=workdir,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=os.environ.copy(),
-    )
-    deadline = time.time() + 300
-    while not list(workdir.glob("mlruns/*/*/checkpoints/last.ckpt")) and time.time() < deadline:
-        assert first.poll() is None, "the fit ended before its first checkpoint"
-        time.sleep(0.2)
-    time.sleep(1.5)  # into the second epoch
-    first.send_signal(signal.SIGTERM)
-    _, stderr = first.communicate(timeout=120)
-    assert first.returncode == 143, stderr[-3000:]
+    code, stderr = stop_in_second_epoch(args, workdir, signal.SIGTERM)
+    assert code == 143, stderr[-3000:]
     assert "stopped by SIGTERM" in stderr and "--ckpt_path last" in stderr
     client = mlflow_client()
     stopped = only_run(client)

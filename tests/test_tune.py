@@ -13,7 +13,7 @@ import yaml
 
 from cnnlab.cli import main
 from cnnlab.tune import open_storage
-from conftest import QUICKSTART, cnnlab, cnnlab_here, mlflow_client, require
+from conftest import QUICKSTART, cnnlab, cnnlab_here, mlflow_client, processes, require
 
 SPACE = {
     "model.optimizer.init_args.lr": {"type": "float", "low": 0.05, "high": 0.4, "log": True},
@@ -185,19 +185,6 @@ def test_failed_trials_keep_their_reason_and_the_study_goes_on(small, workdir):
     assert diverged.state.name == "FAIL" and "diverged" in diverged.user_attrs["fail_reason"]
 
 
-def children_of(pid: int) -> list[int]:
-    """Processes whose parent is `pid`, from /proc."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            found.append(int(stat.parent.name))
-    return found
-
-
 def test_a_killed_study_leaves_no_trial_running_and_its_trials_fail_on_resume(small, workdir):
     storage, space = f"sqlite:///{workdir}/mlruns/optuna.db", write_space(workdir, SPACE)
     args = ["--config", small, "--space", space, "--study", "killed", "--storage", storage, "--heartbeat", 1]
@@ -212,7 +199,7 @@ def test_a_killed_study_leaves_no_trial_running_and_its_trials_fail_on_resume(sm
     while time.time() < deadline and len(trials) < 2:
         assert tune.poll() is None, "the study ended before it could be killed"
         time.sleep(0.5)
-        trials = children_of(tune.pid)
+        trials = processes(1, tune.pid)
     time.sleep(2)
     tune.kill()  # SIGKILL: nothing in cnnlab tune runs after this
     tune.wait()

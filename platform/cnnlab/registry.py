@@ -58,19 +58,12 @@ def register(run_id: str, name: str):
     from mlflow.exceptions import MlflowException
 
     client = store.client()
-    try:
-        run = client.get_run(run_id)
-    except MlflowException:
+    ref = store.resolve(run_id)
+    if ref.kind != "run":
         raise UserError(
-            f"run '{run_id}' is not in {store.default_tracking_uri()}. The MLflow UI (`cnnlab ui`) lists "
-            "the runs; set MLFLOW_TRACKING_URI if the run lives elsewhere."
-        ) from None
-    model_uri = run.data.tags.get("cnnlab.model_uri")
-    if not model_uri:
-        raise UserError(
-            f"run '{run_id}' has no logged model (its fit did not finish, or ran with --log_model "
-            "false). Fit the recipe again."
+            f"'{run_id}' is not a run id: `cnnlab register` takes the run of a fit (the MLflow UI lists them)."
         )
+    run, model_uri = client.get_run(ref.run_id), ref.artifact
     logged = client.get_logged_model(model_uri.removeprefix("models:/"))
     tags = {
         "recipe": run.info.run_name or "",

@@ -33,7 +33,11 @@ def free_port() -> int:
 def start(command: list[str], ready_url: str) -> subprocess.Popen:
     from cnnlab.store import default_tracking_uri
 
-    env = {**os.environ, "MLFLOW_TRACKING_URI": default_tracking_uri()}  # mlflow resolves models:/ in the same store
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": default_tracking_uri(),  # mlflow resolves models:/ in the same store
+        "PATH": f"{os.path.dirname(sys.executable)}:{os.environ.get('PATH', '')}",
+    }  # its uvicorn, without activating
     process = subprocess.Popen(
         command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env
     )

@@ -51,7 +51,8 @@ def test_run_records_system_data_preview_lr_and_model(quickstart):
     lrs = client.get_metric_history(run.info.run_id, "lr")
     assert len(lrs) == 8 * 18 and len({m.step for m in lrs}) == 8 * 18  # every optimizer step of 8 epochs
     assert max(m.value for m in lrs) == pytest.approx(0.1, rel=1e-3)  # the one-cycle peak
-    assert tags["cnnlab.model_uri"].startswith("models:/")
+    assert tags["cnnlab.model_uri"].startswith("models:/m-")
+    assert [f"models:/{m.model_id}" for m in run.outputs.model_outputs] == [tags["cnnlab.model_uri"]]
 
 
 def test_params_too_long_for_mlflow_are_kept_whole_as_artifacts(workdir):
@@ -211,6 +212,7 @@ def test_ui_shows_the_quickstart_run_and_the_champion_in_a_real_browser(quicksta
             )
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(f"http://127.0.0.1:{port}/", timeout=60_000)
+            page.get_by_text("cnnlab", exact=True).first.wait_for(timeout=60_000)  # the page has rendered
             if page.get_by_text("Model training", exact=True).count():  # the home page's view switch, where shown
                 page.get_by_text("Model training", exact=True).first.click()
             page.get_by_text("cnnlab", exact=True).first.click()

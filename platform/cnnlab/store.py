@@ -205,7 +205,7 @@ def from_checkpoint(path: Path, device: str = "cpu") -> Network:
 
 def log_model(store, run_id: str, folder: Path, name: str = "model", tags: dict | None = None) -> str:
     """Log a saved MLflow model folder as a logged model of the run; its `models:/m-...` URI."""
-    from mlflow.entities import LoggedModelStatus
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
 
     run = store.get_run(run_id)
     logged = store.create_logged_model(
@@ -213,5 +213,6 @@ def log_model(store, run_id: str, folder: Path, name: str = "model", tags: dict 
     )
     store.log_model_artifacts(logged.model_id, str(folder))
     store.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+    store.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])  # the run page lists it
     store.set_tag(run_id, "cnnlab.model_uri", f"models:/{logged.model_id}")
     return f"models:/{logged.model_id}"

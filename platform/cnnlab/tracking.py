@@ -223,13 +223,13 @@ class Tracking(Callback):
         if trainer.progress_bar_callback is None and trainer.is_global_zero and not trainer.sanity_checking:
             # No progress bar (a log file, CI, a batch job): one line per epoch instead of redrawn frames.
             shown = {
-                k: float(v)
+                k.removesuffix("_epoch"): float(v)
                 for k, v in sorted(trainer.callback_metrics.items())
                 if k.count("/") == 1 and not k.endswith("_step") and v.numel() == 1
             }
             print(
                 f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: "
-                + ", ".join(f"{k.removesuffix('_epoch')} {v:.4g}" for k, v in shown.items())
+                + ", ".join(f"{k} {v:.4g}" for k, v in shown.items())
                 + f" ({time.perf_counter() - self._epoch_start:.1f} s)",
                 flush=True,
             )

@@ -4,41 +4,62 @@ from __future__ import annotations
 
 import math
 
-import optuna
-from optuna_integration import PyTorchLightningPruningCallback
-from optuna_integration.pytorch_lightning.pytorch_lightning import _INTERMEDIATE_VALUE
+from lightning.pytorch import Callback
+
+PRUNED_AT = "pruned_at_epoch"  # the trial's user attribute that tells the tuner the pruner stopped it
 
 
-class OptunaPruning(PyTorchLightningPruningCallback):
-    """optuna_integration's pruning callback, built from the study's storage and the trial's id.
-
-    It reports `monitor` after every validation; when the pruner says so it stops the fit cleanly and
-    records that in the trial (its distributed mode, used for one process too), so the tuner reads the
-    outcome from storage. Under DDP only rank 0 reports and every rank stops together. A non-finite
-    training loss ends the trial as failed.
+class OptunaPruning(Callback):
+    """Reports `monitor` to the study's trial after every validation (`trial.report`) and stops the fit
+    when the pruner says so (`trial.should_prune`), recording the epoch as a user attribute; the tuner reads
+    the reported values back as the trial's `intermediate_values`. Under DDP rank 0 alone talks to Optuna
+    and every rank stops together. A non-finite training loss ends the trial as failed.
     """
 
     def __init__(
         self,
         storage: str,
         study_name: str,
-        trial_id: int,
+        trial_number: int,
         monitor: str = "val/acc",
         pruner: str = "median",
         max_epochs: int = 10,
     ) -> None:
+        if trial_number < 0:
+            raise ValueError(f"trial_number must be >= 0, got {trial_number}")
+        self.storage, self.study_name, self.trial_number = storage, study_name, trial_number
+        self.monitor, self.pruner, self.max_epochs = monitor, pruner, max_epochs
+        self.trial = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage != "fit" or not trainer.is_global_zero or self.trial is not None:
+            return
+        import optuna
+
         from cnnlab.tune import make_pruner, open_storage
 
+        storage = open_storage(self.storage)
         study = optuna.load_study(
-            study_name=study_name, storage=open_storage(storage), pruner=make_pruner(pruner, max_epochs)
+            study_name=self.study_name, storage=storage, pruner=make_pruner(self.pruner, self.max_epochs)
         )
-        super().__init__(optuna.trial.Trial(study, trial_id), monitor)
+        study_id = storage.get_study_id_from_name(self.study_name)
+        self.trial = optuna.trial.Trial(
+            study, storage.get_trial_id_from_study_id_trial_number(study_id, self.trial_number)
+        )
 
-    def on_fit_start(self, trainer, pl_module) -> None:
-        super().on_fit_start(trainer, pl_module)
-        if not self.is_ddp_backend:
-            self.is_ddp_backend = True
-            self._trial.storage.set_trial_system_attr(self._trial._trial_id, _INTERMEDIATE_VALUE, {})
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        stop = False
+        if trainer.is_global_zero:
+            value = trainer.callback_metrics.get(self.monitor)
+            if value is not None:
+                self.trial.report(float(value), step=trainer.current_epoch)
+                stop = self.trial.should_prune()
+                if stop:
+                    self.trial.set_user_attr(PRUNED_AT, trainer.current_epoch)
+        if trainer.strategy.broadcast(stop, src=0):
+            trainer.should_stop = True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs

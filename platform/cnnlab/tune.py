@@ -283,7 +283,6 @@ class Study:
 
     def objective(self, trial) -> float:
         import optuna
-        from optuna_integration.pytorch_lightning.pytorch_lightning import _EPOCH_KEY, _INTERMEDIATE_VALUE, _PRUNED_KEY
 
         overrides = {key: suggest(trial, key, dist) for key, dist in self.space.items()}
         recipe = apply(self.recipe, overrides)
@@ -309,7 +308,7 @@ class Study:
                 "init_args": {
                     "storage": self.storage_url,
                     "study_name": self.name,
-                    "trial_id": trial._trial_id,
+                    "trial_number": trial.number,
                     "monitor": self.metric,
                     "pruner": self.pruner_name,
                     "max_epochs": self.max_epochs,
@@ -331,17 +330,20 @@ class Study:
                 "--checkpoint.save_last=false",
             ],
         )  # no checkpoints
-        attrs = self.storage.get_trial_system_attrs(trial._trial_id)
-        scores = {int(k): v for k, v in (attrs.get(_INTERMEDIATE_VALUE) or {}).items()}
+        from cnnlab.callbacks.tuning import PRUNED_AT
+
+        study_id = self.storage.get_study_id_from_name(self.name)
+        frozen = self.storage.get_trial(self.storage.get_trial_id_from_study_id_trial_number(study_id, trial.number))
+        scores = frozen.intermediate_values  # what the trial's process reported, epoch by epoch
         trial.set_user_attr("epochs", len(scores))
         trial.set_user_attr("seconds", round(time.time() - started, 1))
         if proc.returncode != 0 or not scores:
             reason = _reason(proc.stderr) if proc.returncode else f"the fit never logged {self.metric} (no val split?)"
             self._finish(trial, run_id, "FAIL", reason)
             raise TrialFailed(reason)
-        if attrs.get(_PRUNED_KEY):
-            self._finish(trial, run_id, "PRUNED", f"pruned after epoch {attrs.get(_EPOCH_KEY)}")
-            raise optuna.TrialPruned(f"pruned after epoch {attrs.get(_EPOCH_KEY)}")
+        if PRUNED_AT in frozen.user_attrs:
+            self._finish(trial, run_id, "PRUNED", f"pruned after epoch {frozen.user_attrs[PRUNED_AT]}")
+            raise optuna.TrialPruned(f"pruned after epoch {frozen.user_attrs[PRUNED_AT]}")
         best = (max if self.direction == "maximize" else min)(scores.values())
         self._finish(trial, run_id, "COMPLETE", f"{self.metric} {best:.4f}")
         return best

@@ -54,7 +54,7 @@ class Distillation(Callback):
         teacher = store.load(self.teacher_uri)
         if teacher.module is None:
             raise UserError(
-                f"Distillation teacher '{self.teacher_uri}' is a {teacher.meta.get('format')} model: "
+                f"Distillation teacher '{self.teacher_uri}' is a model of format {teacher.meta.get('format')}, not torch: "
                 "teach from a torch model (a fit's model, run or checkpoint)."
             )
         if teacher.image_size != pl_module.hparams.image_size:

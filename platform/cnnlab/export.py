@@ -117,7 +117,7 @@ def export(
     source = store.load(uri)
     if source.runtime != "torch":
         raise UserError(
-            f"'{uri}' is already a {source.meta.get('format')} model: export from the torch model it "
+            f"'{uri}' is already exported (format {source.meta.get('format')}): export from the torch model it "
             f"came from ({source.meta.get('source', {}).get('uri', 'its source')})."
         )
     size = source.image_size

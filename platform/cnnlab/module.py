@@ -77,7 +77,7 @@ class ClassifierModule(L.LightningModule):
             source = store.load(init_weights)
             if source.module is None or source.runtime != "torch":
                 raise UserError(
-                    f"model.init_weights='{init_weights}' is a {source.meta.get('format')} model: start "
+                    f"model.init_weights='{init_weights}' is a model of format {source.meta.get('format')}, not torch: start "
                     "from a torch model (a fit's model, run or checkpoint)."
                 )
             state = source.module.state_dict()

@@ -129,7 +129,7 @@ def main(argv=None) -> int:
             files = {f"{name} onnx fp32": fp32}
             if name == "resnet18":
                 files[f"{name} onnx int8"] = to_int8(
-                    fp32, folder / "resnet18.int8.onnx", calibration(source, args.data, 10)
+                    fp32, folder / "resnet18.int8.onnx", calibration(source, datamodule.splits["train"], 10)
                 )
             for label, path in files.items():
                 import onnxruntime as ort

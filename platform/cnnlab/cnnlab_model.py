@@ -118,7 +118,6 @@ class Network:
 
     predict: Callable[[np.ndarray], np.ndarray]
     meta: dict
-    folder: Path | None = None
     module: object = None  # the torch module (runtime torch/torchscript), for distillation and fine-tuning
     source: str = ""  # the URI it was loaded from
     name: str | None = None  # registered model name, version and alias, where it came from the registry
@@ -200,7 +199,7 @@ def load_network(folder, threads: int | None = None, device: str = "cpu") -> Net
         from onnx import numpy_helper
 
         params = sum(numpy_helper.to_array(t).size for t in onnx.load(str(file)).graph.initializer)
-        return Network(lambda x: session.run(None, {name: x})[0], meta, folder, params=params, samples=samples)
+        return Network(lambda x: session.run(None, {name: x})[0], meta, params=params, samples=samples)
     import torch
 
     if threads:
@@ -215,7 +214,6 @@ def load_network(folder, threads: int | None = None, device: str = "cpu") -> Net
     return Network(
         torch_predict(module, device),
         meta,
-        folder,
         module=module,
         params=sum(p.numel() for p in module.parameters()),
         samples=samples,
@@ -273,7 +271,6 @@ def write_meta(folder: Path, network: Path, meta: dict, samples: list[tuple[byte
             suffix = (image.format or "img").lower()
         (folder / "samples" / f"{i:03d}.{suffix}").write_bytes(raw)
         rows.append({"file": f"samples/{i:03d}.{suffix}", "label": int(label)})
-    runtime = meta["runtime"]
     meta = {
         "schema": SCHEMA,
         **meta,
@@ -290,7 +287,6 @@ def write_meta(folder: Path, network: Path, meta: dict, samples: list[tuple[byte
             "layout": "N x 3 x H x W, RGB, 0..255",
         },
     }
-    meta.setdefault("format", runtime)
     (folder / META_FILE).write_text(json.dumps(meta, indent=2))
     return meta
 

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate, get_worker_info
 
 from cnnlab import UserError
-from cnnlab.cnnlab_model import center_crop
+from cnnlab.cnnlab_model import center_crop, default_crop_pct
 from cnnlab.sources import (
     BadImageError,
     Samples,
@@ -233,7 +233,7 @@ class DataModule(L.LightningDataModule):
                 "training data. Lower them."
             )
         self.source, self.image_size, self.batch_size = source, image_size, batch_size
-        self.crop_pct = crop_pct or (1.0 if image_size <= 64 else 0.875)
+        self.crop_pct = crop_pct or default_crop_pct(image_size)
         self.train_tf = train_transform(augment, image_size)  # fail on a bad preset now, not in a worker
         self.classes, found = read_source(source, synthetic_size, stream)
         fractions = {s: f for s, f in (("val", val_fraction), ("test", test_fraction)) if s not in found}

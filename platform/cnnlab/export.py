@@ -85,12 +85,9 @@ def parity(reference: Network, exported: Network, images: list, labels: list[int
     }
 
 
-def calibration(source: Network, data: str | None, calib_batches: int, batch: int = 32):
-    """Batches of preprocessed training images (N x 3 x H x W uint8) for int8 calibration."""
-    from cnnlab.data import labelled
-
-    datamodule, split = labelled(source.meta, data, splits=("train", "val", "test"))
-    samples = datamodule.splits[split]
+def calibration(source: Network, samples, calib_batches: int, batch: int = 32):
+    """Batches of `samples` (training images), preprocessed as the model does (N x 3 x H x W uint8), for int8
+    calibration."""
     picks = np.random.default_rng(0).permutation(len(samples))[: calib_batches * batch]
     for start in range(0, len(picks), batch):
         images = [source.preprocess(samples.raw(int(i), source.image_size)) for i in picks[start : start + batch]]
@@ -121,6 +118,11 @@ def export(
             f"came from ({source.meta.get('source', {}).get('uri', 'its source')})."
         )
     size = source.image_size
+    datamodule = None
+    if data or int8:  # labelled images: int8 calibrates on the training split; parity runs on the test split
+        from cnnlab.data import labelled
+
+        datamodule, split = labelled(source.meta, data)
     with tempfile.TemporaryDirectory(prefix="cnnlab-export-") as tmp:
         folder = Path(tmp) / "network"
         folder.mkdir()
@@ -134,7 +136,7 @@ def export(
         else:
             path = to_onnx(source.module, size, folder / NETWORK_FILES["onnx"])
             if int8:
-                path = to_int8(path, folder / INT8_FILE, calibration(source, data, calib_batches))
+                path = to_int8(path, folder / INT8_FILE, calibration(source, datamodule.splits["train"], calib_batches))
                 (folder / NETWORK_FILES["onnx"]).unlink()
             runtime, form = "onnx", "onnx-int8" if int8 else "onnx"
         keep = {
@@ -153,10 +155,7 @@ def export(
         exported = load_network(folder)
         images, labels = [raw for raw, _ in source.samples], [label for _, label in source.samples]
         checked_on = f"{len(images)} sample images"
-        if data or int8:
-            from cnnlab.data import labelled
-
-            datamodule, split = labelled(source.meta, data)
+        if datamodule is not None:
             held_out = datamodule.splits[split]
             images = [held_out.raw(i, size) for i in range(len(held_out))]
             labels, checked_on = list(held_out.labels), f"{len(images)} {split} images of {datamodule.source}"

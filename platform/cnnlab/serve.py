@@ -17,7 +17,6 @@ import asyncio
 import base64
 import binascii
 import hmac
-import io
 import json
 import os
 import signal
@@ -32,6 +31,7 @@ import numpy as np
 from fastapi import HTTPException
 
 from cnnlab import UserError
+from cnnlab.cnnlab_model import read_image, softmax
 
 ERROR_KEY = "cnnlab_error"  # a worker's per-request error, answered by the Gate with its own status
 ERRORS = {
@@ -374,8 +374,6 @@ class ImageClassifierAPI(ls.LitAPI):
             return {"error": err.status_code, "detail": err.detail}
 
     def _image(self, index: int, text: str, budget: dict) -> np.ndarray:
-        from PIL import Image
-
         if time.monotonic() > budget["deadline"]:
             raise HTTPException(
                 413,
@@ -388,24 +386,20 @@ class ImageClassifierAPI(ls.LitAPI):
             raise HTTPException(400, f"image {index}: not valid base64") from None
         if not raw:
             raise HTTPException(400, f"image {index}: empty")
-        try:
-            with Image.open(io.BytesIO(raw)) as probe:
-                width, height = probe.size
-            budget["pixels"] -= width * height
-            if budget["pixels"] < 0:
-                raise HTTPException(
-                    413,
-                    f"image {index}: {width}x{height} takes the request over --max-pixels "
-                    f"{self.max_pixels} (all its images together)",
-                )
-            return self.current.preprocess(raw)
-        except HTTPException:
-            raise
+        try:  # the pixel limit is checked on the header, before the pixels are decoded
+            array, _ = read_image(raw, max_pixels=max(1, budget["pixels"]))
+        except OverflowError as err:
+            raise HTTPException(
+                413,
+                f"image {index}: {err} (what is left of --max-pixels {self.max_pixels} for all its images together)",
+            ) from None
         except Exception as err:
             raise HTTPException(
                 415 if "cannot identify" in str(err) else 400,
                 f"image {index}: not a readable image ({str(err).splitlines()[0][:200]})",
             ) from None
+        budget["pixels"] -= array.shape[0] * array.shape[1]
+        return self.current.preprocess(array)
 
     def batch(self, inputs):
         good = [i["arrays"] for i in inputs if "arrays" in i]
@@ -430,9 +424,7 @@ class ImageClassifierAPI(ls.LitAPI):
         current = self.current  # in-flight requests finish on the model they started with
         probs = None
         if batch["arrays"] is not None:
-            logits = current.predict(np.ascontiguousarray(batch["arrays"].transpose(0, 3, 1, 2)))
-            probs = np.exp(logits - logits.max(1, keepdims=True))
-            probs /= probs.sum(1, keepdims=True)
+            probs = softmax(current.predict(np.ascontiguousarray(batch["arrays"].transpose(0, 3, 1, 2))))
             self.stats["model_calls"] += 1
             self.stats["images"] += len(probs)
         self.stats["requests"] += len(batch["inputs"])

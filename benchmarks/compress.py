@@ -114,7 +114,7 @@ def main(argv=None) -> int:
             args,
             [
                 f"--trainer.callbacks={json.dumps(prune)}",
-                f"--model.init_weights={scratch[1]}",
+                f"--model.pretrained={scratch[1]}",
                 f"--trainer.max_epochs={max(2, args.epochs // 3)}",
                 "--model.optimizer.init_args.lr=0.05",
             ],

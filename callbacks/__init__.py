@@ -1,5 +1,5 @@
 """Callbacks for recipes (`class_path: cnnlab.callbacks.NAME`): LR schedules, weight averaging, tuning,
-distillation, pruning and gradient flow.
+fine-tuning, distillation, pruning and gradient flow.
 
 Lightning's own callbacks (EarlyStopping, ModelCheckpoint, ...) are used from recipes as they are. Each
 callback loads on first use, so a recipe that does not tune never imports Optuna.
@@ -10,6 +10,7 @@ import importlib
 _WHERE = {
     "EMA": "ema",
     "Distillation": "distillation",
+    "FreezeBackbone": "finetuning",
     "GradientFlow": "gradient_flow",
     "MultiStep": "schedules",
     "OneCycle": "schedules",

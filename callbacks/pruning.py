@@ -17,7 +17,7 @@ class Pruning(ModelPruning):
             `start_epoch` to `end_epoch`) and makes it permanent at the end, so checkpoints and the logged
             model hold plain dense tensors; `structured` removes whole channels before the first epoch
             (torch-pruning's dependency graph), leaving a genuinely smaller dense network that the fit then
-            fine-tunes (start from trained weights with `model.init_weights`).
+            fine-tunes (start from trained weights with `model.pretrained`).
         amount: the final fraction of weights (unstructured) or of channels per layer (structured).
         scope: `global` ranks all layers together; `layer` prunes each layer by `amount`.
         prune_classifier: also prune the last Linear layer (never for structured: the classes stay).

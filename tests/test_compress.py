@@ -94,9 +94,9 @@ def test_unstructured_pruning_follows_its_schedule_and_spares_norms_and_biases(w
     assert norms_and_biases and all(int((v == 0).sum()) == 0 for v in norms_and_biases)
 
 
-def test_init_weights_starts_from_a_trained_model(quickstart):
+def test_pretrained_starts_from_a_trained_model(quickstart):
     checkpoint = quickstart_checkpoint(quickstart)
-    module = ClassifierModule("resnet18", num_classes=10, small_input=True, image_size=16, init_weights=str(checkpoint))
+    module = ClassifierModule("resnet18", num_classes=10, small_input=True, image_size=16, pretrained=str(checkpoint))
     saved = torch.load(checkpoint, weights_only=False)["state_dict"]
     assert all(torch.equal(saved[k], v) for k, v in module.state_dict().items() if k.startswith("net."))
 
@@ -111,7 +111,7 @@ def test_structured_pruning_makes_a_smaller_network_with_the_same_outputs(quicks
         QUICKSTART,
         "--trainer.max_epochs=2",
         f"--trainer.callbacks={json.dumps(callbacks)}",
-        f"--model.init_weights={quickstart_checkpoint(quickstart)}",
+        f"--model.pretrained={quickstart_checkpoint(quickstart)}",
         "--model.optimizer.init_args.lr=0.02",
         *FAST,
         cwd=workdir,

@@ -29,13 +29,13 @@ def crafted(workdir):
 @pytest.mark.parametrize(
     "command",
     [
-        ["fit", "--config", QUICKSTART, "--model.init_weights={ckpt}", "--trainer.max_epochs=1"],
+        ["fit", "--config", QUICKSTART, "--model.pretrained={ckpt}", "--trainer.max_epochs=1"],
         ["fit", "--config", QUICKSTART, "--ckpt_path={ckpt}", "--trainer.max_epochs=1"],
         ["test", "--config", QUICKSTART, "--ckpt_path={ckpt}"],
         ["export", "{ckpt}", "--out", "out"],
         ["serve", "{ckpt}", "--port", "1"],
     ],
-    ids=["init_weights", "fit --ckpt_path", "test --ckpt_path", "export", "serve"],
+    ids=["pretrained", "fit --ckpt_path", "test --ckpt_path", "export", "serve"],
 )
 def test_a_crafted_checkpoint_is_refused_and_runs_nothing(command, crafted, workdir):
     path, marker = crafted

@@ -11,7 +11,7 @@ RECIPE_COMMANDS = {
     "fit": "train a recipe, then test its best checkpoint (one MLflow run)",
     "validate": "validate a checkpoint on the recipe's val split",
     "test": "test a checkpoint on the recipe's test split",
-    "predict": "predict the recipe's test split and write predictions.csv",
+    "predict": "classify images with a model (cnnlab predict MODEL_URI PATH ...), or a recipe's test split",
 }
 
 
@@ -187,7 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, text in RECIPE_COMMANDS.items():
         commands.add_parser(
-            name, help=f"{text}: cnnlab {name} --config RECIPE [--dotted.key=value ...]", add_help=False
+            name,
+            help=text if name == "predict" else f"{text}: cnnlab {name} --config RECIPE [--dotted.key=value ...]",
+            add_help=False,
         )
 
     zoo = commands.add_parser("zoo", help="list the architectures: params, GFLOPs, input size, paper top-1")
@@ -364,6 +366,10 @@ def _message(err: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        if argv[:1] == ["predict"] and not any(a in ("-c", "--config") or a.startswith("--config=") for a in argv):
+            from cnnlab import predict
+
+            return predict.main(argv[1:])
         if argv and argv[0] in RECIPE_COMMANDS:
             from cnnlab.run import run_recipe
 

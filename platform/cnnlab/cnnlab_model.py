@@ -34,8 +34,9 @@ SCHEMA = 1
 NETWORK_FILES = {"torch": "network.pt2", "onnx": "network.onnx", "torchscript": "network.ts"}
 PREPROCESS = (
     "decode to RGB uint8; resize the short side to image_size / crop_pct (area filter when shrinking, "
-    "bilinear when enlarging); center crop image_size x image_size; N x 3 x H x W"
+    "`interpolation` when enlarging, default bilinear); center crop image_size x image_size; N x 3 x H x W"
 )
+INTERPOLATIONS = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC, "nearest": cv2.INTER_NEAREST}
 
 
 def to_rgb(image: Image.Image) -> np.ndarray:
@@ -76,8 +77,8 @@ def decode(item) -> np.ndarray:
     return np.ascontiguousarray(array[..., :3])
 
 
-def center_crop(image: np.ndarray, size: int, crop_pct: float = 1.0) -> np.ndarray:
-    """Short side to size / crop_pct (area filter when shrinking), then the central size x size square. An image
+def center_crop(image: np.ndarray, size: int, crop_pct: float = 1.0, interpolation: str | None = None) -> np.ndarray:
+    """Short side to size / crop_pct (area filter when shrinking, `interpolation` when enlarging), then the central size x size square. An image
     to be enlarged that is far longer than wide keeps only the middle of its long side first, so a
     1 x 2,500,000 strip never grows into a 16 x 40,000,000 one (shrinking images are never cut first)."""
     height, width = image.shape[:2]
@@ -92,7 +93,8 @@ def center_crop(image: np.ndarray, size: int, crop_pct: float = 1.0) -> np.ndarr
     height, width = image.shape[:2]
     new_h, new_w = max(size, round(height * scale)), max(size, round(width * scale))
     if (new_h, new_w) != (height, width):
-        image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+        enlarge = INTERPOLATIONS[interpolation or "bilinear"]
+        image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA if scale < 1 else enlarge)
     top, left = (new_h - size) // 2, (new_w - size) // 2
     return np.ascontiguousarray(image[top : top + size, left : left + size])
 
@@ -144,7 +146,7 @@ class Network:
 
     def preprocess(self, item) -> np.ndarray:
         """Encoded bytes or an H x W [x C] uint8 array to the H x W x 3 input the network takes."""
-        return center_crop(decode(item), self.meta["image_size"], self.meta["crop_pct"])
+        return center_crop(decode(item), self.meta["image_size"], self.meta["crop_pct"], self.meta.get("interpolation"))
 
     def logits(self, images: list, batch_size: int = 64) -> np.ndarray:
         """Logits of encoded images or uint8 arrays, through the model's own preprocessing, in batches."""

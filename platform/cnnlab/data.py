@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate, get_worker_info
 
 from cnnlab import UserError
-from cnnlab.cnnlab_model import center_crop, default_crop_pct
+from cnnlab.cnnlab_model import INTERPOLATIONS, center_crop, default_crop_pct
 from cnnlab.sources import (
     BadImageError,
     Samples,
@@ -37,6 +37,7 @@ from cnnlab.sources import (
 )
 
 PRESETS = ("none", "light", "standard", "strong", "cifar")
+DEFAULT_IMAGE_SIZE = 32
 # Lightning's warning about an IterableDataset with __len__ under several workers: ShardStream gives each
 # worker its own share and counts exactly what they yield.
 warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
@@ -65,11 +66,15 @@ def load_augment(augment: str) -> A.BasicTransform:
         ) from None
 
 
-def train_transform(augment: str, image_size: int):
+def train_transform(augment: str, image_size: int, interpolation: str | None = None):
     """Shortest side to image_size, a random square crop, then the preset (which keeps the size)."""
     pipeline = A.Compose(
         [
-            A.SmallestMaxSize(max_size=image_size, area_for_downscale="image"),
+            A.SmallestMaxSize(
+                max_size=image_size,
+                interpolation=INTERPOLATIONS[interpolation or "bilinear"],
+                area_for_downscale="image",
+            ),
             A.RandomCrop(image_size, image_size),
             load_augment(augment),
         ]
@@ -81,9 +86,9 @@ def _apply(pipeline: A.Compose, image):
     return pipeline(image=image)["image"]
 
 
-def eval_transform(image_size: int, crop_pct: float):
+def eval_transform(image_size: int, crop_pct: float, interpolation: str | None = None):
     """The logged model's own preprocessing, so evaluation here and predictions there see the same pixels."""
-    return partial(center_crop, size=image_size, crop_pct=crop_pct)
+    return partial(center_crop, size=image_size, crop_pct=crop_pct, interpolation=interpolation)
 
 
 class ImageDataset(Dataset):
@@ -193,7 +198,9 @@ class DataModule(L.LightningDataModule):
         augment: preset name (none, light, standard, strong, cifar) or path of an albumentations YAML.
         val_fraction, test_fraction: split off the training data (stratified) where the source has no such split.
         on_bad_image: `error` stops on a bad image and names it; `skip` skips it and counts it.
-        crop_pct: eval resizes the short side to image_size / crop_pct, then center-crops.
+        image_size, crop_pct, interpolation: images are resized (short side to image_size / crop_pct at
+            evaluation, area filter when shrinking, `interpolation` when enlarging) and cropped square. Unset,
+            what model.pretrained's weights expect, else 32 px, whole (crop_pct 1) below 64 px, bilinear.
         device_augment: augment training batches on the device, after the copy, instead of in the loader
             workers: `flip`, `crop_flip` (pad-4 random crop and flip) or `cifar` (crop_flip and a cutout of
             half the side). It pays where the CPU is the bottleneck and the ops are cheap (CIFAR on a GPU).
@@ -206,7 +213,7 @@ class DataModule(L.LightningDataModule):
         self,
         source: str = "digits",
         augment: str = "none",
-        image_size: int = 32,
+        image_size: int | None = None,
         batch_size: int = 64,
         num_workers: int | None = None,
         val_fraction: float = 0.1,
@@ -215,6 +222,7 @@ class DataModule(L.LightningDataModule):
         on_bad_image: Literal["error", "skip"] = "error",
         max_pixels: int = 89_478_485,
         crop_pct: float | None = None,
+        interpolation: Literal["bilinear", "bicubic", "nearest"] | None = None,
         synthetic_size: int = 2048,
         pin_memory: bool = True,
         persistent_workers: bool = True,
@@ -232,9 +240,10 @@ class DataModule(L.LightningDataModule):
                 f"data.val_fraction + data.test_fraction = {val_fraction + test_fraction} leaves no "
                 "training data. Lower them."
             )
+        image_size = image_size or DEFAULT_IMAGE_SIZE
         self.source, self.image_size, self.batch_size = source, image_size, batch_size
-        self.crop_pct = crop_pct or default_crop_pct(image_size)
-        self.train_tf = train_transform(augment, image_size)  # fail on a bad preset now, not in a worker
+        self.crop_pct, self.interpolation = crop_pct or default_crop_pct(image_size), interpolation
+        self.train_tf = train_transform(augment, image_size, interpolation)  # fail on a bad preset now
         self.classes, found = read_source(source, synthetic_size, stream)
         fractions = {s: f for s, f in (("val", val_fraction), ("test", test_fraction)) if s not in found}
         base = found.get("train", found.get("all"))
@@ -260,7 +269,11 @@ class DataModule(L.LightningDataModule):
                     f"data.source='{self.source}' has no {split} split. Add a {split}/ folder or "
                     f"set data.{split}_fraction above 0."
                 )
-            transform = self.train_tf if split == "train" else eval_transform(self.image_size, self.crop_pct)
+            transform = (
+                self.train_tf
+                if split == "train"
+                else eval_transform(self.image_size, self.crop_pct, self.interpolation)
+            )
             samples = self.splits[split]
             self.datasets[split] = ImageDataset(
                 samples, transform, self.image_size, self.hparams.max_pixels, self.hparams.on_bad_image == "skip"

@@ -142,7 +142,7 @@ def export(
         keep = {
             k: v
             for k, v in source.meta.items()
-            if k in ("classes", "image_size", "crop_pct", "mean", "std", "model", "data", "run_id")
+            if k in ("classes", "image_size", "crop_pct", "interpolation", "mean", "std", "model", "data", "run_id")
         }
         lineage = {
             "uri": uri,

@@ -98,6 +98,12 @@ def create_model(
                     f"model='{name}' has no stochastic depth: set drop_path_rate to 0 (resnet* supports it)."
                 ) from None
             raise
+        except (OSError, RuntimeError) as err:  # the hub unreachable (huggingface_hub's errors are OSErrors)
+            if not pretrained:
+                raise
+            from cnnlab.pretrained import hub_error
+
+            raise hub_error(name, err) from None
     if small_input:
         _small_input_stem(name, model)
     if act is not None:
@@ -130,9 +136,16 @@ def _torchvision_model(name, num_classes, drop_rate, in_chans, pretrained) -> nn
     kwargs = {"dropout": drop_rate} if drop_rate is not None else {}
     if name == "googlenet":
         kwargs.update(aux_logits=False, init_weights=not pretrained)
-    model = getattr(torchvision.models, name)(
-        weights="DEFAULT" if pretrained else None, num_classes=1000 if pretrained else num_classes, **kwargs
-    )
+    try:
+        model = getattr(torchvision.models, name)(
+            weights="DEFAULT" if pretrained else None, num_classes=1000 if pretrained else num_classes, **kwargs
+        )
+    except (OSError, RuntimeError) as err:  # the hub unreachable (urllib's errors are OSErrors)
+        if not pretrained:
+            raise
+        from cnnlab.pretrained import hub_error
+
+        raise hub_error(name, err) from None
     if pretrained and num_classes != 1000:
         head = model.fc if name == "googlenet" else model.classifier[-1]
         new = nn.Linear(head.in_features, num_classes)
@@ -156,6 +169,19 @@ def _torchvision_model(name, num_classes, drop_rate, in_chans, pretrained) -> nn
         else:
             model.conv1[0] = replacement
     return model
+
+
+# The first conv each family's small-input stem replaces (a 3x3 stride-1 one: pretrained 7x7 weights do not fit).
+STEMS = {"resnet": "conv1", "densenet": "features.conv0", "alexnet": "features.0", "googlenet": "conv1.0"}
+
+
+def new_layers(model: nn.Module, name: str, small_input: bool) -> dict[str, str]:
+    """The layers trained weights may not fit (name: why), the classifier first."""
+    head = classifier_of(model)
+    layers = {next(n for n, m in model.named_modules() if m is head): f"the classifier for {head.out_features} classes"}
+    if small_input and family_of(name) in STEMS:
+        layers[STEMS[family_of(name)]] = "the small-input stem"
+    return layers
 
 
 def _conv3x3_like(conv: nn.Conv2d) -> nn.Conv2d:

@@ -12,7 +12,8 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
 from cnnlab import UserError
-from cnnlab.models import MIN_INPUT, SMALL_INPUT_FAMILIES, create_model
+from cnnlab.data import DEFAULT_IMAGE_SIZE
+from cnnlab.models import MIN_INPUT, SMALL_INPUT_FAMILIES, create_model, new_layers
 
 
 class ClassifierModule(L.LightningModule):
@@ -25,14 +26,18 @@ class ClassifierModule(L.LightningModule):
         drop_rate, drop_path_rate: dropout before the classifier; stochastic depth (resnet*).
         small_input: CIFAR-style stem for 32 px inputs.
         label_smoothing, mixup, cutmix: loss-side regularization (mixup/cutmix alphas; 0 turns them off).
+        pretrained: start from trained weights (fine-tuning, see cnnlab.pretrained): `true` (the timm /
+            torchvision hub), a weights file or URL (.safetensors, .pth, .bin), or any cnnlab model URI
+            (`models:/NAME@ALIAS`, a run id, a .ckpt ...). A new classifier where the classes differ.
         optimizer: any torch or timm optimizer by class_path; norms and biases get no weight decay. Unset,
             AdamW with torch's defaults. (No default object here: jsonargparse would carry its init_args,
             such as AdamW's weight_decay, into whatever optimizer a recipe picks.)
-        mean, std: per-channel normalization, applied on the device to 0..255 pixels.
+        layer_decay: layer-wise LR decay (timm's param_groups_layer_decay): each layer's LR is this factor
+            times the next one's, the classifier's the optimizer's own (e.g. 0.75 when fine-tuning).
+        mean, std: per-channel normalization, applied on the device to 0..255 pixels. Unset, the
+            pretrained weights' own, else ImageNet's.
         channels_last: default on when training on a GPU.
         compile: wrap the network in torch.compile (mode `compile_mode`).
-        init_weights: start from another model's weights (fine-tuning): any model URI (`models:/NAME@ALIAS`,
-            `models:/NAME/VERSION`, a run id or `runs:/RUN_ID`, a logged-model id) or a checkpoint path.
     """
 
     def __init__(
@@ -40,25 +45,26 @@ class ClassifierModule(L.LightningModule):
         model: str = "resnet18",
         classes: list[str] | None = None,
         num_classes: int = 10,
-        image_size: int = 224,
+        image_size: int | None = None,
         act: str | None = None,
         drop_rate: float | None = None,
         drop_path_rate: float = 0.0,
         small_input: bool = False,
-        pretrained: bool = False,
+        pretrained: bool | str = False,
         label_smoothing: float = 0.0,
         mixup: float = 0.0,
         cutmix: float = 0.0,
         optimizer: OptimizerCallable | None = None,
-        mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN,
-        std: tuple[float, float, float] = IMAGENET_DEFAULT_STD,
+        layer_decay: float | None = None,
+        mean: tuple[float, float, float] | None = None,
+        std: tuple[float, float, float] | None = None,
         channels_last: bool | None = None,
         compile: bool = False,
         compile_mode: str | None = None,
-        init_weights: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"], logger=False)
+        self.hparams.image_size = image_size or DEFAULT_IMAGE_SIZE
         if classes is not None:
             num_classes = len(classes)
         self.classes = classes or [str(i) for i in range(num_classes)]
@@ -69,20 +75,26 @@ class ClassifierModule(L.LightningModule):
             drop_rate=drop_rate,
             drop_path_rate=drop_path_rate,
             small_input=small_input,
-            pretrained=pretrained,
+            pretrained=pretrained is True,
         )
-        if init_weights:
-            from cnnlab import store
+        # The layers that start untrained (what FreezeBackbone trains first); every layer without pretrained weights.
+        fresh = new_layers(self.net, model, small_input)
+        if isinstance(pretrained, str):
+            from cnnlab.pretrained import load_into
 
-            source = store.load(init_weights)
-            if source.module is None or source.runtime != "torch":
-                raise UserError(
-                    f"model.init_weights='{init_weights}' is a model of format {source.meta.get('format')}, not torch: start "
-                    "from a torch model (a fit's model, run or checkpoint)."
-                )
-            state = source.module.state_dict()
-            match_shapes(self, state)
-            self.load_state_dict({k: v for k, v in state.items() if k.startswith("net.")}, strict=False)
+            self.new_layers = load_into(self.net, pretrained, model, fresh, self.classes)
+        else:
+            head_kept = pretrained and num_classes == 1000  # the hub's ImageNet classifier fits as it is
+            self.new_layers = [
+                layer for layer in fresh if pretrained and not (head_kept and layer == next(iter(fresh)))
+            ]
+        self.backbone_lr = 1.0  # the pretrained layers' LR as a fraction of the optimizer's (set by FreezeBackbone)
+        if mean is None or std is None:  # recorded as used, so checkpoints and logged models carry them
+            from cnnlab.pretrained import preprocessing
+
+            wanted = preprocessing(model, pretrained) if pretrained else {}
+            self.hparams.mean = mean = tuple(mean or wanted.get("mean", IMAGENET_DEFAULT_MEAN))
+            self.hparams.std = std = tuple(std or wanted.get("std", IMAGENET_DEFAULT_STD))
         self.compiled: tuple | None = None
         self.loss_hook = None  # callbacks such as Distillation replace the training loss through this
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255, persistent=False)
@@ -203,16 +215,37 @@ class ClassifierModule(L.LightningModule):
         match_shapes(self, checkpoint["state_dict"])  # a structurally pruned network keeps its smaller shapes
 
     def configure_optimizers(self):
-        from timm.optim import param_groups_weight_decay
+        from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 
         skip = self.net.no_weight_decay() if hasattr(self.net, "no_weight_decay") else ()
         # Norms, biases and the model's own exceptions get no weight decay, the rest the optimizer's own: timm
         # marks the decayed group with the value given, which is then dropped so the optimizer's default applies.
-        groups = param_groups_weight_decay(self.net, weight_decay=1.0, no_weight_decay_list=skip)
+        if self.hparams.layer_decay:
+            if not hasattr(self.net, "group_matcher"):
+                raise UserError(
+                    f"model.layer_decay needs a timm model that groups its layers; model='{self.hparams.model}' "
+                    "does not. Remove model.layer_decay (cnnlab.callbacks.FreezeBackbone's backbone_lr still applies)."
+                )
+            groups = param_groups_layer_decay(
+                self.net, weight_decay=1.0, no_weight_decay_list=skip, layer_decay=self.hparams.layer_decay
+            )
+        else:
+            groups = param_groups_weight_decay(self.net, weight_decay=1.0, no_weight_decay_list=skip)
+        if self.backbone_lr != 1.0:  # pretrained layers apart from the new ones, at their own LR
+            new = {id(p) for layer in self.new_layers for p in self.net.get_submodule(layer).parameters()}
+            groups = [
+                {**g, "params": params, "lr_scale": g.get("lr_scale", 1.0) * (1.0 if fresh else self.backbone_lr)}
+                for g in groups
+                for fresh in (True, False)
+                if (params := [p for p in g["params"] if (id(p) in new) == fresh])
+            ]
         for group in groups:
             if group["weight_decay"] == 1.0:
                 del group["weight_decay"]
-        return (self.optimizer or torch.optim.AdamW)([g for g in groups if g["params"]])
+        optimizer = (self.optimizer or torch.optim.AdamW)([g for g in groups if g["params"]])
+        for group in optimizer.param_groups:  # a torch optimizer knows no lr_scale: apply it to the group's LR
+            group["lr"] *= group.pop("lr_scale", 1.0)
+        return optimizer
 
 
 def match_shapes(module: nn.Module, state: dict) -> None:

@@ -25,8 +25,9 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 from cnnlab import UserError
-from cnnlab.data import DataModule
+from cnnlab.data import DEFAULT_IMAGE_SIZE, DataModule
 from cnnlab.module import ClassifierModule
+from cnnlab.pretrained import follow_weights
 from cnnlab.tracking import LogRecipe, Tracking, log_model, mlflow_logger, resumable_run
 
 LOGGER = "cnnlab.tracking.MLflowLogger"
@@ -129,6 +130,8 @@ class CnnlabCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         """Name the run after the recipe; with --ckpt_path, continue the MLflow run that wrote the checkpoint."""
         config = self.config[self.subcommand] if self.subcommand else self.config
+        follow_weights(config)
+        config.model.image_size = config.data.image_size = config.data.image_size or DEFAULT_IMAGE_SIZE
         logger = config.trainer.logger
         if getattr(logger, "class_path", None) != LOGGER:
             return
@@ -154,7 +157,7 @@ class CnnlabCLI(LightningCLI):
                 f"--ckpt_path {ckpt_path} knows {len(known)} classes ({', '.join(map(str, known[:6]))}"
                 f"{', ...' if len(known) > 6 else ''}); data.source='{self.datamodule.source}' has "
                 f"{len(data)} ({', '.join(data[:6])}{', ...' if len(data) > 6 else ''}). Use data with the "
-                "checkpoint's classes, or start a new fit (model.init_weights fine-tunes from it)."
+                "checkpoint's classes, or start a new fit (model.pretrained fine-tunes from it)."
             )
         if self.resumed and logger is not None and self.trainer.is_global_zero:
             logger.experiment.update_run(self.resumed, status="RUNNING")  # not FAILED or KILLED while it trains

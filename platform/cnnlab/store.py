@@ -178,9 +178,7 @@ def from_checkpoint(path: Path, device: str = "cpu") -> Network:
     if "state_dict" not in saved or "hyper_parameters" not in saved:
         raise UserError(f"checkpoint '{path}' is not a cnnlab fit's checkpoint (no state_dict and hyper_parameters).")
     try:
-        module = ClassifierModule.load_from_checkpoint(
-            path, map_location="cpu", weights_only=True, pretrained=False, init_weights=None
-        )
+        module = ClassifierModule.load_from_checkpoint(path, map_location="cpu", weights_only=True, pretrained=False)
     except Exception as err:
         raise UserError(
             f"checkpoint '{path}' does not make a cnnlab model ({str(err).splitlines()[0][:200]}). Pass "
@@ -192,6 +190,9 @@ def from_checkpoint(path: Path, device: str = "cpu") -> Network:
         "classes": module.classes,
         "image_size": size,
         "crop_pct": data.get("crop_pct") or default_crop_pct(size),
+        "interpolation": data.get("interpolation"),
+        "mean": list(module.hparams.mean),
+        "std": list(module.hparams.std),
         "runtime": "torch",
         "format": "checkpoint",
         "sha256": "",

@@ -329,6 +329,7 @@ def log_model(logger: MLFlowLogger, module, datamodule, samples: int = 16) -> st
         "classes": list(module.classes),
         "image_size": size,
         "crop_pct": datamodule.crop_pct,
+        "interpolation": datamodule.interpolation,
         "mean": list(module.hparams.mean),
         "std": list(module.hparams.std),
         "runtime": "torch",

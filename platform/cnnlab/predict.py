@@ -1,0 +1,165 @@
+"""`cnnlab predict MODEL_URI PATH ...`: classify new, unlabelled images with a model, from the model alone.
+
+PATH is an image file, a folder (its images, recursively), a glob (`photos/**/*.jpg`) or a CSV whose `path`
+column (else its first column) lists images, relative to the CSV. Writes one row per image: its path and
+the top-k labels with their probabilities, as CSV or JSON. A file that cannot be read or decoded is
+listed and skipped, never fatal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from cnnlab import UserError
+from cnnlab.cnnlab_model import read_image, softmax
+from cnnlab.sources import IMAGE_EXTENSIONS
+
+MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb limit
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="cnnlab predict",
+        description="Classify images with a model: cnnlab predict MODEL_URI PATH ... "
+        "(or a recipe's test split: cnnlab predict --config RECIPE --ckpt_path CKPT).",
+        allow_abbrev=False,
+    )
+    p.add_argument("model", metavar="MODEL_URI", help="models:/NAME@ALIAS, models:/NAME/VERSION, a run id, a .ckpt ...")
+    p.add_argument("paths", metavar="PATH", nargs="+", help="image files, folders, globs, or a CSV of paths")
+    p.add_argument("--output", "-o", help="file to write (default predictions.csv / .json; - for stdout)")
+    p.add_argument("--format", choices=("csv", "json"), default=None, help="default: from --output, else csv")
+    p.add_argument("--top-k", type=int, default=5, help="labels per image (default 5, at most the class count)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--tta", choices=("flip",), default=None, help="flip: average with the mirrored image")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads of the runtime")
+    return p
+
+
+def find_images(paths: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """(image paths in order, (path, why) for what matched nothing)."""
+    found, missing = [], []
+    for arg in paths:
+        path = Path(arg)
+        if any(c in arg for c in "*?["):
+            matches = sorted(glob.glob(arg, recursive=True))
+            found += [m for m in matches if Path(m).is_file()]
+            if not matches:
+                missing.append((arg, "no file matches this pattern"))
+        elif path.is_dir():
+            found += [
+                str(p)
+                for p in sorted(path.rglob("*"))
+                if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+            ]
+        elif path.suffix.lower() == ".csv" and path.is_file():
+            found += read_csv(path)
+        elif path.exists():
+            found.append(arg)
+        else:
+            missing.append((arg, "no such file or folder"))
+    return list(dict.fromkeys(found)), missing
+
+
+def read_csv(path: Path) -> list[str]:
+    with open(path, newline="") as f:
+        rows = [row for row in csv.reader(f) if row]
+    if not rows:
+        return []
+    column = rows[0].index("path") if "path" in rows[0] else 0
+    body = rows[1:] if rows[0][column] in ("path", "file", "image", "filename") else rows
+    return [str(path.parent / row[column]) if not Path(row[column]).is_absolute() else row[column] for row in body]
+
+
+def classify(network, files: list[str], batch_size: int, tta: str | None):
+    """Yield (path, probabilities) for images that decode, (path, error) for those that do not."""
+    from tqdm import tqdm
+
+    with tqdm(total=len(files), unit="img", disable=None, file=sys.stderr) as bar:
+        for start in range(0, len(files), batch_size):
+            good, images = [], []
+            for file in files[start : start + batch_size]:
+                try:
+                    with open(file, "rb") as f:
+                        raw = f.read()
+                    images.append(network.preprocess(read_image(raw, MAX_PIXELS)[0]))
+                    good.append(file)
+                except Exception as err:  # unreadable, not an image, truncated, too large: listed, not fatal
+                    yield file, f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else 'unreadable'}"
+            if images:
+                batch = np.ascontiguousarray(np.stack(images).transpose(0, 3, 1, 2))
+                probs = softmax(np.asarray(network.predict(batch), np.float32))
+                if tta == "flip":
+                    mirrored = np.ascontiguousarray(batch[..., ::-1])
+                    probs = (probs + softmax(np.asarray(network.predict(mirrored), np.float32))) / 2
+                yield from zip(good, probs)
+            bar.update(min(batch_size, len(files) - start))
+
+
+def main(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
+    if args.top_k < 1 or args.batch_size < 1:
+        raise UserError("--top-k and --batch-size must be 1 or more.")
+    fmt = args.format or ("json" if (args.output or "").endswith(".json") else "csv")
+    output = args.output or f"predictions.{fmt}"
+    if output != "-" and not Path(output).resolve().parent.is_dir():
+        raise UserError(f"--output {output}: its folder does not exist. Create it or write elsewhere.")
+    files, skipped = find_images(args.paths)
+    if not files:
+        raise UserError(
+            f"no images found in {' '.join(args.paths)} ({', '.join(why for _, why in skipped) or 'no image files'}). "
+            f"Pass image files, folders of images ({', '.join(IMAGE_EXTENSIONS[:4])} ...), globs or a CSV of paths."
+        )
+    from cnnlab import store
+
+    network = store.load(args.model, threads=args.threads)
+    classes = network.classes
+    k = min(args.top_k, len(classes))
+    rows = []
+    for path, result in classify(network, files, args.batch_size, args.tta):
+        if isinstance(result, str):
+            skipped.append((path, result))
+            continue
+        top = np.argsort(-result)[:k]
+        rows.append((path, [(classes[i], float(result[i])) for i in top]))
+    write(rows, skipped, output, fmt, k, args.model)
+    where = "stdout" if output == "-" else output
+    print(f"cnnlab: {len(rows)} images classified with {args.model} -> {where}", file=sys.stderr)
+    if skipped:
+        print(f"cnnlab: {len(skipped)} skipped:", file=sys.stderr)
+        for path, why in skipped:
+            print(f"  {path}: {why}", file=sys.stderr)
+    return 0
+
+
+def write(rows, skipped, output: str, fmt: str, k: int, model: str) -> None:
+    out = sys.stdout if output == "-" else open(output, "w", newline="")
+    try:
+        if fmt == "json":
+            json.dump(
+                {
+                    "model": model,
+                    "predictions": [
+                        {"path": path, "top": [{"label": label, "probability": round(p, 6)} for label, p in top]}
+                        for path, top in rows
+                    ],
+                    "skipped": [{"path": path, "error": why} for path, why in skipped],
+                },
+                out,
+                indent=1,
+            )
+            out.write("\n")
+            return
+        writer = csv.writer(out)
+        writer.writerow(["path", *[f"{field}_{i}" for i in range(1, k + 1) for field in ("label", "probability")]])
+        for path, top in rows:
+            writer.writerow([path, *[value for label, p in top for value in (label, f"{p:.6f}")]])
+    finally:
+        if out is not sys.stdout:
+            out.close()

@@ -65,16 +65,36 @@ def teacher(tmp_path_factory):
     return next(folder.glob("mlruns/*/*/checkpoints/best.ckpt"))
 
 
+@pytest.fixture(scope="module")
+def weights_file(tmp_path_factory):
+    """Stand-ins for the weights a fine-tuning recipe starts from (hub or registry): untrained, same shapes."""
+    import torch
+
+    from cnnlab.models import create_model
+
+    def write(name: str, small_input: bool) -> Path:
+        path = tmp_path_factory.getbasetemp() / f"{name}-{small_input}.pth"
+        if not path.exists():
+            torch.save(create_model(name, small_input=small_input).state_dict(), path)
+        return path
+
+    return write
+
+
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(ROOT / "recipes")))
 def test_every_recipe_instantiates_and_runs_a_step(recipe, workdir, request):
     extra = []
+    model = yaml.safe_load(recipe.read_text())["model"]
+    if model.get("pretrained"):
+        weights = request.getfixturevalue("weights_file")(model["model"], model.get("small_input", False))
+        extra.append(f"--model.pretrained={weights}")
     callbacks = (yaml.safe_load(recipe.read_text()).get("trainer") or {}).get("callbacks") or []
     if any(c["class_path"].endswith("Distillation") for c in callbacks):
         teacher = str(request.getfixturevalue("teacher"))
         for c in callbacks:
             if c["class_path"].endswith("Distillation"):
                 c["init_args"]["teacher"] = teacher
-        extra = [f"--trainer.callbacks={json.dumps(callbacks)}"]
+        extra.append(f"--trainer.callbacks={json.dumps(callbacks)}")
     assert main(["fit", "--config", str(recipe), *TINY, *extra]) == 0
     assert not list(workdir.rglob("*.ckpt")), "fast_dev_run writes no checkpoint"
 

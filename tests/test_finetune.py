@@ -17,7 +17,7 @@ from cnnlab.callbacks import FreezeBackbone
 from cnnlab.data import DataModule
 from cnnlab.module import ClassifierModule
 from cnnlab.pretrained import follow_weights
-from conftest import cnnlab_here, make_image_folder
+from conftest import QUICKSTART, cnnlab, cnnlab_here, make_image_folder
 
 
 @pytest.fixture(scope="module")
@@ -183,3 +183,27 @@ def test_predict_classifies_a_folder_and_lists_what_it_skips(quickstart, workdir
     assert result.returncode == 0 and result.stdout.count("\n") == 2 and "missing.png" in result.stderr
     result = cnnlab_here("predict", "models:/digits/1", "nowhere/", cwd=workdir, env=env)
     assert result.returncode == 2 and "no images found in nowhere/" in result.stderr
+
+
+def test_one_command_fine_tunes_a_weights_file_on_an_image_folder_and_registers_it(weights, workdir):
+    make_image_folder(workdir / "photos", classes=("ant", "bee", "wasp"), per_class=12, size=24)
+    freeze = {"class_path": "cnnlab.callbacks.FreezeBackbone", "init_args": {"epochs": 1}}
+    result = cnnlab(
+        "fit",
+        "--config",
+        QUICKSTART,
+        "--data.source=photos",
+        f"--model.pretrained={weights}",
+        "--trainer.max_epochs=2",
+        f"--trainer.callbacks+={json.dumps(freeze)}",
+        "--trainer.enable_progress_bar=false",
+        "--register",
+        "insects",
+        cwd=workdir,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "new, untrained: fc (the classifier for 3 classes)" in result.stderr + result.stdout
+    assert "registered insects v1" in result.stdout
+    result = cnnlab_here("predict", "models:/insects@challenger", "photos", cwd=workdir)
+    rows = list(csv.DictReader(open(workdir / "predictions.csv")))
+    assert result.returncode == 0 and len(rows) == 36 and {r["label_1"] for r in rows} <= {"ant", "bee", "wasp"}

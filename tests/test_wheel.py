@@ -3,6 +3,7 @@
 repository: fit a recipe on an ImageFolder, register and promote it, move the training data away, then serve
 it, export it (ONNX fp32 without data, int8 with --data) and compare the variants."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -141,6 +142,11 @@ def test_the_lifecycle_from_a_wheel_with_the_training_data_gone(installed, tmp_p
 
     version = mlflow_client(f"sqlite:///{outside}/mlruns/mlflow.db").get_model_version("digits", "1")
     assert info["sha256"] == version.tags["promotion.sha256"] and info["runtime"] == version.tags["promotion.runtime"]
+
+    predict = run("predict", "models:/digits@champion", str(moved / "7"), "--format", "json", "-o", "sevens.json")
+    predictions = json.loads((outside / "sevens.json").read_text())["predictions"]
+    assert predict.returncode == 0 and len(predictions) == len(list((moved / "7").glob("*.png")))
+    assert [p["top"][0]["label"] for p in predictions].count("7") >= 0.9 * len(predictions)
 
     fp32 = run("export", "models:/digits@champion", "--out", "fp32")  # no data needed
     assert fp32.returncode == 0, fp32.stderr[-3000:]

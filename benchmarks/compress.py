@@ -90,7 +90,6 @@ def main(argv=None) -> int:
         teacher = fit("teacher resnet50", "resnet50_32_onecycle30.yaml", folder, args, [])
         scratch = fit("resnet18 from scratch", "resnet18_32_onecycle30.yaml", folder, args, [])
         callbacks = [
-            {"class_path": "cnnlab.callbacks.OneCycle", "init_args": {"pct_start": 0.25}},
             {
                 "class_path": "cnnlab.callbacks.Distillation",
                 "init_args": {"teacher": str(teacher[1]), "temperature": 4.0, "alpha": 0.9},
@@ -104,7 +103,6 @@ def main(argv=None) -> int:
             [f"--trainer.callbacks={json.dumps(callbacks)}"],
         )
         prune = [
-            {"class_path": "cnnlab.callbacks.OneCycle", "init_args": {"pct_start": 0.15}},
             {"class_path": "cnnlab.callbacks.Pruning", "init_args": {"mode": "structured", "amount": 0.5}},
         ]
         pruned = fit(
@@ -115,6 +113,7 @@ def main(argv=None) -> int:
             [
                 f"--trainer.callbacks={json.dumps(prune)}",
                 f"--model.pretrained={scratch[1]}",
+                "--model.lr_scheduler.init_args.pct_start=0.15",
                 f"--trainer.max_epochs={max(2, args.epochs // 3)}",
                 "--model.optimizer.init_args.lr=0.05",
             ],

@@ -1,5 +1,5 @@
-"""Callbacks for recipes (`class_path: cnnlab.callbacks.NAME`): LR schedules, weight averaging, tuning,
-fine-tuning, distillation, pruning and gradient flow.
+"""Callbacks for recipes (`class_path: cnnlab.callbacks.NAME`): weight averaging, tuning, fine-tuning,
+distillation, pruning and gradient flow. (LR schedules are `model.lr_scheduler`: cnnlab.schedules.)
 
 Lightning's own callbacks (EarlyStopping, ModelCheckpoint, ...) are used from recipes as they are. Each
 callback loads on first use, so a recipe that does not tune never imports Optuna.
@@ -12,12 +12,8 @@ _WHERE = {
     "Distillation": "distillation",
     "FreezeBackbone": "finetuning",
     "GradientFlow": "gradient_flow",
-    "MultiStep": "schedules",
-    "OneCycle": "schedules",
     "OptunaPruning": "tuning",
     "Pruning": "pruning",
-    "ReduceOnPlateau": "schedules",
-    "WarmupCosine": "schedules",
 }
 __all__ = sorted(_WHERE)
 

@@ -118,14 +118,17 @@ def test_print_config_shows_the_resolved_recipe(capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(QUICKSTART), "--print_config"])
     out = capsys.readouterr().out
-    assert "model: resnet18" in out and "class_path: cnnlab.callbacks.OneCycle" in out
+    assert "model: resnet18" in out and "class_path: cnnlab.schedules.OneCycle" in out
 
 
 @pytest.mark.parametrize(
     "change, expected",
     [
         ("max_epochs: 8", "recipe key 'trainer.max_epoc' is not known. Did you mean 'trainer.max_epochs'"),
-        ("pct_start: 0.25", "OneCycle has no argument 'pct_strat'. Did you mean 'pct_start'? It accepts: max_lr"),
+        (
+            "pct_start: 0.25",
+            "OneCycle has no argument 'pct_strat'. Did you mean 'pct_start'? It accepts: total_steps, max_lr",
+        ),
         ("nesterov: true", "torch.optim.SGD has no argument 'nestrov'. Did you mean 'nesterov'?"),
         ("torch.optim.SGD", "torch.optim.SDG does not exist. Did you mean 'SGD'?"),
         ("augment: none", "recipe key 'data.augment'"),

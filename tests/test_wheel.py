@@ -22,11 +22,11 @@ model:
   model: resnet18
   small_input: true
   optimizer: {class_path: torch.optim.SGD, init_args: {lr: 0.1, momentum: 0.9, nesterov: true, weight_decay: 5.0e-4}}
+  lr_scheduler: {class_path: cnnlab.schedules.OneCycle, init_args: {pct_start: 0.25}}
 data: {source: imgs, image_size: 16, batch_size: 64, val_fraction: 0.15, test_fraction: 0.2, num_workers: 0}
 trainer:
   max_epochs: 3
   enable_progress_bar: false
-  callbacks: [{class_path: cnnlab.callbacks.OneCycle, init_args: {pct_start: 0.25}}]
 """
 
 

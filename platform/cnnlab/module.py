@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+from typing import Literal
+
 import lightning as L
 import torch
-from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup
 from timm.loss import SoftTargetCrossEntropy
 from torch import nn
@@ -32,6 +35,12 @@ class ClassifierModule(L.LightningModule):
         optimizer: any torch or timm optimizer by class_path; norms and biases get no weight decay. Unset,
             AdamW with torch's defaults. (No default object here: jsonargparse would carry its init_args,
             such as AdamW's weight_decay, into whatever optimizer a recipe picks.)
+        lr_scheduler: any torch, timm or cnnlab.schedules scheduler by class_path (`cnnlab.schedules.OneCycle`,
+            `cnnlab.schedules.Cosine`, `torch.optim.lr_scheduler.MultiStepLR` ...); a `total_steps` it leaves
+            unset is the fit's length in `lr_interval`s. Unset, a constant LR. Logged per step as `lr/GROUP`.
+        lr_interval: step the scheduler every optimizer `step` or every `epoch`.
+        warmup_epochs: linear warmup before the scheduler (torch's LinearLR then the scheduler, SequentialLR).
+        lr_monitor: the metric a ReduceLROnPlateau scheduler watches.
         layer_decay: layer-wise LR decay (timm's param_groups_layer_decay): each layer's LR is this factor
             times the next one's, the classifier's the optimizer's own (e.g. 0.75 when fine-tuning).
         mean, std: per-channel normalization, applied on the device to 0..255 pixels. Unset, the
@@ -55,6 +64,10 @@ class ClassifierModule(L.LightningModule):
         mixup: float = 0.0,
         cutmix: float = 0.0,
         optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        lr_interval: Literal["step", "epoch"] = "step",
+        warmup_epochs: float = 0.0,
+        lr_monitor: str = "val/loss",
         layer_decay: float | None = None,
         mean: tuple[float, float, float] | None = None,
         std: tuple[float, float, float] | None = None,
@@ -63,7 +76,7 @@ class ClassifierModule(L.LightningModule):
         compile_mode: str | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["optimizer"], logger=False)
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"], logger=False)
         self.hparams.image_size = image_size or DEFAULT_IMAGE_SIZE
         if classes is not None:
             num_classes = len(classes)
@@ -99,7 +112,7 @@ class ClassifierModule(L.LightningModule):
         self.loss_hook = None  # callbacks such as Distillation replace the training loss through this
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255, persistent=False)
-        self.optimizer = optimizer
+        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.mixup = (
             Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=label_smoothing, num_classes=num_classes)
             if mixup or cutmix
@@ -239,13 +252,48 @@ class ClassifierModule(L.LightningModule):
                 for fresh in (True, False)
                 if (params := [p for p in g["params"] if (id(p) in new) == fresh])
             ]
-        for group in groups:
+        names = set()
+        for group in groups:  # a name per group, for its `lr/NAME` metric
+            name = "decay" if group["weight_decay"] else "no_decay"
+            if group.get("lr_scale", 1.0) != 1.0:
+                name += f"_x{group['lr_scale']:.3g}"
+            group["name"] = name if name not in names else f"{name}_{len(names)}"
+            names.add(group["name"])
             if group["weight_decay"] == 1.0:
                 del group["weight_decay"]
         optimizer = (self.optimizer or torch.optim.AdamW)([g for g in groups if g["params"]])
         for group in optimizer.param_groups:  # a torch optimizer knows no lr_scale: apply it to the group's LR
             group["lr"] *= group.pop("lr_scale", 1.0)
-        return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": self.schedule(optimizer)}
+
+    def schedule(self, optimizer) -> dict:
+        """The scheduler config Lightning steps: `lr_scheduler` after `warmup_epochs`, over the fit's length."""
+        from torch.optim.lr_scheduler import ConstantLR, LinearLR, OneCycleLR, ReduceLROnPlateau, SequentialLR
+
+        hp, trainer = self.hparams, self.trainer
+        total = max(1, int(trainer.estimated_stepping_batches))
+        batches = trainer.num_training_batches  # inf where max_steps decided the length without the loader
+        per_epoch = max(1, math.ceil(batches / trainer.accumulate_grad_batches)) if math.isfinite(batches) else total
+        by_step = hp.lr_interval == "step"
+        length = total if by_step else max(1, math.ceil(total / per_epoch))
+        warmup = max(0, min(round(hp.warmup_epochs * (per_epoch if by_step else 1)), length - 1))
+        if self.lr_scheduler is None:
+            scheduler = ConstantLR(optimizer, factor=1.0, total_iters=0)
+        else:
+            # jsonargparse gives a class_path as a functools.partial holding every init arg: a total_steps left
+            # unset (None) is the fit's. (test_training checks this still holds.)
+            unset = getattr(self.lr_scheduler, "keywords", {}).get("total_steps", 0) is None
+            scheduler = self.lr_scheduler(optimizer, **({"total_steps": length - warmup} if unset else {}))
+        if isinstance(scheduler, ReduceLROnPlateau):
+            if warmup:
+                raise UserError("model.warmup_epochs does not combine with ReduceLROnPlateau: set it to 0.")
+            return {"scheduler": scheduler, "interval": "epoch", "monitor": hp.lr_monitor, "name": "lr"}
+        if warmup:
+            if isinstance(scheduler, OneCycleLR):
+                raise UserError("model.warmup_epochs: a one-cycle schedule warms up itself: set it to 0.")
+            warm = LinearLR(optimizer, start_factor=1 / (warmup + 1), end_factor=1.0, total_iters=warmup)
+            scheduler = SequentialLR(optimizer, [warm, scheduler], milestones=[warmup])
+        return {"scheduler": scheduler, "interval": hp.lr_interval, "name": "lr"}
 
 
 def match_shapes(module: nn.Module, state: dict) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -82,6 +82,12 @@ class CnnlabCLI(LightningCLI):
             # as data only, before Lightning reads its hyperparameters; its classes are checked against the data's
             saved = read_checkpoint(ckpt_path, "--ckpt_path").get("hyper_parameters") or {}
             self.checkpoint_classes = saved.get("classes") or [str(i) for i in range(saved.get("num_classes", 0))]
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        if trainer.loggers:  # the LR of every parameter group, per step (it refuses a trainer without a logger)
+            trainer.callbacks.append(LearningRateMonitor(logging_interval="step"))
+        return trainer
 
     def recipe_keys(self) -> list[str]:
         """Every dotted key a recipe may set, from a parser built the way LightningCLI builds its own."""
@@ -396,7 +402,7 @@ def explain_recipe_error(message: str, keys: list[str]) -> str:
         accepted = [
             p
             for p in inspect.signature(getattr(importlib.import_module(module), name)).parameters
-            if p not in ("self", "params", "args", "kwargs")
+            if p not in ("self", "params", "optimizer", "last_epoch", "args", "kwargs")
         ]
         return (
             f"{prefix}{class_path[1]} has no argument '{option[1]}'.{_did_you_mean(option[1], accepted)} "

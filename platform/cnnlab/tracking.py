@@ -122,10 +122,10 @@ class LogRecipe(SaveConfigCallback):
 
 class Tracking(Callback):
     """Per-fit bookkeeping on rank 0: system info, the dataset fingerprint and an augmentation preview at
-    the start; the LR of every optimizer step; the count of skipped bad images; the best checkpoint."""
+    the start; images/s and the count of skipped bad images each epoch; the best checkpoint. (Lightning's
+    LearningRateMonitor logs the LRs.)"""
 
     def __init__(self) -> None:
-        self._lrs: list = []
         self._epoch_start = self._last_batch = 0.0
         self._images = 0
         self.stopped: tuple[int, str] | None = None  # (signal, checkpoint saved) when SIGTERM or Ctrl-C stopped a fit
@@ -136,8 +136,6 @@ class Tracking(Callback):
 
         if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)) or trainer.state.fn != "fit":
             return
-        if trainer.is_global_zero:
-            self._flush_lr(trainer)  # the LRs of the steps since the last flush
         checkpoint, saved = trainer.checkpoint_callback, None
         if checkpoint is not None and checkpoint.dirpath and checkpoint.save_last:  # a fit meant to resume
             saved = str(Path(checkpoint.dirpath) / "last.ckpt")
@@ -188,35 +186,11 @@ class Tracking(Callback):
         if batch is not None:
             self._images += len(batch[0]) * trainer.world_size
             self._last_batch = time.perf_counter()
-        if not trainer.is_global_zero or not trainer.optimizers:
-            return
-        self._lrs.append((trainer.global_step, trainer.optimizers[0].param_groups[0]["lr"]))
-        if len(self._lrs) >= trainer.log_every_n_steps:
-            self._flush_lr(trainer)
-
-    def _flush_lr(self, trainer) -> None:
-        logger = mlflow_logger(trainer)
-        if logger is not None and self._lrs:
-            from mlflow.entities import Metric
-
-            now = int(time.time() * 1000)
-            logger.experiment.log_batch(
-                logger.run_id,
-                synchronous=False,
-                metrics=[
-                    Metric("lr", lr, now, step)
-                    for step, lr in self._lrs
-                    if step > getattr(logger, "logged_through", {}).get("lr", -1)
-                ],
-            )
-        self._lrs = []
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         seconds = self._last_batch - self._epoch_start
         if self._images and seconds > 0:  # training batches, loader waits included (validation excluded)
             pl_module.log("perf/train_images_per_sec", self._images / seconds, rank_zero_only=True)
-        if trainer.is_global_zero:
-            self._flush_lr(trainer)
         datamodule = trainer.datamodule
         if getattr(datamodule, "hparams", {}).get("on_bad_image") == "skip":
             pl_module.log("data/skipped_images", float(datamodule.skipped), reduce_fx="sum", sync_dist=True)

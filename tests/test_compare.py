@@ -42,7 +42,7 @@ def test_compare_trains_nested_runs_and_logs_the_table_plots_and_gradient_flow(w
     }
     for child in children:
         assert len(client.get_metric_history(child.info.run_id, "val/acc")) == 2  # the study's budget
-        assert child.data.metrics["perf/train_images_per_sec"] > 0
+        assert child.data.metrics["train/device/samples_per_sec"] > 0
         assert "grad_flow/first_last_ratio" in child.data.metrics
         assert any(k.startswith("grad_norm/") for k in child.data.metrics)
         assert "plots/gradient_flow.png" in {a.path for a in client.list_artifacts(child.info.run_id, "plots")}

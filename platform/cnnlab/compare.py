@@ -81,7 +81,7 @@ def row(client, run_id: str) -> dict:
     except (UserError, RuntimeError):  # e.g. a run that failed because its input was too small
         size = {"params": float("nan"), "gmacs": float("nan")}
     history = sorted(client.get_metric_history(run_id, "val/acc"), key=lambda m: m.step)
-    speeds = [m.value for m in client.get_metric_history(run_id, "perf/train_images_per_sec")]
+    speeds = [m.value for m in client.get_metric_history(run_id, "train/device/samples_per_sec")]
     end = run.info.end_time or run.info.start_time
     return {
         "name": run.info.run_name,

@@ -154,9 +154,23 @@ class ClassifierModule(L.LightningModule):
             batch = getattr(self.trainer.datamodule, "batch_size", 2)
             if batch % 2:
                 raise UserError(f"data.batch_size={batch} must be even with model.mixup/model.cutmix.")
+        if stage == "fit":  # ThroughputMonitor's FLOPs and, on a GPU, MFU: one training step, counted on no device
+            self.flops_per_batch = self.measure_flops(getattr(self.trainer.datamodule, "batch_size", 1))
         if self.hparams.compile and not self.compiled:
             # In a tuple, not an attribute of its own: a module attribute would enter the state dict twice.
             self.compiled = (torch.compile(self.net, mode=self.hparams.compile_mode),)
+
+    def measure_flops(self, batch: int) -> int:
+        """FLOPs of one training step (forward and backward) of this network on `batch` images."""
+        import copy
+
+        from lightning.fabric.utilities.throughput import measure_flops
+
+        net = copy.deepcopy(self.net).to("meta")  # shapes only: no memory, no compute
+        size = self.hparams.image_size
+        with torch.device("meta"):
+            images = torch.empty(batch, 3, size, size)
+        return measure_flops(net, lambda: net(images), lambda logits: logits.sum())
 
     def _check_input_size(self) -> None:
         size, name = self.hparams.image_size, self.hparams.model

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -85,8 +85,9 @@ class CnnlabCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
-        if trainer.loggers:  # the LR of every parameter group, per step (it refuses a trainer without a logger)
+        if trainer.loggers:  # the LR of each parameter group and images/s (both refuse a trainer without a logger)
             trainer.callbacks.append(LearningRateMonitor(logging_interval="step"))
+            trainer.callbacks.append(ThroughputMonitor(batch_size_fn=batch_size, window_size=10))
         return trainer
 
     def recipe_keys(self) -> list[str]:
@@ -261,6 +262,10 @@ class CnnlabCLI(LightningCLI):
         truth = torch.tensor(samples.labels[: len(probs)])
         accuracy = multiclass_accuracy(probs, truth, datamodule.num_classes, average="micro")
         print(f"cnnlab: {len(probs)} predictions (top-1 {accuracy:.4f}) written to {out}")
+
+
+def batch_size(batch) -> int:
+    return 0 if batch is None else len(batch[0])  # None: every image of the batch was bad and skipped
 
 
 def _encode(choice):

@@ -122,12 +122,11 @@ class LogRecipe(SaveConfigCallback):
 
 class Tracking(Callback):
     """Per-fit bookkeeping on rank 0: system info, the dataset fingerprint and an augmentation preview at
-    the start; images/s and the count of skipped bad images each epoch; the best checkpoint. (Lightning's
-    LearningRateMonitor logs the LRs.)"""
+    the start; the count of skipped bad images each epoch; the best checkpoint. (Lightning's
+    LearningRateMonitor and ThroughputMonitor log the LRs and images/s.)"""
 
     def __init__(self) -> None:
-        self._epoch_start = self._last_batch = 0.0
-        self._images = 0
+        self._epoch_start = 0.0
         self.stopped: tuple[int, str] | None = None  # (signal, checkpoint saved) when SIGTERM or Ctrl-C stopped a fit
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
@@ -180,17 +179,9 @@ class Tracking(Callback):
         client.log_text(run_id, pip_freeze(), "system/requirements.txt")
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self._epoch_start, self._images = time.perf_counter(), 0
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if batch is not None:
-            self._images += len(batch[0]) * trainer.world_size
-            self._last_batch = time.perf_counter()
+        self._epoch_start = time.perf_counter()
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        seconds = self._last_batch - self._epoch_start
-        if self._images and seconds > 0:  # training batches, loader waits included (validation excluded)
-            pl_module.log("perf/train_images_per_sec", self._images / seconds, rank_zero_only=True)
         datamodule = trainer.datamodule
         if getattr(datamodule, "hparams", {}).get("on_bad_image") == "skip":
             pl_module.log("data/skipped_images", float(datamodule.skipped), reduce_fx="sum", sync_dist=True)

@@ -139,29 +139,30 @@ def scan_folder(root: Path) -> dict:
     split_dirs = {s: root / s for s in SPLITS if (root / s).is_dir()}
     if split_dirs and "train" not in split_dirs:
         raise UserError(f"data.source='{root}' has {'/'.join(split_dirs)}/ but no train/ folder. Add train/.")
-    class_root = split_dirs.get("train", root)
-    classes = sorted(d.name for d in class_root.iterdir() if d.is_dir())
-    if not classes:
+    from torchvision.datasets.folder import find_classes, make_dataset
+
+    try:
+        classes, index = find_classes(str(split_dirs.get("train", root)))
+    except FileNotFoundError:
         raise UserError(
             f"data.source='{root}' has no class folders. An ImageFolder root holds one folder per "
             "class (optionally under train/, val/, test/)."
-        )
+        ) from None
     scan = {"classes": classes, "splits": {}, "empty": [], "ignored": []}
     for split, folder in (split_dirs or {"all": root}).items():
-        items, labels = [], []
-        for d in sorted(x for x in folder.iterdir() if x.is_dir()):
-            if d.name not in classes:
-                raise UserError(
-                    f"data.source='{root}': class folder {d} is not in train/. Classes: {', '.join(classes)}."
-                )
-            files = [p for p in sorted(d.rglob("*")) if p.is_file()]
-            images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
-            scan["ignored"] += [p for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
-            if not images and split in ("train", "all"):
-                scan["empty"].append(d)
-            items += [str(p) for p in images]
-            labels += [classes.index(d.name)] * len(images)
-        scan["splits"][split] = Samples(items, labels)
+        unknown = sorted(d for d in folder.iterdir() if d.is_dir() and d.name not in index)
+        if unknown:
+            raise UserError(
+                f"data.source='{root}': class folder {unknown[0]} is not in train/. Classes: {', '.join(classes)}."
+            )
+        images = make_dataset(str(folder), index, extensions=IMAGE_EXTENSIONS, allow_empty=True)
+        found = {label for _, label in images}
+        if split in ("train", "all"):
+            scan["empty"] += [folder / name for name in classes if index[name] not in found]
+        scan["ignored"] += [
+            p for p in sorted(folder.rglob("*")) if p.is_file() and p.suffix.lower() not in IMAGE_EXTENSIONS
+        ]
+        scan["splits"][split] = Samples([path for path, _ in images], [label for _, label in images])
     return scan
 
 

@@ -69,7 +69,7 @@ def check(source: str, max_pixels: int = 89_478_485) -> dict:
     }
 
 
-def report(source: str, max_pixels: int) -> int:
+def report(source: str, max_pixels: int = 89_478_485) -> int:
     """Print the check and return the exit status: 1 when anything is unusable."""
     result = check(source, max_pixels)
     total = sum(result["splits"].values())
@@ -91,7 +91,7 @@ def report(source: str, max_pixels: int) -> int:
     return 1
 
 
-def preview_recipe(recipe: str, out: str, n: int) -> int:
+def preview_recipe(recipe: str, out: str = "preview.png", n: int = 32) -> int:
     """`cnnlab data preview --config RECIPE`: augmented training samples of the recipe's data, as a PNG grid."""
     import yaml
     from jsonargparse import ArgumentParser

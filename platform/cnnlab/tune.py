@@ -528,6 +528,13 @@ def tune(
     if n_trials is None and timeout is None:
         raise UserError("give --n-trials N or --timeout SECONDS (or both) so the study ends.")
     remove_stale_temp()
+    for flag, value, choices in (
+        ("--sampler", sampler, SAMPLERS),
+        ("--pruner", pruner, PRUNERS),
+        ("--direction", direction, ("maximize", "minimize")),
+    ):
+        if value not in choices:
+            raise UserError(f"{flag} {value}: choose one of {', '.join(choices)}.")
     runner = Study(config, space, study, storage, sampler, pruner, metric, direction, seed, heartbeat)
     runner.study.set_user_attr("metric", metric)
     print(

@@ -357,8 +357,10 @@ class ImageClassifierAPI(ls.LitAPI):
             **self.stats,
         }
         path = Path(self.state_dir) / f"worker-{os.getpid()}.json"
-        path.with_suffix(".tmp").write_text(json.dumps(state))
-        path.with_suffix(".tmp").replace(path)
+        # a file per thread: the alias poller and the request path both write, and the rename must find its own
+        temporary = path.with_suffix(f".{threading.get_ident()}.tmp")
+        temporary.write_text(json.dumps(state))
+        temporary.replace(path)
 
     def decode_request(self, request):
         """One request's images, each decoded and checked on its own; a bad request becomes its own 4xx answer
@@ -504,6 +506,8 @@ def serve(
     """Serve the model a URI names, on the runtime its artifact holds (torch program, ONNX, TorchScript)."""
     from cnnlab import store
 
+    if device != "cpu" and not device.startswith("cuda"):
+        raise UserError(f"--device {device}: choose cpu or cuda (cuda:N for one GPU).")
     api_key = None
     if api_key_env:
         api_key = os.environ.get(api_key_env)

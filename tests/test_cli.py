@@ -105,13 +105,14 @@ def test_every_recipe_header_says_how_to_run_it_and_what_to_expect():
         assert "cnnlab fit --config recipes/" in header and "Expect:" in header, recipe
 
 
-def test_help_does_not_import_the_heavy_libraries():
+@pytest.mark.parametrize("command, shows", [("--help", "usage: cnnlab"), ("zoo", "inception_resnet_v2")])
+def test_help_and_the_zoo_do_not_import_the_heavy_libraries(command, shows):
     code = (
-        "import sys; from cnnlab.cli import main\ntry: main(['--help'])\nexcept SystemExit: pass\n"
+        f"import sys; from cnnlab.cli import main\ntry: main([{command!r}])\nexcept SystemExit: pass\n"
         "print(sorted(m for m in ('torch', 'lightning', 'mlflow', 'timm', 'albumentations') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert "usage: cnnlab" in out and out.strip().endswith("[]")
+    assert shows in out and out.strip().endswith("[]")
 
 
 def test_print_config_shows_the_resolved_recipe(capsys):

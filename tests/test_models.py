@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from cnnlab import UserError
-from cnnlab.models import ACTIVATIONS, create_model, measure
+from cnnlab.models import ACTIVATIONS, create_model, measure, zoo_table
 
 # family representative -> (input px, small_input)
 FAMILIES = {
@@ -26,6 +26,14 @@ PAPER_PARAMS = {
     "inception_v4": 42.7e6,
     "inception_resnet_v2": 55.8e6,
 }
+
+
+def test_the_zoo_table_shipped_with_the_package_is_what_the_code_computes():
+    import json
+    from importlib.resources import files
+
+    shipped = json.loads((files("cnnlab") / "presets" / "zoo.json").read_text())
+    assert shipped == zoo_table(), "the zoo changed: rewrite its table with `python -m cnnlab.models`"
 
 
 @pytest.mark.parametrize("name", PAPER_PARAMS)

@@ -16,7 +16,8 @@ RECIPE_COMMANDS = {
 
 
 def _zoo(args) -> int:
-    from cnnlab.models import zoo_table
+    import json
+    from importlib.resources import files
 
     if args.search:
         import timm
@@ -24,7 +25,7 @@ def _zoo(args) -> int:
         print("\n".join(timm.list_models(args.search)) or f"no timm model matches {args.search!r}")
         return 0
     print(f"{'model':<20} {'family':<20} {'params':>9} {'GFLOPs*':>8} {'input':>6} {'paper top-1':>11}  source")
-    for row in zoo_table():
+    for row in json.loads((files("cnnlab") / "presets" / "zoo.json").read_text()):  # as models.zoo_table() computes
         top1 = f"{row['paper_top1']:.1f}%" if row["paper_top1"] else "-"
         print(
             f"{row['name']:<20} {row['family']:<20} {row['params'] / 1e6:>8.2f}M {row['gmacs']:>8.2f} "
@@ -314,6 +315,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cnnlab: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`cnnlab zoo | head`): stop quietly
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -236,8 +236,19 @@ def measure(name: str, image_size: int | None = None, num_classes: int = 1000, s
 
 
 def zoo_table() -> list[dict]:
-    """One row per classic architecture: params, GMACs at its native size, the paper's top-1."""
+    """One row per classic architecture: params, GMACs at its native size, the paper's top-1. Building every
+    network takes half a minute, so `cnnlab zoo` prints the copy shipped in presets/zoo.json (test_models checks
+    it against this; `python -m cnnlab.models` writes it anew)."""
     rows = []
     for name, (family, _, top1, source) in CLASSIC.items():
-        rows.append({"name": name, "family": family, **measure(name), "paper_top1": top1, "source": source})
+        size = measure(name)
+        size["gmacs"] = round(size["gmacs"], 4)
+        rows.append({"name": name, "family": family, **size, "paper_top1": top1, "source": source})
     return rows
+
+
+if __name__ == "__main__":
+    import json
+    from pathlib import Path
+
+    Path(__file__).with_name("presets").joinpath("zoo.json").write_text(json.dumps(zoo_table(), indent=1) + "\n")

@@ -85,3 +85,10 @@ def test_stochastic_depth_only_where_the_family_has_it():
     assert create_model("resnet18", drop_path_rate=0.1) is not None
     with pytest.raises(UserError, match="drop_path_rate"):
         create_model("vgg11", drop_path_rate=0.1)
+
+
+def test_model_args_reach_the_constructor_and_a_wrong_one_is_named():
+    small = create_model("densenet121", num_classes=10, model_args={"growth_rate": 12, "block_config": [4, 4, 4]})
+    assert small.features.denseblock1.denselayer1.conv2.out_channels == 12
+    with pytest.raises(UserError, match="model.model_args: model='resnet18'"):
+        create_model("resnet18", model_args={"growth_rate": 12})

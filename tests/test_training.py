@@ -28,7 +28,15 @@ def test_quickstart_run_holds_recipe_params_metrics_checkpoint_and_confusion_mat
     assert params["model.optimizer.init_args.lr"] == "0.1" and params["trainer.max_epochs"] == "8"
     assert len(client.get_metric_history(run.info.run_id, "val/acc")) == 8
     assert len(client.get_metric_history(run.info.run_id, "train/loss_epoch")) == 8
-    assert {"test/acc", "test/f1", "test/top5", "test/loss", "test/acc_class/7"} <= set(run.data.metrics)
+    assert {
+        "test/acc",
+        "test/f1",
+        "test/top5",
+        "test/loss",
+        "test/ece",
+        "test/acc_class/7",
+        "test/precision_class/7",
+    } <= set(run.data.metrics)
     artifacts = {
         a.path
         for top in client.list_artifacts(run.info.run_id)
@@ -183,3 +191,58 @@ def test_ddp_on_two_cpu_processes_makes_one_run_with_synced_metrics(workdir):
             total += len(labels)
     assert total == 450
     assert max(logged, key=lambda m: m.step).value == pytest.approx(correct / total, abs=1e-6)
+
+
+def test_the_l1_penalty_adds_to_the_loss():
+    import torch
+    from torch import nn
+
+    from cnnlab.module import ClassifierModule
+
+    torch.manual_seed(0)
+    module = ClassifierModule("resnet18", num_classes=3, small_input=True, image_size=16, l1=1e-4).eval()
+    batch = (torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8), torch.tensor([0, 1, 2, 0]))
+    with_l1 = module.training_step(batch, 0)
+    module.hparams.l1 = 0.0
+    plain = module.training_step(batch, 0)
+    weights = sum(m.weight.abs().sum() for m in module.net.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    assert float(with_l1 - plain) == pytest.approx(1e-4 * float(weights), rel=1e-4)
+
+
+def test_ema_warms_up_its_decay():
+    import torch
+
+    from cnnlab.callbacks import EMA
+
+    ema, averaged = EMA(decay=0.999), [torch.zeros(2)]
+    ema.update(averaged, [torch.ones(2)], torch.tensor(1))  # decay 2/11: close to the weights at first
+    assert float(averaged[0][0]) == pytest.approx(9 / 11)
+    ema.update(averaged, [torch.ones(2)], torch.tensor(2))  # decay 3/12
+    assert float(averaged[0][0]) == pytest.approx(9 / 11 * 0.25 + 0.75)
+    plain = EMA(decay=0.9, warmup=False)
+    averaged = [torch.zeros(1)]
+    plain.update(averaged, [torch.ones(1)], torch.tensor(1))
+    assert float(averaged[0][0]) == pytest.approx(0.1)
+
+
+def test_ema_averages_a_fit_through_lightning(workdir):
+    import lightning as L
+
+    from cnnlab.callbacks import EMA
+    from cnnlab.data import DataModule
+    from cnnlab.module import ClassifierModule
+    from conftest import make_image_folder
+
+    folder = make_image_folder(workdir / "imgs", per_class=8, size=16)
+    data = DataModule(str(folder), image_size=16, batch_size=4, num_workers=0, val_fraction=0.25, test_fraction=0)
+    ema = EMA(decay=0.99)
+    trainer = L.Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[ema],
+    )
+    trainer.fit(ClassifierModule("resnet18", num_classes=2, small_input=True, image_size=16), datamodule=data)
+    assert ema.updates == 3  # 12 training images, batches of 4: the first step copies, the next two average

@@ -79,15 +79,17 @@ def create_model(
     in_chans: int = 3,
     small_input: bool = False,
     pretrained: bool = False,
+    model_args: dict | None = None,
 ) -> nn.Module:
-    """Build any zoo model; `drop_rate=None` keeps the family's own dropout (AlexNet 0.5, GoogLeNet 0.2)."""
+    """Build any zoo model; `drop_rate=None` keeps the family's own dropout (AlexNet 0.5, GoogLeNet 0.2);
+    `model_args` go to the architecture's own constructor (e.g. DenseNet's growth_rate and block_config)."""
     if name in TORCHVISION:
         if drop_path_rate:
             raise UserError(f"model='{name}' has no stochastic depth: set drop_path_rate to 0 (resnet* supports it).")
-        model = _torchvision_model(name, num_classes, drop_rate, in_chans, pretrained)
+        model = _torchvision_model(name, num_classes, drop_rate, in_chans, pretrained, model_args or {})
     else:
         _check_known(name)
-        kwargs = {"drop_rate": drop_rate} if drop_rate is not None else {}
+        kwargs = {**(model_args or {}), **({"drop_rate": drop_rate} if drop_rate is not None else {})}
         if drop_path_rate:
             kwargs["drop_path_rate"] = drop_path_rate
         try:
@@ -97,6 +99,8 @@ def create_model(
                 raise UserError(
                     f"model='{name}' has no stochastic depth: set drop_path_rate to 0 (resnet* supports it)."
                 ) from None
+            if "unexpected keyword" in str(err):
+                raise UserError(f"model.model_args: model='{name}' {str(err).split(' ', 1)[-1]}.") from None
             raise
         except (OSError, RuntimeError) as err:  # the hub unreachable (huggingface_hub's errors are OSErrors)
             if not pretrained:
@@ -132,8 +136,8 @@ def _check_known(name: str) -> None:
     raise UserError(f"model='{name}' is not a known model.{hint} `cnnlab zoo` lists the architectures.")
 
 
-def _torchvision_model(name, num_classes, drop_rate, in_chans, pretrained) -> nn.Module:
-    kwargs = {"dropout": drop_rate} if drop_rate is not None else {}
+def _torchvision_model(name, num_classes, drop_rate, in_chans, pretrained, model_args) -> nn.Module:
+    kwargs = {**model_args, **({"dropout": drop_rate} if drop_rate is not None else {})}
     if name == "googlenet":
         kwargs.update(aux_logits=False, init_weights=not pretrained)
     try:

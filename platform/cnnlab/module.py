@@ -12,7 +12,12 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup
 from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassCalibrationError,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+)
 
 from cnnlab import UserError
 from cnnlab.data import DEFAULT_IMAGE_SIZE
@@ -28,7 +33,10 @@ class ClassifierModule(L.LightningModule):
         act: replace every activation (relu, leaky_relu, elu, gelu, silu, mish, ...).
         drop_rate, drop_path_rate: dropout before the classifier; stochastic depth (resnet*).
         small_input: CIFAR-style stem for 32 px inputs.
+        model_args: passed to the architecture's constructor (timm's or torchvision's), e.g. DenseNet's
+            `{growth_rate: 12, block_config: [16, 16, 16]}`.
         label_smoothing, mixup, cutmix: loss-side regularization (mixup/cutmix alphas; 0 turns them off).
+        l1: an L1 penalty, l1 x the sum of |w| over the conv and linear weights, added to the training loss.
         pretrained: start from trained weights (fine-tuning, see cnnlab.pretrained): `true` (the timm /
             torchvision hub), a weights file or URL (.safetensors, .pth, .bin), or any cnnlab model URI
             (`models:/NAME@ALIAS`, a run id, a .ckpt ...). A new classifier where the classes differ.
@@ -59,8 +67,10 @@ class ClassifierModule(L.LightningModule):
         drop_rate: float | None = None,
         drop_path_rate: float = 0.0,
         small_input: bool = False,
+        model_args: dict | None = None,
         pretrained: bool | str = False,
         label_smoothing: float = 0.0,
+        l1: float = 0.0,
         mixup: float = 0.0,
         cutmix: float = 0.0,
         optimizer: OptimizerCallable | None = None,
@@ -89,6 +99,7 @@ class ClassifierModule(L.LightningModule):
             drop_path_rate=drop_path_rate,
             small_input=small_input,
             pretrained=pretrained is True,
+            model_args=model_args,
         )
         # The layers that start untrained (what FreezeBackbone trains first); every layer without pretrained weights.
         fresh = new_layers(self.net, model, small_input)
@@ -128,7 +139,8 @@ class ClassifierModule(L.LightningModule):
             metrics["top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_metrics = MetricCollection(metrics, prefix="val/", compute_groups=False)
-        self.test_metrics = MetricCollection(metrics, prefix="test/", compute_groups=False).clone()
+        calibration = {"ece": MulticlassCalibrationError(num_classes, n_bins=15, norm="l1")}  # of the softmax
+        self.test_metrics = MetricCollection({**metrics, **calibration}, prefix="test/", compute_groups=False).clone()
         self.confusion = MulticlassConfusionMatrix(num_classes)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
@@ -203,6 +215,10 @@ class ClassifierModule(L.LightningModule):
             self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         if self.loss_hook is not None:
             loss = self.loss_hook(x, logits, loss)
+        if self.hparams.l1:
+            penalty = sum(m.weight.abs().sum() for m in self.net.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+            self.log("train/l1_penalty", penalty, on_step=False, on_epoch=True)
+            loss = loss + self.hparams.l1 * penalty
         # Not in the progress bar: showing it every step would sync the GPU every step.
         self.log("train/loss", loss, on_step=True, on_epoch=True)
         return loss
@@ -230,9 +246,11 @@ class ClassifierModule(L.LightningModule):
 
         matrix = self.confusion.compute().cpu()  # collective under DDP: every rank computes
         self.confusion.reset()
-        per_class = matrix.diag() / matrix.sum(1).clamp(min=1)
-        for name, acc in zip(self.classes, per_class):
+        recall = matrix.diag() / matrix.sum(1).clamp(min=1)  # per-class accuracy
+        precision = matrix.diag() / matrix.sum(0).clamp(min=1)
+        for name, acc, prec in zip(self.classes, recall, precision):
             self.log(f"test/acc_class/{name}", acc.item(), rank_zero_only=True)
+            self.log(f"test/precision_class/{name}", prec.item(), rank_zero_only=True)
         log_confusion(self.trainer, self.confusion, matrix, self.classes)
 
     def predict_step(self, batch, batch_idx):

@@ -210,3 +210,48 @@ def test_device_augment_shifts_flips_and_cuts_out_each_image_on_its_own():
     cut = augment_on_device(images, "cifar")
     zero_squares = [(cut[i] == 0).all(0).sum().item() for i in range(64)]
     assert max(zero_squares) >= 16 * 16 - 64 and min(zero_squares) < 16 * 16  # half get a 16 px hole
+
+
+@pytest.fixture
+def imbalanced(workdir):
+    """An ImageFolder of 16 `common` images and 4 `rare` ones."""
+    root = make_image_folder(workdir / "imbalanced", classes=("common", "rare"), per_class=16, size=16)
+    for path in sorted((root / "rare").iterdir())[4:]:
+        path.unlink()
+    return root
+
+
+def test_data_check_reports_the_class_counts_and_the_imbalance(imbalanced, capsys):
+    from cnnlab.cli import main
+
+    assert main(["data", "check", str(imbalanced)]) == 0
+    out = capsys.readouterr().out
+    assert "class counts, fewest first: rare 4, common 16; imbalance ratio (largest / smallest) 4.0" in out
+    assert "model.class_weights: balanced" in out
+
+
+def test_the_balanced_sampler_draws_each_class_about_equally(imbalanced):
+    data = DataModule(str(imbalanced), image_size=16, batch_size=4, num_workers=0, val_fraction=0, test_fraction=0)
+    data.hparams.sampler = "balanced"
+    drawn = torch.cat([labels for _ in range(20) for _, labels in data.train_dataloader()])
+    assert len(drawn) == 20 * 20 and 0.4 < float((drawn == 1).float().mean()) < 0.6  # rare: 20% of the images
+
+
+def test_balanced_class_weights_and_focal_loss(imbalanced):
+    import lightning as L
+
+    from cnnlab.module import ClassifierModule, FocalLoss
+
+    data = DataModule(str(imbalanced), image_size=16, batch_size=4, num_workers=0, val_fraction=0, test_fraction=0)
+    module = ClassifierModule(
+        "resnet18", classes=data.classes, small_input=True, image_size=16, class_weights="balanced", loss="focal"
+    )
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.fit(module, datamodule=data)
+    assert module.loss.weight.tolist() == pytest.approx([20 / (2 * 16), 20 / (2 * 4)])  # sklearn's balanced rule
+    logits, target = torch.randn(8, 2), torch.tensor([0, 1] * 4)
+    weight = torch.tensor([0.5, 2.0])
+    plain, focal = FocalLoss(0.0), FocalLoss(2.0)
+    plain.weight = focal.weight = weight
+    assert plain(logits, target) == pytest.approx(float(torch.nn.functional.cross_entropy(logits, target, weight)))
+    assert focal(logits, target) < plain(logits, target)

@@ -19,7 +19,14 @@ from typing import Literal
 import albumentations as A
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate, get_worker_info
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    IterableDataset,
+    WeightedRandomSampler,
+    default_collate,
+    get_worker_info,
+)
 
 from cnnlab import UserError
 from cnnlab.cnnlab_model import INTERPOLATIONS, center_crop, default_crop_pct
@@ -207,6 +214,9 @@ class DataModule(L.LightningDataModule):
         stream: read the training images of WebDataset shards as a stream (see ShardStream) instead of
             into memory, for data sets larger than memory; val and test are still read into memory.
         shuffle_buffer: encoded samples each loader worker holds to shuffle a stream.
+        sampler: `balanced` draws training images with replacement, each class equally often on average
+            (torch's WeightedRandomSampler; under DDP Lightning shares it out among the ranks). For imbalanced
+            data; see also model.class_weights.
     """
 
     def __init__(
@@ -229,6 +239,7 @@ class DataModule(L.LightningDataModule):
         device_augment: Literal["flip", "crop_flip", "cifar"] | None = None,
         stream: bool = False,
         shuffle_buffer: int = 1000,
+        sampler: Literal["balanced"] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -312,17 +323,26 @@ class DataModule(L.LightningDataModule):
 
     def loader(self, split: str, shuffle: bool = False) -> DataLoader:
         dataset, workers = self.dataset(split), self.workers()
-        persistent = self.hparams.persistent_workers
+        persistent, sampler = self.hparams.persistent_workers, None
         if isinstance(dataset, ShardStream):  # it shuffles itself, and its workers must count the epochs
+            if self.hparams.sampler:
+                raise UserError("data.sampler: a streamed source draws its own order: set data.stream: false.")
             dataset.workers, dataset.world = max(1, workers), self.trainer.world_size if self.trainer else 1
             shuffle, persistent = False, True
+        elif shuffle and self.hparams.sampler == "balanced":
+            labels = torch.tensor(self.splits[split].labels)
+            per_class = torch.bincount(labels, minlength=self.num_classes).clamp(min=1)
+            generator = torch.Generator().manual_seed(self.hparams.split_seed)
+            sampler = WeightedRandomSampler(1.0 / per_class[labels], len(labels), generator=generator)
+            shuffle = False
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             num_workers=workers,
             collate_fn=collate,
-            drop_last=shuffle and len(dataset) > self.batch_size,
+            drop_last=(shuffle or sampler is not None) and len(dataset) > self.batch_size,
             pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
             persistent_workers=persistent and workers > 0,
         )

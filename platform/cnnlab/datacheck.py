@@ -60,8 +60,10 @@ def check(source: str, max_pixels: int = 89_478_485) -> dict:
                 errors.append(error)
             else:
                 modes[mode] += 1
+    counts = Counter(label for s in splits.values() for label in s.labels)
     return {
         "classes": classes,
+        "counts": {name: counts[i] for i, name in enumerate(classes)},
         "splits": {k: len(v) for k, v in splits.items()},
         "modes": modes,
         "errors": errors,
@@ -75,6 +77,12 @@ def report(source: str, max_pixels: int = 89_478_485) -> int:
     total = sum(result["splits"].values())
     splits = ", ".join(f"{k} {v:,}" for k, v in result["splits"].items())
     print(f"{source}: {total:,} images in {len(result['classes'])} classes ({splits})")
+    counts = sorted(result["counts"].items(), key=lambda kv: kv[1])
+    if counts:
+        ratio = counts[-1][1] / max(1, counts[0][1])
+        shown = ", ".join(f"{name} {n:,}" for name, n in counts[:3]) + (" ..." if len(counts) > 3 else "")
+        advice = " (imbalanced: consider model.class_weights: balanced or data.sampler: balanced)" if ratio >= 3 else ""
+        print(f"class counts, fewest first: {shown}; imbalance ratio (largest / smallest) {ratio:.1f}{advice}")
     odd = {m: n for m, n in result["modes"].items() if m != "RGB"}
     if odd:
         print("converted to RGB: " + ", ".join(f"{n:,} {MODE_NAMES.get(m, m)} ({m})" for m, n in sorted(odd.items())))

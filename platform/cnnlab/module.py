@@ -6,6 +6,7 @@ import math
 from typing import Literal
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup
@@ -36,6 +37,10 @@ class ClassifierModule(L.LightningModule):
         model_args: passed to the architecture's constructor (timm's or torchvision's), e.g. DenseNet's
             `{growth_rate: 12, block_config: [16, 16, 16]}`.
         label_smoothing, mixup, cutmix: loss-side regularization (mixup/cutmix alphas; 0 turns them off).
+        loss: `cross_entropy`, or `focal` (Lin et al. 2017: (1 - p)^focal_gamma x the cross-entropy, which
+            down-weights the easy, frequent examples).
+        class_weights: weigh each class's loss: `balanced` (n / (classes x count) over the training split,
+            sklearn's rule) or one weight per class. For imbalanced data; see also data.sampler.
         l1: an L1 penalty, l1 x the sum of |w| over the conv and linear weights, added to the training loss.
         pretrained: start from trained weights (fine-tuning, see cnnlab.pretrained): `true` (the timm /
             torchvision hub), a weights file or URL (.safetensors, .pth, .bin), or any cnnlab model URI
@@ -70,6 +75,9 @@ class ClassifierModule(L.LightningModule):
         model_args: dict | None = None,
         pretrained: bool | str = False,
         label_smoothing: float = 0.0,
+        loss: Literal["cross_entropy", "focal"] = "cross_entropy",
+        focal_gamma: float = 2.0,
+        class_weights: Literal["balanced"] | list[float] | None = None,
         l1: float = 0.0,
         mixup: float = 0.0,
         cutmix: float = 0.0,
@@ -129,7 +137,16 @@ class ClassifierModule(L.LightningModule):
             if mixup or cutmix
             else None
         )
-        self.loss = SoftTargetCrossEntropy() if self.mixup else nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        if self.mixup and (class_weights or loss != "cross_entropy"):
+            raise UserError(
+                "model.mixup/model.cutmix train on soft targets: remove model.class_weights and model.loss."
+            )
+        if isinstance(class_weights, list) and len(class_weights) != num_classes:
+            raise UserError(f"model.class_weights has {len(class_weights)} weights for {num_classes} classes.")
+        self.loss = SoftTargetCrossEntropy() if self.mixup else FocalLoss(focal_gamma if loss == "focal" else 0.0)
+        self.loss.label_smoothing = 0.0 if self.mixup else label_smoothing
+        if isinstance(class_weights, list):
+            self.loss.weight = torch.tensor(class_weights, dtype=torch.float)
         self.eval_loss = nn.CrossEntropyLoss()
         metrics = {
             "acc": MulticlassAccuracy(num_classes, average="micro"),
@@ -166,6 +183,14 @@ class ClassifierModule(L.LightningModule):
             batch = getattr(self.trainer.datamodule, "batch_size", 2)
             if batch % 2:
                 raise UserError(f"data.batch_size={batch} must be even with model.mixup/model.cutmix.")
+        if stage == "fit" and self.hparams.class_weights == "balanced":
+            from sklearn.utils.class_weight import compute_class_weight
+
+            labels = np.asarray(self.trainer.datamodule.splits["train"].labels)
+            present = np.unique(labels)
+            weights = torch.ones(len(self.classes))
+            weights[present] = torch.tensor(compute_class_weight("balanced", classes=present, y=labels)).float()
+            self.loss.weight = weights.to(self.device)
         if stage == "fit":  # ThroughputMonitor's FLOPs and, on a GPU, MFU: one training step, counted on no device
             self.flops_per_batch = self.measure_flops(getattr(self.trainer.datamodule, "batch_size", 1))
         if self.hparams.compile and not self.compiled:
@@ -326,6 +351,25 @@ class ClassifierModule(L.LightningModule):
             warm = LinearLR(optimizer, start_factor=1 / (warmup + 1), end_factor=1.0, total_iters=warmup)
             scheduler = SequentialLR(optimizer, [warm, scheduler], milestones=[warmup])
         return {"scheduler": scheduler, "interval": hp.lr_interval, "name": "lr"}
+
+
+class FocalLoss(nn.Module):
+    """Softmax focal loss, (1 - p_t)^gamma x the (weighted, smoothed) cross-entropy; gamma 0 is the cross-entropy."""
+
+    def __init__(self, gamma: float = 0.0):
+        super().__init__()
+        self.gamma, self.label_smoothing = gamma, 0.0
+        self.weight: torch.Tensor | None = None  # per class; not a buffer, so checkpoints do not depend on it
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        weight = None if self.weight is None else self.weight.to(logits.device, logits.dtype)
+        loss = nn.functional.cross_entropy(
+            logits, target, weight=weight, label_smoothing=self.label_smoothing, reduction="none"
+        )
+        if self.gamma:
+            p_true = torch.exp(-nn.functional.cross_entropy(logits.float(), target, reduction="none"))
+            loss = (1 - p_true) ** self.gamma * loss
+        return loss.sum() / (weight[target].sum() if weight is not None else len(target))
 
 
 def match_shapes(module: nn.Module, state: dict) -> None:

@@ -246,3 +246,29 @@ def test_ema_averages_a_fit_through_lightning(workdir):
     )
     trainer.fit(ClassifierModule("resnet18", num_classes=2, small_input=True, image_size=16), datamodule=data)
     assert ema.updates == 3  # 12 training images, batches of 4: the first step copies, the next two average
+
+
+def test_test_time_augmentation_follows_the_papers_ten_crop_protocol(workdir):
+    import torch
+    from torchvision.transforms.v2.functional import ten_crop
+
+    from cnnlab.cli import main
+    from cnnlab.data import DataModule
+    from cnnlab.module import ClassifierModule
+    from conftest import make_image_folder
+
+    folder = make_image_folder(workdir / "imgs", per_class=8, size=24)
+    data = DataModule(str(folder), image_size=16, crop_pct=0.8, num_workers=0, val_fraction=0, test_fraction=0.25)
+    data.hparams.tta = "ten_crop"
+    images, _ = next(iter(data.test_dataloader()))
+    assert images.shape[-2:] == (20, 20)  # resized to 16 / 0.8 and kept whole: the model cuts the crops
+    torch.manual_seed(0)
+    module = ClassifierModule("resnet18", num_classes=2, small_input=True, image_size=16, tta="ten_crop").eval()
+    with torch.no_grad():
+        expected = torch.stack([module(view).softmax(-1) for view in ten_crop(images, [16, 16])]).mean(0)
+        assert torch.allclose(module.augmented(images).exp(), expected, atol=1e-6)
+        module.hparams.tta = "flip"
+        flipped = (module(images).softmax(-1) + module(images.flip(-1)).softmax(-1)) / 2
+        assert torch.allclose(module.augmented(images).exp(), flipped, atol=1e-6)
+    fit = ["fit", "--config", str(QUICKSTART), f"--data.source={folder}", "--data.crop_pct=0.8", "--data.num_workers=0"]
+    assert main([*fit, "--model.tta=ten_crop", "--trainer.fast_dev_run=1", "--trainer.enable_progress_bar=false"]) == 0

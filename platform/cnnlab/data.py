@@ -217,6 +217,8 @@ class DataModule(L.LightningDataModule):
         sampler: `balanced` draws training images with replacement, each class equally often on average
             (torch's WeightedRandomSampler; under DDP Lightning shares it out among the ranks). For imbalanced
             data; see also model.class_weights.
+        tta: linked from model.tta: with `ten_crop`, test images are resized to image_size / crop_pct and
+            kept whole, for the model to cut its ten crops from.
     """
 
     def __init__(
@@ -240,6 +242,7 @@ class DataModule(L.LightningDataModule):
         stream: bool = False,
         shuffle_buffer: int = 1000,
         sampler: Literal["balanced"] | None = None,
+        tta: Literal["flip", "ten_crop"] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -280,11 +283,12 @@ class DataModule(L.LightningDataModule):
                     f"data.source='{self.source}' has no {split} split. Add a {split}/ folder or "
                     f"set data.{split}_fraction above 0."
                 )
-            transform = (
-                self.train_tf
-                if split == "train"
-                else eval_transform(self.image_size, self.crop_pct, self.interpolation)
-            )
+            if split == "train":
+                transform = self.train_tf
+            elif split == "test" and self.hparams.tta == "ten_crop":  # the model cuts the crops
+                transform = eval_transform(round(self.image_size / self.crop_pct), 1.0, self.interpolation)
+            else:
+                transform = eval_transform(self.image_size, self.crop_pct, self.interpolation)
             samples = self.splits[split]
             self.datasets[split] = ImageDataset(
                 samples, transform, self.image_size, self.hparams.max_pixels, self.hparams.on_bad_image == "skip"

@@ -15,13 +15,24 @@ from torch import nn
 
 from cnnlab import UserError
 
-# name: (family, native input px, paper ImageNet top-1 %, where the paper says so)
+# name: (family, native input px, paper ImageNet top-1 %, where the paper says so and its test protocol:
+#       10-crop, one crop, or dense evaluation; `model.tta: ten_crop` tests on the 10-crop protocol)
 CLASSIC = {
-    "alexnet": ("AlexNet", 224, 59.3, "Krizhevsky et al. 2012, Table 2: 1 CNN, 40.7% top-1 error"),
-    "vgg11": ("VGG", 224, 70.4, "Simonyan & Zisserman 2015, Table 3: config A, 29.6% error"),
-    "vgg13": ("VGG", 224, 71.3, "Simonyan & Zisserman 2015, Table 3: config B, 28.7% error"),
-    "vgg16": ("VGG", 224, 74.4, "Simonyan & Zisserman 2015, Table 3: config D, S=[256;512], 25.6% error"),
-    "vgg19": ("VGG", 224, 74.5, "Simonyan & Zisserman 2015, Table 3: config E, S=[256;512], 25.5% error"),
+    "alexnet": ("AlexNet", 224, 59.3, "Krizhevsky et al. 2012, Table 2: 1 CNN, 40.7% top-1 error (10-crop)"),
+    "vgg11": ("VGG", 224, 70.4, "Simonyan & Zisserman 2015, Table 3: config A, 29.6% error (dense, one scale)"),
+    "vgg13": ("VGG", 224, 71.3, "Simonyan & Zisserman 2015, Table 3: config B, 28.7% error (dense, one scale)"),
+    "vgg16": (
+        "VGG",
+        224,
+        74.4,
+        "Simonyan & Zisserman 2015, Table 3: config D, S=[256;512], 25.6% error (dense, one scale)",
+    ),
+    "vgg19": (
+        "VGG",
+        224,
+        74.5,
+        "Simonyan & Zisserman 2015, Table 3: config E, S=[256;512], 25.5% error (dense, one scale)",
+    ),
     "vgg11_bn": ("VGG", 224, None, "BN variant postdates the paper"),
     "vgg13_bn": ("VGG", 224, None, "BN variant postdates the paper"),
     "vgg16_bn": ("VGG", 224, None, "BN variant postdates the paper"),

@@ -60,6 +60,10 @@ class ClassifierModule(L.LightningModule):
             pretrained weights' own, else ImageNet's.
         channels_last: default on when training on a GPU.
         compile: wrap the network in torch.compile (mode `compile_mode`).
+        tta: test-time augmentation for `test` and recipe `predict`: `flip` averages each image's probabilities
+            with its mirror's; `ten_crop` is the AlexNet/ResNet papers' protocol (the four corner crops and the
+            centre crop of the image resized to image_size / crop_pct, and their mirrors: torchvision's
+            ten_crop). The logged model still predicts one centre crop.
     """
 
     def __init__(
@@ -92,6 +96,7 @@ class ClassifierModule(L.LightningModule):
         channels_last: bool | None = None,
         compile: bool = False,
         compile_mode: str | None = None,
+        tta: Literal["flip", "ten_crop"] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"], logger=False)
@@ -248,11 +253,21 @@ class ClassifierModule(L.LightningModule):
         self.log("train/loss", loss, on_step=True, on_epoch=True)
         return loss
 
+    def augmented(self, images: torch.Tensor) -> torch.Tensor:
+        """Log of the probabilities averaged over the test-time views (usable as logits by every metric)."""
+        if self.hparams.tta == "ten_crop":
+            from torchvision.transforms.v2.functional import ten_crop
+
+            views = ten_crop(images, [self.hparams.image_size] * 2)
+        else:
+            views = [images, images.flip(-1)]
+        return torch.stack([self(view).float().softmax(-1) for view in views]).mean(0).log()
+
     def _evaluate(self, batch, metrics: MetricCollection, stage: str):
         if batch is None:
             return None
         images, targets = batch
-        logits = self(images)
+        logits = self.augmented(images) if stage == "test" and self.hparams.tta else self(images)
         self.log(f"{stage}/loss", self.eval_loss(logits.float(), targets), prog_bar=stage == "val", sync_dist=True)
         metrics.update(logits, targets)
         self.log_dict(metrics, prog_bar=stage == "val")
@@ -279,7 +294,7 @@ class ClassifierModule(L.LightningModule):
         log_confusion(self.trainer, self.confusion, matrix, self.classes)
 
     def predict_step(self, batch, batch_idx):
-        return self(batch[0]).float().softmax(-1)
+        return self.augmented(batch[0]).exp() if self.hparams.tta else self(batch[0]).float().softmax(-1)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         match_shapes(self, checkpoint["state_dict"])  # a structurally pruned network keeps its smaller shapes

@@ -10,7 +10,7 @@ from PIL import Image
 
 from cnnlab import UserError
 from cnnlab.cli import main
-from cnnlab.data import PRESETS, DataModule, load_augment, preview, train_transform
+from cnnlab.data import POLICIES, PRESETS, DataModule, load_augment, preview, train_transform
 from conftest import CIFAR10, QUICKSTART, make_image_folder, mlflow_client, only_run
 
 
@@ -103,12 +103,23 @@ def test_digits_is_written_once_as_an_image_folder():
     assert dm.classes == [str(i) for i in range(10)] and sum(len(s) for s in dm.splits.values()) == 1797
 
 
-@pytest.mark.parametrize("preset", PRESETS)
-def test_presets_load_and_keep_the_size(preset):
-    transform = train_transform(preset, 32)
+@pytest.mark.parametrize("preset", [*PRESETS, *POLICIES])
+@pytest.mark.parametrize("crop", ["short_side", "random_resized"])
+def test_presets_and_crops_keep_the_size(preset, crop):
+    transform = train_transform(preset, 32, crop=crop, random_erasing=0.5)
     for shape in ((8, 8, 3), (40, 60, 3)):
         out = transform(np.random.randint(0, 255, shape, np.uint8))
         assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+
+
+def test_random_resized_crop_takes_a_random_area_and_erasing_blanks_a_rectangle():
+    image = np.tile(np.arange(64, dtype=np.uint8)[None, :, None], (64, 1, 3)) * 4  # columns 0, 4, ..., 252
+    crop = train_transform("none", 32, crop="random_resized", crop_scale=(0.1, 0.1), crop_ratio=(1.0, 1.0))
+    for _ in range(5):
+        out = crop(image)
+        assert int(out[0, -1, 0]) - int(out[0, 0, 0]) < 4 * 64 * 0.5  # a third of the width (about 80 of 252)
+    erase = train_transform("none", 32, random_erasing=1.0)
+    assert (erase(np.full((32, 32, 3), 200, np.uint8)) == 0).any()
 
 
 def test_bad_augment_names_the_key():

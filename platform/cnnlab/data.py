@@ -44,6 +44,7 @@ from cnnlab.sources import (
 )
 
 PRESETS = ("none", "light", "standard", "strong", "cifar")
+POLICIES = ("randaugment", "trivialaugment", "augmix")  # torchvision's automatic policies, after a flip
 DEFAULT_IMAGE_SIZE = 32
 # Lightning's warning about an IterableDataset with __len__ under several workers: ShardStream gives each
 # worker its own share and counts exactly what they yield.
@@ -61,7 +62,7 @@ def load_augment(augment: str) -> A.BasicTransform:
     path = resolve_path(augment)
     if not path.exists():
         raise UserError(
-            f"data.augment='{augment}' is neither a preset ({', '.join(PRESETS)}) nor an existing file. "
+            f"data.augment='{augment}' is neither a preset ({', '.join((*PRESETS, *POLICIES))}) nor an existing file. "
             "Copy a preset from recipes/augment/ and point data.augment at it."
         )
     try:
@@ -73,24 +74,51 @@ def load_augment(augment: str) -> A.BasicTransform:
         ) from None
 
 
-def train_transform(augment: str, image_size: int, interpolation: str | None = None):
-    """Shortest side to image_size, a random square crop, then the preset (which keeps the size)."""
-    pipeline = A.Compose(
-        [
-            A.SmallestMaxSize(
-                max_size=image_size,
-                interpolation=INTERPOLATIONS[interpolation or "bilinear"],
-                area_for_downscale="image",
-            ),
-            A.RandomCrop(image_size, image_size),
-            load_augment(augment),
+def train_transform(
+    augment: str,
+    image_size: int,
+    interpolation: str | None = None,
+    crop: str = "short_side",
+    crop_scale: tuple[float, float] = (0.08, 1.0),
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    random_erasing: float = 0.0,
+):
+    """The training crop (short side to image_size and a random square of it, or a random-resized crop), then
+    the preset (which keeps the size): an albumentations pipeline, or a flip and one of torchvision's
+    automatic policies on the uint8 tensor; then random erasing."""
+    resize = INTERPOLATIONS[interpolation or "bilinear"]
+    if crop == "random_resized":
+        cut = [
+            A.RandomResizedCrop((image_size, image_size), crop_scale, crop_ratio, resize, area_for_downscale="image")
         ]
-    )
-    return partial(_apply, pipeline)
+    else:
+        cut = [
+            A.SmallestMaxSize(max_size=image_size, interpolation=resize, area_for_downscale="image"),
+            A.RandomCrop(image_size, image_size),
+        ]
+    policy = None
+    if augment in POLICIES:
+        from torchvision.transforms import v2
+
+        policy = {"randaugment": v2.RandAugment, "trivialaugment": v2.TrivialAugmentWide, "augmix": v2.AugMix}[
+            augment
+        ]()
+        cut.append(A.HorizontalFlip(p=0.5))
+    else:
+        cut.append(load_augment(augment))
+    if random_erasing:
+        from torchvision.transforms import v2
+
+        erase = v2.RandomErasing(p=random_erasing)
+        policy = v2.Compose([policy, erase]) if policy else erase
+    return partial(_apply, A.Compose(cut), policy)
 
 
-def _apply(pipeline: A.Compose, image):
-    return pipeline(image=image)["image"]
+def _apply(pipeline: A.Compose, policy, image):
+    image = pipeline(image=image)["image"]
+    if policy is None:
+        return image
+    return policy(torch.from_numpy(image).permute(2, 0, 1)).permute(1, 2, 0).numpy()
 
 
 def eval_transform(image_size: int, crop_pct: float, interpolation: str | None = None):
@@ -202,7 +230,12 @@ class DataModule(L.LightningDataModule):
     Args:
         source: ImageFolder root (with train/ val/ test/, or one folder that is split), CSV manifest
             (path,label[,split]), folder of WebDataset shards, `digits` or `synthetic`.
-        augment: preset name (none, light, standard, strong, cifar) or path of an albumentations YAML.
+        augment: preset name (none, light, standard, strong, cifar), path of an albumentations YAML, or one of
+            torchvision's automatic policies after a horizontal flip: randaugment, trivialaugment, augmix.
+        crop, crop_scale, crop_ratio: the training crop: `short_side` (the short side to image_size, then a
+            random square) or `random_resized` (a random area `crop_scale` of the image at an aspect ratio in
+            `crop_ratio`, resized to image_size: the ImageNet references' RandomResizedCrop).
+        random_erasing: the probability of erasing a random rectangle of a training image (torchvision's).
         val_fraction, test_fraction: split off the training data (stratified) where the source has no such split.
         on_bad_image: `error` stops on a bad image and names it; `skip` skips it and counts it.
         image_size, crop_pct, interpolation: images are resized (short side to image_size / crop_pct at
@@ -243,6 +276,10 @@ class DataModule(L.LightningDataModule):
         shuffle_buffer: int = 1000,
         sampler: Literal["balanced"] | None = None,
         tta: Literal["flip", "ten_crop"] | None = None,
+        crop: Literal["short_side", "random_resized"] = "short_side",
+        crop_scale: tuple[float, float] = (0.08, 1.0),
+        crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        random_erasing: float = 0.0,
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -257,7 +294,10 @@ class DataModule(L.LightningDataModule):
         image_size = image_size or DEFAULT_IMAGE_SIZE
         self.source, self.image_size, self.batch_size = source, image_size, batch_size
         self.crop_pct, self.interpolation = crop_pct or default_crop_pct(image_size), interpolation
-        self.train_tf = train_transform(augment, image_size, interpolation)  # fail on a bad preset now
+        # built now, so a bad preset fails here and not in a loader worker
+        self.train_tf = train_transform(
+            augment, image_size, interpolation, crop, crop_scale, crop_ratio, random_erasing
+        )
         self.classes, found = read_source(source, synthetic_size, stream)
         fractions = {s: f for s, f in (("val", val_fraction), ("test", test_fraction)) if s not in found}
         base = found.get("train", found.get("all"))

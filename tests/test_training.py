@@ -272,3 +272,54 @@ def test_test_time_augmentation_follows_the_papers_ten_crop_protocol(workdir):
         assert torch.allclose(module.augmented(images).exp(), flipped, atol=1e-6)
     fit = ["fit", "--config", str(QUICKSTART), f"--data.source={folder}", "--data.crop_pct=0.8", "--data.num_workers=0"]
     assert main([*fit, "--model.tta=ten_crop", "--trainer.fast_dev_run=1", "--trainer.enable_progress_bar=false"]) == 0
+
+
+def test_two_torchrun_nodes_train_as_two_processes_on_one_node(workdir):
+    """Two torchrun agents as two nodes (c10d rendezvous on a loopback port): one MLflow run, one checkpoint,
+    the metrics of two processes on one node."""
+    import os
+
+    from conftest import free_port
+
+    recipe = [
+        "fit",
+        "--config",
+        str(QUICKSTART),
+        "--trainer.max_epochs=2",
+        "--trainer.strategy=ddp",
+        "--trainer.accelerator=cpu",
+        "--data.num_workers=0",
+        "--data.val_fraction=0.25",
+        "--trainer.enable_progress_bar=false",
+        "--test_after_fit=false",
+        "--log_model=false",
+    ]
+    (workdir / "one").mkdir()
+    threads = {"OMP_NUM_THREADS": "1"}  # the same kernels' summation order in both set-ups
+    one = cnnlab(*recipe, "--trainer.devices=2", cwd=workdir / "one", env=threads)
+    assert one.returncode == 0, one.stderr[-3000:]
+    (workdir / "two").mkdir()
+    port, torchrun = free_port(), Path(sys.executable).parent / "torchrun"
+    rendezvous = ["--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}"]
+    agents = [
+        subprocess.Popen(
+            [torchrun, *rendezvous, "--rdzv-id=cnnlab-test", "-m", "cnnlab", *recipe, "--trainer.num_nodes=2"],
+            cwd=workdir / "two",
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING")}, **threads},
+        )
+        for _ in range(2)
+    ]
+    outputs = [agent.communicate(timeout=600)[0] for agent in agents]
+    assert [agent.returncode for agent in agents] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    histories = []
+    for folder in ("one", "two"):
+        client = mlflow_client(f"sqlite:///{workdir / folder}/mlruns/mlflow.db")
+        run = only_run(client)  # rank 0 alone talks to MLflow
+        histories.append(
+            [m.value for m in sorted(client.get_metric_history(run.info.run_id, "val/acc"), key=lambda m: m.step)]
+        )
+        assert len(list((workdir / folder).glob("mlruns/*/*/checkpoints/last.ckpt"))) == 1
+    assert len(histories[0]) == 2 and histories[1] == pytest.approx(histories[0], abs=1e-6)

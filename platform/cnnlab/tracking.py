@@ -50,11 +50,15 @@ class MLflowLogger(MLFlowLogger):
         from cnnlab import __version__
 
         self.tracking_uri = tracking_uri or default_tracking_uri()  # public: where the run lives
+        # Only rank 0 writes to MLflow, but Lightning's logger opens its store in every process: the other ranks
+        # get an in-memory one, so that processes started together (torchrun, SLURM) never race to create or
+        # migrate the same sqlite file.
+        local = self.tracking_uri.startswith("sqlite:") and rank_zero_only.rank != 0
         super().__init__(
             experiment_name=experiment_name,
             run_name=run_name,
             tags={"cnnlab.version": __version__, **(tags or {})},
-            tracking_uri=self.tracking_uri,
+            tracking_uri="sqlite:///:memory:" if local else self.tracking_uri,
             run_id=run_id,
             synchronous=synchronous,
         )

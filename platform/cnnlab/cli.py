@@ -38,7 +38,7 @@ def _zoo(args) -> int:
     return 0
 
 
-def call(target: str, **rename: str):
+def call(target: str):
     """A command that calls `module:function` with the flags given as keywords: a flag left out is not passed, so
     its default lives in the function's signature alone. The module loads only when the command runs."""
 
@@ -46,22 +46,22 @@ def call(target: str, **rename: str):
         import importlib
 
         module, _, name = target.partition(":")
-        given = {rename.get(k, k): v for k, v in vars(args).items() if k not in ("command", "action", "func")}
+        given = {k: v for k, v in vars(args).items() if k not in ("command", "action", "func")}
         result = getattr(importlib.import_module(module), name)(**given)
         return result if isinstance(result, int) else 0
 
     return run
 
 
-def _ui(args) -> int:
+def ui(host: str = "127.0.0.1", port: int = 5000, backend_store_uri: str | None = None) -> int:
+    """`cnnlab ui`: MLflow's UI on the project's store."""
     import subprocess
 
     from cnnlab.store import default_tracking_uri
 
-    uri = getattr(args, "backend_store_uri", None) or default_tracking_uri()
+    uri = backend_store_uri or default_tracking_uri()
     if uri.startswith(("http://", "https://")):
         raise UserError(f"MLFLOW_TRACKING_URI points at an MLflow server ({uri}): open that address in a browser.")
-    host, port = getattr(args, "host", "127.0.0.1"), getattr(args, "port", 5000)
     print(f"MLflow UI for {uri} at http://{host}:{port} (Ctrl-C stops it)", flush=True)
     return subprocess.call(
         [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
@@ -276,11 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.set_defaults(func=_compare)
 
-    ui = commands.add_parser("ui", help="open the MLflow UI on the project's store (mlruns/ or MLFLOW_TRACKING_URI)")
-    ui.add_argument("--host", help="bind address (default: 127.0.0.1, this machine only)")
-    ui.add_argument("--port", type=int, help="(default: 5000)")
-    ui.add_argument("--backend-store-uri", help="another store than the project's")
-    ui.set_defaults(func=_ui)
+    mlflow_ui = commands.add_parser(
+        "ui", help="open the MLflow UI on the project's store (mlruns/ or MLFLOW_TRACKING_URI)"
+    )
+    mlflow_ui.add_argument("--host", help="bind address (default: 127.0.0.1, this machine only)")
+    mlflow_ui.add_argument("--port", type=int, help="(default: 5000)")
+    mlflow_ui.add_argument("--backend-store-uri", help="another store than the project's")
+    mlflow_ui.set_defaults(func=call("cnnlab.cli:ui"))
     return parser
 
 

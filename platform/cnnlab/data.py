@@ -19,6 +19,7 @@ from typing import Literal
 import albumentations as A
 import lightning as L
 import torch
+from PIL import Image
 from torch.utils.data import (
     DataLoader,
     Dataset,
@@ -265,7 +266,7 @@ class DataModule(L.LightningDataModule):
         test_fraction: float = 0.1,
         split_seed: int = 0,
         on_bad_image: Literal["error", "skip"] = "error",
-        max_pixels: int = 89_478_485,
+        max_pixels: int = Image.MAX_IMAGE_PIXELS,  # PIL's decompression-bomb limit
         crop_pct: float | None = None,
         interpolation: Literal["bilinear", "bicubic", "nearest"] | None = None,
         synthetic_size: int = 2048,

@@ -7,6 +7,8 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from PIL import Image
+
 from cnnlab import UserError
 from cnnlab.sources import BadImageError, Samples, check_classes, open_image, read_source, resolve_path, scan_folder
 
@@ -27,7 +29,7 @@ MODE_NAMES = {
 }
 
 
-def check(source: str, max_pixels: int = 89_478_485) -> dict:
+def check(source: str, max_pixels: int = Image.MAX_IMAGE_PIXELS) -> dict:
     """Returns {'splits': {split: n}, 'classes': [...], 'modes': Counter, 'errors': [(where, what)], 'ignored': [...]}."""
     errors, ignored = [], []
     path = resolve_path(source)
@@ -71,7 +73,7 @@ def check(source: str, max_pixels: int = 89_478_485) -> dict:
     }
 
 
-def report(source: str, max_pixels: int = 89_478_485) -> int:
+def report(source: str, max_pixels: int = Image.MAX_IMAGE_PIXELS) -> int:
     """Print the check and return the exit status: 1 when anything is unusable."""
     result = check(source, max_pixels)
     total = sum(result["splits"].values())

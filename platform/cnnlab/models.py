@@ -186,8 +186,14 @@ def _torchvision_model(name, num_classes, drop_rate, in_chans, pretrained, model
     return model
 
 
-# The first conv each family's small-input stem replaces (a 3x3 stride-1 one: pretrained 7x7 weights do not fit).
-STEMS = {"resnet": "conv1", "densenet": "features.conv0", "alexnet": "features.0", "googlenet": "conv1.0"}
+# Each family's small-input stem: the first conv, replaced by a 3x3 stride-1 one (pretrained 7x7 weights do not
+# fit it), and the early poolings it drops.
+STEMS = {
+    "resnet": ("conv1", ["maxpool"]),
+    "densenet": ("features.conv0", ["features.pool0"]),
+    "alexnet": ("features.0", []),
+    "googlenet": ("conv1.0", ["maxpool1", "maxpool2"]),
+}
 
 
 def new_layers(model: nn.Module, name: str, small_input: bool) -> dict[str, str]:
@@ -195,7 +201,7 @@ def new_layers(model: nn.Module, name: str, small_input: bool) -> dict[str, str]
     head = classifier_of(model)
     layers = {next(n for n, m in model.named_modules() if m is head): f"the classifier for {head.out_features} classes"}
     if small_input and family_of(name) in STEMS:
-        layers[STEMS[family_of(name)]] = "the small-input stem"
+        layers[STEMS[family_of(name)][0]] = "the small-input stem"
     return layers
 
 
@@ -206,24 +212,20 @@ def _conv3x3_like(conv: nn.Conv2d) -> nn.Conv2d:
 def _small_input_stem(name: str, model: nn.Module) -> None:
     """CIFAR-style stem: a stride-1 3x3 first conv and no early pooling, so 32 px keeps spatial detail."""
     family = family_of(name)
-    if family == "resnet" and isinstance(model.conv1, nn.Conv2d):
-        model.conv1, model.maxpool = _conv3x3_like(model.conv1), nn.Identity()
-    elif family == "densenet":
-        model.features.conv0, model.features.pool0 = _conv3x3_like(model.features.conv0), nn.Identity()
-    elif family == "alexnet":
-        model.features[0] = _conv3x3_like(model.features[0])
-    elif family == "googlenet":
-        model.conv1[0] = _conv3x3_like(model.conv1[0])
-        model.maxpool1, model.maxpool2 = nn.Identity(), nn.Identity()
-    elif family == "vgg":
-        pass  # five 2x2 pools take 32 px to 1x1, and timm's head pools adaptively: nothing to adapt
-    else:
-        need = MIN_INPUT.get(name)
-        size = f" It needs inputs of at least {need} px: upscale with data.image_size (e.g. 96)." if need else ""
-        raise UserError(
-            f"model='{name}' cannot adapt its stem for small inputs (small_input: true).{size} "
-            f"Families with a small-input stem: {SMALL_INPUT_FAMILIES}."
-        )
+    if family == "vgg":
+        return  # five 2x2 pools take 32 px to 1x1, and timm's head pools adaptively: nothing to adapt
+    if family in STEMS and isinstance(model.get_submodule(STEMS[family][0]), nn.Conv2d):
+        conv, pools = STEMS[family]
+        model.set_submodule(conv, _conv3x3_like(model.get_submodule(conv)))
+        for pool in pools:
+            model.set_submodule(pool, nn.Identity())
+        return
+    need = MIN_INPUT.get(name)
+    size = f" It needs inputs of at least {need} px: upscale with data.image_size (e.g. 96)." if need else ""
+    raise UserError(
+        f"model='{name}' cannot adapt its stem for small inputs (small_input: true).{size} "
+        f"Families with a small-input stem: {SMALL_INPUT_FAMILIES}."
+    )
 
 
 def classifier_of(model: nn.Module) -> nn.Module:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Literal
 
@@ -120,11 +121,10 @@ class ClassifierModule(L.LightningModule):
             from cnnlab.pretrained import load_into
 
             self.new_layers = load_into(self.net, pretrained, model, fresh, self.classes)
+        elif pretrained:  # the hub's weights: its ImageNet classifier fits a 1000-class model as it is
+            self.new_layers = list(fresh)[1:] if num_classes == 1000 else list(fresh)
         else:
-            head_kept = pretrained and num_classes == 1000  # the hub's ImageNet classifier fits as it is
-            self.new_layers = [
-                layer for layer in fresh if pretrained and not (head_kept and layer == next(iter(fresh)))
-            ]
+            self.new_layers = []
         self.backbone_lr = 1.0  # the pretrained layers' LR as a fraction of the optimizer's (set by FreezeBackbone)
         if mean is None or std is None:  # recorded as used, so checkpoints and logged models carry them
             from cnnlab.pretrained import preprocessing
@@ -148,8 +148,10 @@ class ClassifierModule(L.LightningModule):
             )
         if isinstance(class_weights, list) and len(class_weights) != num_classes:
             raise UserError(f"model.class_weights has {len(class_weights)} weights for {num_classes} classes.")
-        self.loss = SoftTargetCrossEntropy() if self.mixup else FocalLoss(focal_gamma if loss == "focal" else 0.0)
-        self.loss.label_smoothing = 0.0 if self.mixup else label_smoothing
+        if self.mixup:
+            self.loss = SoftTargetCrossEntropy()
+        else:
+            self.loss = FocalLoss(focal_gamma if loss == "focal" else 0.0, label_smoothing)
         if isinstance(class_weights, list):
             self.loss.weight = torch.tensor(class_weights, dtype=torch.float)
         self.eval_loss = nn.CrossEntropyLoss()
@@ -196,23 +198,25 @@ class ClassifierModule(L.LightningModule):
             weights = torch.ones(len(self.classes))
             weights[present] = torch.tensor(compute_class_weight("balanced", classes=present, y=labels)).float()
             self.loss.weight = weights.to(self.device)
-        if stage == "fit":  # ThroughputMonitor's FLOPs and, on a GPU, MFU: one training step, counted on no device
-            self.flops_per_batch = self.measure_flops(getattr(self.trainer.datamodule, "batch_size", 1))
         if self.hparams.compile and not self.compiled:
             # In a tuple, not an attribute of its own: a module attribute would enter the state dict twice.
             self.compiled = (torch.compile(self.net, mode=self.hparams.compile_mode),)
 
-    def measure_flops(self, batch: int) -> int:
-        """FLOPs of one training step (forward and backward) of this network on `batch` images."""
+    @functools.cached_property
+    def flops_per_batch(self) -> int:
+        """FLOPs of one training step (forward and backward) on a batch, for ThroughputMonitor's FLOP/s and MFU:
+        counted on the meta device (shapes only), when the monitor first asks."""
         import copy
 
         from lightning.fabric.utilities.throughput import measure_flops
 
-        net = copy.deepcopy(self.net).to("meta")  # shapes only: no memory, no compute
-        size = self.hparams.image_size
-        with torch.device("meta"):
-            images = torch.empty(batch, 3, size, size)
-        return measure_flops(net, lambda: net(images), lambda logits: logits.sum())
+        size, batch = self.hparams.image_size, getattr(self.trainer.datamodule, "batch_size", 1)
+        # the monitor asks from under inference_mode: the count needs autograd for the backward pass
+        with torch.inference_mode(False), torch.enable_grad():
+            net = copy.deepcopy(self.net).to("meta")
+            with torch.device("meta"):
+                images = torch.empty(batch, 3, size, size)
+            return measure_flops(net, lambda: net(images), lambda logits: logits.sum())
 
     def _check_input_size(self) -> None:
         size, name = self.hparams.image_size, self.hparams.model
@@ -371,9 +375,9 @@ class ClassifierModule(L.LightningModule):
 class FocalLoss(nn.Module):
     """Softmax focal loss, (1 - p_t)^gamma x the (weighted, smoothed) cross-entropy; gamma 0 is the cross-entropy."""
 
-    def __init__(self, gamma: float = 0.0):
+    def __init__(self, gamma: float = 0.0, label_smoothing: float = 0.0):
         super().__init__()
-        self.gamma, self.label_smoothing = gamma, 0.0
+        self.gamma, self.label_smoothing = gamma, label_smoothing
         self.weight: torch.Tensor | None = None  # per class; not a buffer, so checkpoints do not depend on it
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

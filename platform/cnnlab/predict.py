@@ -16,12 +16,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from cnnlab import UserError
 from cnnlab.cnnlab_model import read_image, softmax
 from cnnlab.sources import IMAGE_EXTENSIONS
-
-MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb limit
 
 
 def parser() -> argparse.ArgumentParser:
@@ -88,7 +87,7 @@ def classify(network, files: list[str], batch_size: int, tta: str | None):
                 try:
                     with open(file, "rb") as f:
                         raw = f.read()
-                    images.append(network.preprocess(read_image(raw, MAX_PIXELS)[0]))
+                    images.append(network.preprocess(read_image(raw, Image.MAX_IMAGE_PIXELS)[0]))  # PIL's bomb limit
                     good.append(file)
                 except Exception as err:  # unreadable, not an image, truncated, too large: listed, not fatal
                     yield file, f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else 'unreadable'}"

@@ -123,7 +123,7 @@ def load_into(net: nn.Module, spec: str, name: str, new_layers: dict[str, str], 
     if source_classes is not None:  # a cnnlab model: its channel counts (a pruned one is smaller) win
         match_shapes(net, {k: v for k, v in state.items() if not _within(k, new_layers)})
         if source_classes != list(classes):
-            state = {k: v for k, v in state.items() if not _within(k, {head: ""})}
+            state = {k: v for k, v in state.items() if not _within(k, (head,))}
     fresh, load, missing = set(), {}, []
     for key, tensor in net.state_dict().items():
         layer = _within(key, new_layers)

@@ -1,7 +1,6 @@
 """Data sources, splits, augmentation presets and bad-data handling."""
 
 import io
-import tarfile
 
 import numpy as np
 import pytest
@@ -11,7 +10,7 @@ from PIL import Image
 from cnnlab import UserError
 from cnnlab.cli import main
 from cnnlab.data import POLICIES, PRESETS, DataModule, load_augment, preview, train_transform
-from conftest import CIFAR10, QUICKSTART, make_image_folder, mlflow_client, only_run
+from conftest import CIFAR10, QUICKSTART, make_image_folder, mlflow_client, only_run, write_shard
 
 
 def labels_of(dm, split):
@@ -42,18 +41,6 @@ def test_csv_manifest_paths_relative_to_the_csv(tmp_path):
     dm = DataModule(str(tmp_path / "m.csv"), val_fraction=0.2, test_fraction=0.2, num_workers=0)
     images, labels = next(iter(dm.loader("train")))
     assert dm.classes == ["cat", "dog"] and images.dtype == torch.uint8 and images.shape[1:] == (3, 32, 32)
-
-
-def write_shard(path, first: int, n: int, mode: str = "w:gz"):
-    """n samples keyed first.., class i % 2, each image a flat grey of value i (so it names its sample)."""
-    with tarfile.open(path, mode) as tar:
-        for i in range(first, first + n):
-            buf = io.BytesIO()
-            Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(buf, "PNG")
-            for ext, data in (("png", buf.getvalue()), ("cls", str(i % 2).encode())):
-                info = tarfile.TarInfo(f"{i:05d}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
 
 
 def test_webdataset_shards(tmp_path):

@@ -33,8 +33,11 @@ from cnnlab import UserError
 from cnnlab.cnnlab_model import INTERPOLATIONS, center_crop, default_crop_pct
 from cnnlab.sources import (
     BadImageError,
+    Network,
     Samples,
+    ShardError,
     digits_folder,
+    is_remote,
     load_members,
     open_image,
     read_members,
@@ -169,8 +172,9 @@ class ShardStream(IterableDataset):
     batch size, so every rank runs the same number of steps.
     """
 
-    def __init__(self, images: ImageDataset, batch_size: int, buffer: int, seed: int):
+    def __init__(self, images: ImageDataset, batch_size: int, buffer: int, seed: int, network: Network = Network()):
         self.images, self.batch_size, self.buffer, self.seed = images, batch_size, buffer, seed
+        self.network = network
         self.bad = images.bad  # what DataModule.skipped counts
         self.by_shard: dict[str, dict[str, int]] = {}
         for i, (shard, member) in enumerate(images.samples.items):
@@ -193,9 +197,20 @@ class ShardStream(IterableDataset):
         rng = random.Random(self.seed * 100_003 + self.epoch)
         shards = list(self.by_shard)
         rng.shuffle(shards)
-        encoded = self._share(shards, me, readers)
-        decoded = (self.images.decode(data, i) for data, i in self._shuffle(encoded, random.Random(rng.random() + me)))
-        yield from itertools.islice((sample for sample in decoded if sample is not None), self.quota())
+        yield from itertools.islice(self._passes(shards, me, readers, rng), self.quota())
+
+    def _passes(self, shards: list[str], me: int, readers: int, rng: random.Random):
+        """Decoded samples of this reader's share, walked again while skipped images or shards leave it short of
+        its quota (every reader must yield the quota, or the ranks would run different numbers of steps)."""
+        while True:
+            encoded = self._share(shards, me, readers)
+            yielded = 0
+            for data, i in self._shuffle(encoded, random.Random(rng.random() + me)):
+                if (sample := self.images.decode(data, i)) is not None:
+                    yielded += 1
+                    yield sample
+            if not yielded:
+                return
 
     def _share(self, shards: list[str], me: int, readers: int):
         """(encoded image, sample index) of every readers-th sample across the shards, from the me-th on."""
@@ -204,8 +219,17 @@ class ShardStream(IterableDataset):
             members = self.by_shard[shard]
             mine = {name: i for k, (name, i) in enumerate(members.items()) if (ordinal + k) % readers == me}
             ordinal += len(members)
-            for name, data in read_members(shard, mine):
-                yield data, mine[name]
+            read = set()
+            try:
+                for name, data in read_members(shard, mine, self.network):
+                    read.add(name)
+                    yield data, mine[name]
+            except ShardError as err:
+                if not self.images.skip_bad:
+                    raise
+                warnings.warn(f"left out {err}", stacklevel=2)
+                for name in mine.keys() - read:  # counted with the skipped images
+                    self.bad[mine[name]] = True
 
     def _shuffle(self, items, rng: random.Random):
         """A shuffle buffer: hold `buffer` items, hand out a random one for each that comes in."""
@@ -247,6 +271,9 @@ class DataModule(L.LightningDataModule):
             half the side). It pays where the CPU is the bottleneck and the ops are cheap (CIFAR on a GPU).
         stream: read the training images of WebDataset shards as a stream (see ShardStream) instead of
             into memory, for data sets larger than memory; val and test are still read into memory.
+        retries, timeout: a remote shard that fails (an HTTP error, a broken connection, no answer for `timeout`
+            seconds) is read again `retries` times, after 1, 2, 4 ... s, from where it broke off; then the fit
+            stops naming it, or with on_bad_image: skip it is left out and its images counted as skipped.
         shuffle_buffer: encoded samples each loader worker holds to shuffle a stream.
         sampler: `balanced` draws training images with replacement, each class equally often on average
             (torch's WeightedRandomSampler; under DDP Lightning shares it out among the ranks). For imbalanced
@@ -281,6 +308,8 @@ class DataModule(L.LightningDataModule):
         crop_scale: tuple[float, float] = (0.08, 1.0),
         crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
         random_erasing: float = 0.0,
+        retries: int = 3,
+        timeout: float = 60.0,
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -299,7 +328,11 @@ class DataModule(L.LightningDataModule):
         self.train_tf = train_transform(
             augment, image_size, interpolation, crop, crop_scale, crop_ratio, random_erasing
         )
-        self.classes, found = read_source(source, synthetic_size, stream)
+        self.network = Network(retries, timeout)
+        self.left_out: list[str] = []  # shards skipped under on_bad_image: skip
+        self.classes, found = read_source(
+            source, synthetic_size, stream, self.network, self.left_out if on_bad_image == "skip" else None
+        )
         fractions = {s: f for s, f in (("val", val_fraction), ("test", test_fraction)) if s not in found}
         base = found.get("train", found.get("all"))
         splits = {
@@ -307,7 +340,7 @@ class DataModule(L.LightningDataModule):
             **{s: found[s] for s in ("val", "test") if s in found},
         }
         self.splits = {
-            name: samples if name == "train" else load_members(samples)
+            name: samples if name == "train" else load_members(samples, self.network)
             for name, samples in splits.items()
             if len(samples) or name == "train"
         }
@@ -336,14 +369,27 @@ class DataModule(L.LightningDataModule):
             )
             if samples.items and isinstance(samples.items[0], tuple):
                 self.datasets[split] = ShardStream(
-                    self.datasets[split], self.batch_size, self.hparams.shuffle_buffer, self.hparams.split_seed
+                    self.datasets[split],
+                    self.batch_size,
+                    self.hparams.shuffle_buffer,
+                    self.hparams.split_seed,
+                    self.network,
                 )
         return self.datasets[split]
 
     def describe(self) -> dict:
         """Dataset fingerprint for tracking: a hash of every split's file list, split sizes, class counts."""
-        source = (digits_folder() if self.source == "digits" else resolve_path(self.source)).resolve()
-        root = "" if self.source == "synthetic" else str(source.parent if source.suffix == ".csv" else source)
+        if self.source == "synthetic":
+            root = ""
+        elif is_remote(self.source) or "{" in self.source:  # names relative to the shards' folder, as for a local one
+            root = (
+                os.path.dirname(self.source)
+                if is_remote(self.source)
+                else str(resolve_path(os.path.dirname(self.source)).resolve())
+            )
+        else:
+            source = (digits_folder() if self.source == "digits" else resolve_path(self.source)).resolve()
+            root = str(source.parent if source.suffix == ".csv" else source)
         counts = [0] * len(self.classes)
         for samples in self.splits.values():
             for label in samples.labels:
@@ -353,6 +399,7 @@ class DataModule(L.LightningDataModule):
             "sizes": {s: len(v) for s, v in self.splits.items()},
             "class_counts": dict(zip(self.classes, counts)),
             "root": root,
+            **({"left_out_shards": self.left_out} if self.left_out else {}),
         }
 
     @property

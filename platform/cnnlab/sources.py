@@ -1,5 +1,6 @@
-"""Reading a `data.source` into labelled samples: ImageFolder roots, CSV manifests, WebDataset shards,
-the built-in `digits` and `synthetic`; decoding one image to RGB uint8 with clear errors."""
+"""Reading a `data.source` into labelled samples: ImageFolder roots, CSV manifests, WebDataset shards (a
+local folder, or a URL or brace pattern read through fsspec), the built-in `digits` and `synthetic`; decoding
+one image to RGB uint8 with clear errors."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import io
 import os
 import re
 import tarfile
+import time
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,13 +28,32 @@ SPLITS = ("train", "val", "test")
 SHARD_IMAGES = ("jpg", "jpeg", "png", "webp")
 # open_image enforces data.max_pixels itself; PIL's own warning would only repeat it.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 SOURCE_HELP = (
-    "Give an ImageFolder root, a CSV manifest (path,label), a folder of WebDataset shards, 'digits' or 'synthetic'."
+    "Give an ImageFolder root, a CSV manifest (path,label), a folder, URL or brace pattern of WebDataset shards, "
+    "'digits' or 'synthetic'."
 )
 
 
 class BadImageError(UserError):
     """An image that cannot be used: unreadable, truncated, not an image, or over the pixel limit."""
+
+
+class ShardError(UserError):
+    """A shard that cannot be read: unreadable, or still failing after data.retries attempts."""
+
+
+@dataclass(frozen=True)
+class Network:
+    """How remote shards are read: attempts after the first, with a backoff of 1, 2, 4 ... s (at most 30 s)
+    between them, and the seconds a connection or a read may stall."""
+
+    retries: int = 3
+    timeout: float = 60.0
+
+
+def is_remote(source: str) -> bool:
+    return "://" in source
 
 
 @dataclass
@@ -93,24 +115,34 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CNNLAB_CACHE", Path.home() / ".cache" / "cnnlab"))
 
 
-def read_source(source: str, synthetic_size: int = 2048, stream: bool = False) -> tuple[list[str], dict[str, Samples]]:
+def read_source(
+    source: str,
+    synthetic_size: int = 2048,
+    stream: bool = False,
+    network: Network = Network(),
+    left_out: list | None = None,
+) -> tuple[list[str], dict[str, Samples]]:
     """Classes and the splits the source itself defines ('all' where it defines none).
 
     With `stream`, the training images of WebDataset shards are not read into memory: their items are
-    (shard, member) references that `ShardStream` reads as it goes, and `load_members` on demand."""
+    (shard, member) references that `ShardStream` reads as it goes, and `load_members` on demand. With
+    `left_out` a list, a shard that cannot be read is left out (appended to it, with a warning) instead of
+    stopping the fit."""
     if source == "digits":
         source = str(digits_folder())
     if source == "synthetic":
         return [f"class_{i}" for i in range(10)], {
             "all": Samples(list(range(synthetic_size)), [i % 10 for i in range(synthetic_size)])
         }
+    if shards := shard_list(source, network):
+        found = _read_shards(shards, source, stream, network, left_out)
+        check_classes(found[0], source)
+        return found
     path = resolve_path(source)
     if not path.exists():
         raise UserError(f"data.source='{source}' does not exist. {SOURCE_HELP}")
     if path.suffix == ".csv":
         found = _read_csv(path)
-    elif path.is_dir() and any(p.name.endswith((".tar", ".tar.gz", ".tgz")) for p in path.iterdir()):
-        found = _read_shards(path, stream)
     elif path.is_dir():
         found = _read_folder(path)
     else:
@@ -202,65 +234,172 @@ def _read_csv(manifest: Path) -> tuple[list[str], dict[str, Samples]]:
     return names, splits
 
 
-def _read_shards(folder: Path, stream: bool = False) -> tuple[list[str], dict[str, Samples]]:
-    """WebDataset shards (`{split}-*.tar[.gz]`, members KEY.jpg + KEY.cls), read once into memory as bytes;
-    with `stream`, the images of train (or unsplit) shards are kept as (shard, member) references."""
-    classes_file = folder / "classes.txt"
-    classes = classes_file.read_text().split() if classes_file.exists() else None
-    splits: dict[str, Samples] = {}
-    for shard in sorted(p for p in folder.iterdir() if p.name.endswith((".tar", ".tar.gz", ".tgz"))):
-        split = shard.name.split("-")[0] if shard.name.split("-")[0] in SPLITS else "all"
-        target = splits.setdefault(split, Samples([], [], []))
-        by_reference = stream and split in ("train", "all")
-        pending: dict[str, dict] = {}
-        try:
-            with tarfile.open(shard, "r:*") as tar:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    key, _, ext = member.name.partition(".")
-                    sample = pending.setdefault(key, {})
-                    is_image = ext in SHARD_IMAGES
-                    sample[ext] = (
-                        (str(shard), member.name) if is_image and by_reference else tar.extractfile(member).read()
-                    )
-                    if "cls" in sample and (image := next((e for e in sample if e in SHARD_IMAGES), None)):
-                        target.items.append(sample[image])
-                        target.labels.append(int(sample["cls"]))
-                        target.names.append(f"{shard}:{key}.{image}")
-                        del pending[key]
-        except (tarfile.TarError, OSError, EOFError) as err:
+def shard_list(source: str, network: Network = Network()) -> list[str]:
+    """The shards a source names, in order: a local folder of shards, a brace pattern (local or remote,
+    `train-{00000..00004}.tar.gz`), a shard's URL, or a folder URL that fsspec can list (s3://, gs://, an
+    HTTP index page). Empty for any other source."""
+    if re.search(r"\{[^{}]*(\.\.|,)[^{}]*\}", source):
+        from braceexpand import braceexpand
+
+        shards = list(braceexpand(source))
+        missing = [s for s in shards if not is_remote(s) and not resolve_path(s).is_file()]
+        if missing:
             raise UserError(
-                f"data.source='{folder}': shard {shard.name} is unreadable ({err}). "
-                "Check it with `sha256sum -c SHA256SUMS` or remove it."
-            ) from None
+                f"data.source='{source}': {missing[0]} does not exist ({len(missing)} missing). {SOURCE_HELP}"
+            )
+        return [s if is_remote(s) else str(resolve_path(s)) for s in shards]
+    if is_remote(source):
+        if source.endswith(SHARD_SUFFIXES):
+            return [source]
+        fs, root = _filesystem(source, network)
+        try:
+            names = fs.ls(root, detail=False)
+        except Exception as err:
+            raise UserError(f"data.source='{source}' cannot be listed ({_reason(err)}). {SOURCE_HELP}") from None
+        shards = sorted(n if is_remote(n) else fs.unstrip_protocol(n) for n in names if n.endswith(SHARD_SUFFIXES))
+        if not shards:
+            raise UserError(f"data.source='{source}' lists no .tar or .tar.gz shards. {SOURCE_HELP}")
+        return shards
+    path = resolve_path(source)
+    if path.is_dir() and (shards := sorted(str(p) for p in path.iterdir() if p.name.endswith(SHARD_SUFFIXES))):
+        return shards
+    return []
+
+
+def _filesystem(url: str, network: Network):
+    """fsspec's filesystem for a URL. HTTP streams (no range requests) with the network's timeouts; other
+    protocols take credentials from their usual environment variables (AWS_*, GOOGLE_APPLICATION_CREDENTIALS)."""
+    import fsspec
+
+    options = {}
+    if url.startswith(("http://", "https://")):
+        import aiohttp
+
+        timeout = aiohttp.ClientTimeout(sock_connect=network.timeout, sock_read=network.timeout)
+        options = {"block_size": 0, "client_kwargs": {"timeout": timeout}}
+    try:
+        return fsspec.core.url_to_fs(url, **options)
+    except (ImportError, ValueError) as err:
+        raise UserError(f'data.source=\'{url}\': {err} (pip install "cnnlab[s3]" or "cnnlab[gcs]").') from None
+
+
+@contextmanager
+def open_shard(shard: str, network: Network):
+    """A shard as a tarfile: a local one seekable, a remote one as a stream."""
+    if not is_remote(shard):
+        with tarfile.open(shard, "r:*") as tar:
+            yield tar
+        return
+    fs, path = _filesystem(shard, network)
+    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        yield tar
+
+
+def _reason(err: BaseException) -> str:
+    """What went wrong, from the innermost cause (fsspec reports an HTTP 503 or a timeout as 'file not found')."""
+    cause = err.__cause__ or err.__context__ or err
+    if getattr(cause, "status", None):
+        return f"HTTP {cause.status} {getattr(cause, 'message', '')}".strip()
+    if isinstance(cause, FileNotFoundError):
+        return "HTTP 404 not found"
+    return str(cause) or type(cause).__name__
+
+
+def read_members(shard: str, names, network: Network = Network()) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of the given members of one shard, in shard order (all of them when names is None). An
+    uncompressed local tar is skipped over by seeking; a gzipped or remote one is read up to the last member
+    wanted. A remote shard that fails is read again after a backoff, from where it broke off."""
+    wanted, done = None if names is None else set(names), set()
+    attempts = network.retries + 1 if is_remote(shard) else 1
+    for attempt in range(attempts):
+        try:
+            with open_shard(shard, network) as tar:
+                for member in tar:
+                    if member.isfile() and member.name not in done and (wanted is None or member.name in wanted):
+                        data = tar.extractfile(member).read()
+                        done.add(member.name)
+                        yield member.name, data
+                        if wanted is not None and len(done) == len(wanted):
+                            return
+            break
+        except (OSError, EOFError, tarfile.TarError, *_network_errors()) as err:
+            if attempt + 1 == attempts:
+                again = f" after {attempts} attempts" if attempts > 1 else ""
+                fix = (
+                    "Check the address and the network, raise data.retries / data.timeout"
+                    if is_remote(shard)
+                    else "Check it with `sha256sum -c SHA256SUMS` or remove it"
+                )
+                raise ShardError(
+                    f"shard {shard} is unreadable{again} ({_reason(err)}). {fix}, "
+                    "or set data.on_bad_image: skip to leave it out."
+                ) from None
+            time.sleep(min(2**attempt, 30))
+    if wanted is not None and (gone := wanted - done):
+        raise UserError(
+            f"shard {shard} changed since it was indexed: {len(gone)} members are gone "
+            f"(e.g. {next(iter(gone))}). Restart the run."
+        )
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    try:
+        import aiohttp
+
+        return (aiohttp.ClientError,)
+    except ImportError:
+        return ()
+
+
+def _read_shards(
+    shards: list[str], source: str, stream: bool, network: Network, left_out: list | None
+) -> tuple[list[str], dict[str, Samples]]:
+    """WebDataset shards (`{split}-*.tar[.gz]`, members KEY.jpg + KEY.cls), read once into memory as bytes;
+    with `stream`, the images of train (or unsplit) shards are kept as (shard, member) references. Class
+    names from classes.txt beside the first shard, else the class indices. A shard that cannot be read
+    stops with its name, or, where `left_out` is a list, is appended to it with a warning."""
+    splits: dict[str, Samples] = {}
+    for shard in shards:
+        name = shard.rsplit("/", 1)[-1]
+        split = name.split("-")[0] if name.split("-")[0] in SPLITS else "all"
+        by_reference, pending, found = stream and split in ("train", "all"), {}, []
+        try:
+            for member, data in read_members(shard, None, network):
+                key, _, ext = member.partition(".")
+                sample = pending.setdefault(key, {})
+                sample[ext] = (shard, member) if ext in SHARD_IMAGES and by_reference else data
+                if "cls" in sample and (image := next((e for e in sample if e in SHARD_IMAGES), None)):
+                    found.append((sample.pop(image), int(sample["cls"]), f"{shard}:{key}.{image}"))
+                    del pending[key]
+        except ShardError as err:
+            if left_out is None:
+                raise ShardError(f"data.source='{source}': {err}") from None
+            warnings.warn(f"data.source='{source}': left out {err}", stacklevel=2)
+            left_out.append(shard)
+            continue
+        target = splits.setdefault(split, Samples([], [], []))
+        for item, label, where in found:
+            target.items.append(item)
+            target.labels.append(label)
+            target.names.append(where)
+    classes = _class_names(shards[0].rsplit("/", 1)[0] + "/classes.txt", network)
     if classes is None:
         classes = [str(i) for i in range(max(max(s.labels, default=0) for s in splits.values()) + 1)]
     return classes, splits
 
 
-def read_members(shard: str, names) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of the given members of one shard, in shard order. An uncompressed tar is skipped over
-    by seeking; a gzipped one has to be decompressed up to the last member wanted."""
-    wanted = set(names)
+def _class_names(where: str, network: Network) -> list[str] | None:
     try:
-        with tarfile.open(shard, "r:*") as tar:
-            for member in tar:
-                if member.name in wanted:
-                    yield member.name, tar.extractfile(member).read()
-                    wanted.discard(member.name)
-                    if not wanted:
-                        return
-    except (tarfile.TarError, OSError, EOFError) as err:
-        raise UserError(f"shard {shard} is unreadable ({err}). Check it with `sha256sum -c SHA256SUMS`.") from None
-    if wanted:
-        raise UserError(
-            f"shard {shard} changed since it was indexed: {len(wanted)} members are gone "
-            f"(e.g. {next(iter(wanted))}). Restart the run."
-        )
+        if not is_remote(where):
+            return Path(where).read_text().split()
+        fs, path = _filesystem(where, network)
+        with fs.open(path, "rb") as f:
+            return f.read().decode().split()
+    except (OSError, *_network_errors()):
+        return None
 
 
-def load_members(samples: Samples) -> Samples:
+def load_members(samples: Samples, network: Network = Network()) -> Samples:
     """The same samples with every (shard, member) reference replaced by the member's bytes."""
     wanted: dict[str, dict[str, int]] = {}
     for i, item in enumerate(samples.items):
@@ -270,7 +409,7 @@ def load_members(samples: Samples) -> Samples:
         return samples
     items = list(samples.items)
     for shard, members in wanted.items():
-        for name, data in read_members(shard, members):
+        for name, data in read_members(shard, members, network):
             items[members[name]] = data
     return Samples(items, samples.labels, samples.names)
 

@@ -57,11 +57,15 @@ def test_compare_trains_nested_runs_and_logs_the_table_plots_and_gradient_flow(w
 
 def test_study_files_cross_recipes_with_their_grid():
     name, entries, budget = expand([str(ROOT / "recipes" / "studies" / "activations.yaml")], None)
-    assert name == "activations" and budget == 5 and len(entries) == 12
+    assert name == "activations" and budget == 5 and len(entries) == 18
     names = [n for n, _ in entries]
     assert "vgg19_plain_32_cifar10-act=mish" in names and "resnet18_32_onecycle30-act=relu" in names
     recipe = dict(entries)["resnet18_32_onecycle30-act=gelu"]
     assert recipe["model"]["act"] == "gelu" and recipe["trainer"]["max_epochs"] == 5
     assert recipe["trainer"]["callbacks"][-1]["class_path"] == "cnnlab.callbacks.GradientFlow"
     name, entries, _ = expand([str(ROOT / "recipes" / "studies" / "evolution_cifar10.yaml")], 2)
-    assert len(entries) == 7 and all(r["trainer"]["max_epochs"] == 2 for _, r in entries)
+    assert len(entries) == 9 and all(r["trainer"]["max_epochs"] == 2 for _, r in entries)
+    for study, key in (("alexnet_lrn", "lrn"), ("googlenet_aux", "aux_logits")):  # the paper variants' parts
+        _, entries, _ = expand([str(ROOT / "recipes" / "studies" / f"{study}.yaml")], None)
+        assert [n.rsplit("-", 1)[1] for n, _ in entries] == [f"{key}=True", f"{key}=False"]
+        assert [r["model"]["model_args"] for _, r in entries] == [{key: True}, {key: False}]

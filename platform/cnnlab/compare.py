@@ -58,7 +58,10 @@ def expand(
                 trainer["callbacks"] = [*(trainer.get("callbacks") or []), *data["callbacks"]]
             for values in itertools.product(*grid.values()):
                 combo = dict(zip(grid, values))
-                label = "-".join(f"{k.split('.')[-1]}={v}" for k, v in combo.items())
+                label = "-".join(  # a dict value by its own keys: model_args {lrn: false} as lrn=False
+                    ",".join(f"{a}={b}" for a, b in v.items()) if isinstance(v, dict) else f"{k.split('.')[-1]}={v}"
+                    for k, v in combo.items()
+                )
                 entries.append((f"{recipe_file.stem}{'-' + label if label else ''}", apply(base, combo)))
     common = {**({"trainer.max_epochs": budget} if budget else {}), **(overrides or {})}
     entries = [(n, apply(r, common)) for n, r in entries]

@@ -14,11 +14,18 @@ from timm.layers import create_act_layer
 from torch import nn
 
 from cnnlab import UserError
+from cnnlab.papers import PAPERS
 
 # name: (family, native input px, paper ImageNet top-1 %, where the paper says so and its test protocol:
 #       10-crop, one crop, or dense evaluation; `model.tta: ten_crop` tests on the 10-crop protocol)
 CLASSIC = {
-    "alexnet": ("AlexNet", 224, 59.3, "Krizhevsky et al. 2012, Table 2: 1 CNN, 40.7% top-1 error (10-crop)"),
+    "alexnet": (
+        "AlexNet",
+        224,
+        None,
+        "torchvision's one-tower variant (64/192/384/256/256, no LRN); see alexnet_paper",
+    ),
+    "alexnet_paper": ("AlexNet", 224, 59.3, "Krizhevsky et al. 2012, Table 2: 1 CNN, 40.7% top-1 error (10-crop)"),
     "vgg11": ("VGG", 224, 70.4, "Simonyan & Zisserman 2015, Table 3: config A, 29.6% error (dense, one scale)"),
     "vgg13": ("VGG", 224, 71.3, "Simonyan & Zisserman 2015, Table 3: config B, 28.7% error (dense, one scale)"),
     "vgg16": (
@@ -37,7 +44,13 @@ CLASSIC = {
     "vgg13_bn": ("VGG", 224, None, "BN variant postdates the paper"),
     "vgg16_bn": ("VGG", 224, None, "BN variant postdates the paper"),
     "vgg19_bn": ("VGG", 224, None, "BN variant postdates the paper"),
-    "googlenet": ("GoogLeNet", 224, None, "Szegedy et al. 2015, Table 4: top-5 only (89.9%, 1 model, 1 crop)"),
+    "googlenet": ("GoogLeNet", 224, None, "torchvision's variant (batch norm, 3x3 for 5x5); see googlenet_paper"),
+    "googlenet_paper": (
+        "GoogLeNet",
+        224,
+        None,
+        "Szegedy et al. 2015, Table 4: top-5 only (89.9%, 1 model, 1 crop); Table 1: 6.8M weights, biases not counted",
+    ),
     "resnet18": ("ResNet", 224, 72.1, "He et al. 2016, Table 2: 27.88% error (10-crop)"),
     "resnet34": ("ResNet", 224, 75.0, "He et al. 2016, Table 2: 25.03% error (10-crop)"),
     "resnet50": ("ResNet", 224, 77.2, "He et al. 2016, Table 3: 22.85% error (10-crop)"),
@@ -50,8 +63,8 @@ CLASSIC = {
     "inception_resnet_v2": ("Inception-ResNet-v2", 299, 80.1, "Szegedy et al. 2017, Table 2: 19.9% error (1 crop)"),
 }
 TORCHVISION = ("alexnet", "googlenet")
-SMALL_INPUT_FAMILIES = "resnet*, densenet*, vgg*, alexnet, googlenet"
-MIN_INPUT = {"inception_v4": 75, "inception_resnet_v2": 75, "alexnet": 63}
+SMALL_INPUT_FAMILIES = "resnet*, densenet*, vgg*, alexnet, googlenet (and their _paper variants)"
+MIN_INPUT = {"inception_v4": 75, "inception_resnet_v2": 75, "alexnet": 63, "alexnet_paper": 63}
 
 # Hidden-unit activations (not the sigmoid/tanh gates of attention blocks), torch's and timm's own.
 ACTIVATIONS = (
@@ -94,7 +107,16 @@ def create_model(
 ) -> nn.Module:
     """Build any zoo model; `drop_rate=None` keeps the family's own dropout (AlexNet 0.5, GoogLeNet 0.2);
     `model_args` go to the architecture's own constructor (e.g. DenseNet's growth_rate and block_config)."""
-    if name in TORCHVISION:
+    if name in PAPERS:
+        if drop_path_rate or pretrained:
+            what = "stochastic depth: set drop_path_rate to 0" if drop_path_rate else "weights: set pretrained to false"
+            raise UserError(f"model='{name}' has no {what} (it is built as its paper describes).")
+        kwargs = {**(model_args or {}), **({"dropout": drop_rate} if drop_rate is not None else {})}
+        try:
+            model = PAPERS[name](num_classes=num_classes, in_chans=in_chans, **kwargs)
+        except TypeError as err:
+            raise UserError(f"model.model_args: model='{name}' {str(err).split(' ', 1)[-1]}.") from None
+    elif name in TORCHVISION:
         if drop_path_rate:
             raise UserError(f"model='{name}' has no stochastic depth: set drop_path_rate to 0 (resnet* supports it).")
         model = _torchvision_model(name, num_classes, drop_rate, in_chans, pretrained, model_args or {})
@@ -193,6 +215,8 @@ STEMS = {
     "densenet": ("features.conv0", ["features.pool0"]),
     "alexnet": ("features.0", []),
     "googlenet": ("conv1.0", ["maxpool1", "maxpool2"]),
+    "alexnet_paper": ("features.0", []),
+    "googlenet_paper": ("conv1.0", ["maxpool1", "maxpool2"]),
 }
 
 
@@ -240,7 +264,8 @@ def count_params(model: nn.Module) -> int:
 
 
 def measure(name: str, image_size: int | None = None, num_classes: int = 1000, small_input: bool = False) -> dict:
-    """Params and multiply-adds of one forward pass, on the meta device (no memory, no weights)."""
+    """Params and multiply-adds of one inference pass (auxiliary classifiers left out), on the meta device (no
+    memory, no weights)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     size = image_size or CLASSIC.get(name, (None, 224))[1]
@@ -249,7 +274,8 @@ def measure(name: str, image_size: int | None = None, num_classes: int = 1000, s
         counter = FlopCounterMode(display=False)
         with counter, torch.no_grad():
             model(torch.empty(1, 3, size, size))
-    return {"params": count_params(model), "gmacs": counter.get_total_flops() / 2e9, "input": size}
+    auxiliary = sum(count_params(m) for n, m in model.named_children() if n.startswith("aux"))  # training only
+    return {"params": count_params(model) - auxiliary, "gmacs": counter.get_total_flops() / 2e9, "input": size}
 
 
 def zoo_table() -> list[dict]:

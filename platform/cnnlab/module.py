@@ -216,7 +216,7 @@ class ClassifierModule(L.LightningModule):
             net = copy.deepcopy(self.net).to("meta")
             with torch.device("meta"):
                 images = torch.empty(batch, 3, size, size)
-            return measure_flops(net, lambda: net(images), lambda logits: logits.sum())
+            return measure_flops(net, lambda: net(images), lambda out: sum(o.sum() for o in _outputs(out)))
 
     def _check_input_size(self) -> None:
         size, name = self.hparams.image_size, self.hparams.model
@@ -242,8 +242,12 @@ class ClassifierModule(L.LightningModule):
         soft_targets = None
         if self.mixup:
             x, soft_targets = self.mixup(x, targets)
-        logits = self.run_net(x)
+        logits, *aux = _outputs(self.run_net(x))
         loss = self.loss(logits, targets if soft_targets is None else soft_targets)
+        if aux:  # auxiliary classifiers (googlenet_paper), in training only
+            aux_loss = sum(self.loss(a, targets if soft_targets is None else soft_targets) for a in aux)
+            self.log("train/aux_loss", aux_loss, on_step=False, on_epoch=True)
+            loss = loss + self.net.aux_weight * aux_loss
         if soft_targets is None:
             self.train_acc(logits, targets)
             self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
@@ -412,3 +416,8 @@ def match_shapes(module: nn.Module, state: dict) -> None:
             owner.out_features, owner.in_features = tensor.shape
         elif attr == "weight" and isinstance(owner, nn.modules.batchnorm._BatchNorm):
             owner.num_features = tensor.shape[0]
+
+
+def _outputs(out) -> tuple:
+    """A network's outputs as a tuple: (logits,), or (logits, aux, ...) from auxiliary classifiers in training."""
+    return out if isinstance(out, tuple) else (out,)

@@ -12,7 +12,7 @@ $(BIN)/cnnlab: pyproject.toml
 	python3 -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[dev,openvino]"
 	touch $@
 
 install: $(BIN)/cnnlab

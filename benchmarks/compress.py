@@ -2,13 +2,15 @@
 
 Trains (one `cnnlab fit` each, `--epochs` apiece): a ResNet-50 teacher, the ResNet-18 recipe, the same
 student distilled from the teacher, and the trained ResNet-18 with half its channels pruned, fine-tuned
-for a third of the epochs. Then exports ONNX fp32 and static int8 and times them on the CPU.
+for a third of the epochs. Then exports ONNX fp32 and static int8, and OpenVINO IR fp32 and int8 (NNCF) where
+OpenVINO is installed, and times them on the CPU (ONNX Runtime, OpenVINO); with `--device cuda`, also the ONNX
+files on ONNX Runtime's CUDA and TensorRT providers (onnxruntime-gpu; rows say so when a provider is missing).
 Prints the figures against the targets, whatever they are:
 - int8 vs ONNX fp32 latency at batch 1: >= 2.5x faster, <= 1 point top-1 drop;
 - 50% structured pruning: >= 1.5x faster, <= 2 points drop after fine-tuning;
 - distilled student vs the same student from scratch: >= +0.5 points.
 
-    python benchmarks/compress.py [--epochs 15] [--threads 2] [--no-tracking] [--limit-batches N]
+    python benchmarks/compress.py [--epochs 15] [--threads 2] [--no-tracking] [--limit-batches N] [--device cuda]
 """
 
 from __future__ import annotations
@@ -25,10 +27,10 @@ from pathlib import Path
 import torch
 
 from cnnlab import store
-from cnnlab.cnnlab_model import Network
+from cnnlab.cnnlab_model import Network, run_onnxruntime, run_openvino
 from cnnlab.compress import latency_ms
 from cnnlab.data import labelled
-from cnnlab.export import calibration, to_int8, to_onnx
+from cnnlab.export import calibration, to_int8, to_onnx, to_openvino
 from cnnlab.registry import evaluate
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "cifar10"
@@ -82,7 +84,8 @@ def main(argv=None) -> int:
     parser.add_argument("--limit-batches", type=int, help="a smoke run: this many batches per epoch and split")
     parser.add_argument("--batch-size", type=int, help="override the recipes' batch size")
     parser.add_argument("--data", help="the CIFAR-10 shards (default: the recipes' ../shared/data/cifar10)")
-    parser.add_argument("--test-images", type=int, help="score the ONNX variants on this many test images")
+    parser.add_argument("--test-images", type=int, help="score the exported variants on this many test images")
+    parser.add_argument("--device", default="cpu", help="cuda: also ONNX Runtime's CUDA and TensorRT providers")
     args = parser.parse_args(argv)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -125,35 +128,40 @@ def main(argv=None) -> int:
             if args.test_images:
                 datamodule.splits[split] = datamodule.splits[split].subset(range(args.test_images))
             fp32 = to_onnx(source.module, source.image_size, folder / f"{name.replace(' ', '_')}.onnx")
-            files = {f"{name} onnx fp32": fp32}
+            engines = {f"{name} onnx fp32": (fp32, "cpu")}
             if name == "resnet18":
-                files[f"{name} onnx int8"] = to_int8(
-                    fp32, folder / "resnet18.int8.onnx", calibration(source, datamodule.splits["train"], 10)
-                )
-            for label, path in files.items():
-                import onnxruntime as ort
+                batches = list(calibration(source, datamodule.splits["train"], 10))
+                int8 = to_int8(fp32, folder / "resnet18.int8.onnx", batches)
+                engines[f"{name} onnx int8"] = (int8, "cpu")
+                if openvino_installed():
+                    engines[f"{name} openvino fp32"] = (to_openvino(fp32, folder / "resnet18.xml"), "cpu")
+                    engines[f"{name} openvino int8"] = (to_openvino(fp32, folder / "resnet18.int8.xml", batches), "cpu")
+                if args.device.startswith("cuda"):
+                    import onnxruntime
 
-                options = ort.SessionOptions()
-                options.intra_op_num_threads = args.threads
-                session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-                run = lambda x, s=session: s.run(None, {"images": x})[0]  # noqa: E731
+                    found = [p for p in onnxruntime.get_available_providers() if p.startswith(("Tensorrt", "CUDA"))]
+                    where = found[0].replace("ExecutionProvider", "") if found else "no GPU provider: CPU"
+                    engines[f"{name} onnx fp32 {args.device} ({where})"] = (fp32, args.device)
+            for label, (path, device) in engines.items():
+                run_on = run_openvino if path.suffix == ".xml" else run_onnxruntime
+                run = run_on(path, args.threads, device)[0]
                 top1 = evaluate(Network(run, source.meta), datamodule, split)["test/acc"]
                 results[label] = {
                     "ms_b1": latency_ms(run, 32, 1, args.runs),
                     "ms_b32": latency_ms(run, 32, 32, 10),
                     "top1": top1,
                     "params": source.params,
-                    "mb": path.stat().st_size / 1e6,
+                    "mb": sum(p.stat().st_size for p in (path, path.with_suffix(".bin")) if p.exists()) / 1e6,
                 }
     images = args.test_images or "all"
     print(
-        f"\nCPU latency with {args.threads} threads (ONNX Runtime); top-1 of the ONNX files on {images} CIFAR-10 "
-        "test images, of the fits on all of them"
+        f"\nCPU latency with {args.threads} threads (ONNX Runtime, OpenVINO; rows naming cuda on the GPU); top-1 of "
+        f"the exported files on {images} CIFAR-10 test images, of the fits on all of them"
     )
-    print(f"{'variant':<28} {'params':>8} {'MB':>6} {'ms b1':>7} {'ms b32':>7} {'top-1':>7}")
+    print(f"{'variant':<32} {'params':>8} {'MB':>6} {'ms b1':>7} {'ms b32':>7} {'top-1':>7}")
     for label, r in results.items():
         print(
-            f"{label:<28} {r['params'] / 1e6:>7.2f}M {r['mb']:>6.1f} {r['ms_b1']:>7.2f} {r['ms_b32']:>7.1f} {r['top1']:>7.4f}"
+            f"{label:<32} {r['params'] / 1e6:>7.2f}M {r['mb']:>6.1f} {r['ms_b1']:>7.2f} {r['ms_b32']:>7.1f} {r['top1']:>7.4f}"
         )
     fp32, int8, small = (
         results["resnet18 onnx fp32"],
@@ -164,6 +172,12 @@ def main(argv=None) -> int:
         f"int8 vs fp32 at batch 1: {fp32['ms_b1'] / int8['ms_b1']:.2f}x faster (target >= 2.5x), "
         f"drop {100 * (fp32['top1'] - int8['top1']):+.2f} points (target <= 1)"
     )
+    if "resnet18 openvino int8" in results:
+        ov32, ov8 = results["resnet18 openvino fp32"], results["resnet18 openvino int8"]
+        print(
+            f"OpenVINO against ONNX Runtime at batch 1: fp32 {fp32['ms_b1'] / ov32['ms_b1']:.2f}x, int8 "
+            f"{int8['ms_b1'] / ov8['ms_b1']:.2f}x faster; int8 drop {100 * (ov32['top1'] - ov8['top1']):+.2f} points"
+        )
     print(
         f"50% channel pruning: {fp32['ms_b1'] / small['ms_b1']:.2f}x faster at batch 1, "
         f"{fp32['ms_b32'] / small['ms_b32']:.2f}x at 32 (target >= 1.5x), drop {100 * (scratch[0] - pruned[0]):+.2f} "
@@ -174,6 +188,12 @@ def main(argv=None) -> int:
         f"{100 * (distilled[0] - scratch[0]):+.2f} points (target >= +0.5); teacher {teacher[0]:.4f}"
     )
     return 0
+
+
+def openvino_installed() -> bool:
+    from importlib.util import find_spec
+
+    return find_spec("openvino") is not None and find_spec("nncf") is not None
 
 
 if __name__ == "__main__":

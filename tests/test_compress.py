@@ -1,18 +1,25 @@
-"""Compression: distillation, pruning (unstructured and structured), ONNX and int8 export, the report."""
+"""Compression: distillation, pruning (unstructured and structured), ONNX and OpenVINO export (fp32, int8), other
+runtimes for an exported model, the report."""
 
+import base64
 import json
 import math
+import os
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
+import requests
 import torch
 
-from cnnlab import store
+from cnnlab import UserError, store
 from cnnlab.callbacks.distillation import distillation_loss
 from cnnlab.callbacks.pruning import Pruning
 from cnnlab.cli import main
 from cnnlab.module import ClassifierModule
-from conftest import QUICKSTART, cnnlab, cnnlab_here, mlflow_client, only_run
+from conftest import QUICKSTART, STORE_VARIABLES, cnnlab, cnnlab_here, free_port, mlflow_client, only_run
 
 FAST = ["--trainer.enable_progress_bar=false", "--data.num_workers=0", "--log_model=false"]
 
@@ -133,10 +140,13 @@ def test_structured_pruning_makes_a_smaller_network_with_the_same_outputs(quicks
 def exports(quickstart, tmp_path_factory):
     cwd = quickstart[0]
     folder = tmp_path_factory.mktemp("exports")
-    for args in ([], ["--int8", "--register", "digits-int8"]):
-        result = cnnlab_here(
-            "export", "models:/digits/1", "--out", folder / ("int8" if args else "fp32"), *args, cwd=cwd
-        )
+    for name, args in (
+        ("fp32", []),
+        ("int8", ["--int8", "--register", "digits-int8"]),
+        ("openvino", ["--format", "openvino"]),
+        ("openvino-int8", ["--format", "openvino", "--int8", "--register", "digits-openvino-int8"]),
+    ):
+        result = cnnlab_here("export", "models:/digits/1", "--out", folder / name, *args, cwd=cwd)
         assert result.returncode == 0, result.stderr[-3000:]
     return cwd, folder
 
@@ -168,21 +178,90 @@ def test_int8_loads_and_agrees_with_fp32_on_95_percent_of_digits(exports):
     assert version.tags["cnnlab.source_version"] == "digits/1" and version.tags["cnnlab.sha256"] == meta["sha256"]
 
 
+def on_store(monkeypatch, cwd):
+    for variable in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.setenv(variable, f"sqlite:///{cwd}/mlruns/mlflow.db")
+
+
+def test_openvino_exports_fp32_and_int8_agree_with_torch(exports, quickstart, monkeypatch):
+    cwd, folder = exports
+    on_store(monkeypatch, cwd)
+    fp32, int8 = meta_of(folder / "openvino"), meta_of(folder / "openvino-int8")
+    assert fp32["runtime"] == int8["runtime"] == "openvino" and int8["format"] == "openvino-int8"
+    assert fp32["checks"]["max_abs_diff"] < 1e-3 and fp32["checks"]["top1_agreement"] == 1.0
+    assert int8["checks"]["images"] == 359 and int8["checks"]["top1_agreement"] >= 0.95
+    assert int8["bytes"] < 0.4 * fp32["bytes"]  # the .xml and the .bin of the weights
+    source, exported = store.load(str(quickstart_checkpoint(quickstart))), store.load("models:/digits-openvino-int8/1")
+    assert exported.engine == "openvino" and exported.version == "1"
+    for batch in (1, 7):  # the batch axis is dynamic
+        x = np.random.default_rng(batch).integers(0, 256, (batch, 3, 16, 16), dtype=np.uint8)
+        assert exported.predict(x).shape == source.predict(x).shape == (batch, 10)
+
+
+def test_an_onnx_model_runs_on_openvino_or_cuda_and_a_torch_one_says_why_not(exports, monkeypatch, capsys):
+    cwd, folder = exports
+    on_store(monkeypatch, cwd)
+    ort, ov = store.load(str(folder / "fp32")), store.load(str(folder / "fp32"), runtime="openvino")
+    assert (ort.engine, ov.engine) == ("onnxruntime", "openvino")
+    x = np.random.default_rng(0).integers(0, 256, (5, 3, 16, 16), dtype=np.uint8)
+    assert np.abs(ort.predict(x) - ov.predict(x)).max() < 1e-3
+    import onnxruntime
+
+    cuda = store.load(str(folder / "fp32"), device="cuda")  # CUDA / TensorRT providers where installed
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        assert "has no working CUDA or TensorRT provider here" in capsys.readouterr().err
+    assert np.abs(cuda.predict(x) - ort.predict(x)).max() < 1e-2
+    with pytest.raises(UserError, match="a torch network cannot run on openvino: export it"):
+        store.load("models:/digits/1", runtime="openvino")
+
+
+def test_serve_runs_an_onnx_model_on_openvino(exports):
+    cwd, folder = exports
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in STORE_VARIABLES}
+    command = [sys.executable, "-m", "cnnlab", "serve", str(folder / "fp32"), "--runtime", "openvino"]
+    process = subprocess.Popen(
+        [*command, "--port", str(port)], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.time() + 120
+        while time.time() < deadline:
+            assert process.poll() is None, process.stdout.read().decode()[-3000:]
+            try:
+                if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.5)
+        offline = store.load(str(folder / "fp32"))
+        images = [raw for raw, _ in offline.samples]
+        served = requests.post(
+            f"{url}/predict", json={"images": [base64.b64encode(i).decode() for i in images]}, timeout=60
+        )
+        assert served.status_code == 200, served.text
+        expected = [offline.classes[i] for i in offline.logits(images).argmax(1)]
+        assert [p["label"] for p in served.json()["predictions"]] == expected
+        info = requests.get(f"{url}/info", timeout=10).json()
+        assert info["runtime"] == "onnx" and info["engine"] == "openvino"
+    finally:
+        process.kill()
+        process.wait()
+
+
 def test_compress_report_prints_and_logs_the_table(exports):
     cwd, folder = exports
-    result = cnnlab_here(
-        "compress", "report", "models:/digits/1", folder / "fp32", folder / "int8", "--runs", 5, cwd=cwd
-    )
+    variants = [folder / name for name in ("fp32", "int8", "openvino", "openvino-int8")]
+    result = cnnlab_here("compress", "report", "models:/digits/1", *variants, "--runs", 5, cwd=cwd)
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = [line for line in result.stdout.splitlines() if line.startswith(("models:/", "fp32", "int8"))]
-    assert len(rows) == 3 and "(onnx-int8)" in rows[2]
-    drop = float(rows[2].split()[-1])
-    assert math.isfinite(drop) and abs(drop) <= 5.0
+    rows = [line for line in result.stdout.splitlines() if line.startswith(("models:/", "fp32", "int8", "openvino"))]
+    assert len(rows) == 5 and "(onnx-int8, onnxruntime)" in rows[2] and "(openvino-int8, openvino)" in rows[4]
+    for row in rows[1:]:
+        agreement, drop = float(row.split()[-2]), float(row.split()[-1])
+        assert agreement >= 0.95 and math.isfinite(drop) and abs(drop) <= 5.0
     client = mlflow_client(f"sqlite:///{cwd}/mlruns/mlflow.db")
     report = client.search_runs(
         [client.get_experiment_by_name("cnnlab").experiment_id], "tags.`cnnlab.role` = 'compress-report'"
     )
-    assert report and "variant2/top1" in report[0].data.metrics
+    assert report and "variant4/agreement" in report[0].data.metrics
 
 
 def test_export_explains_a_bad_model_uri(workdir, capsys):

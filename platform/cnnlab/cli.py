@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.set_defaults(func=_tune)
 
     export = commands.add_parser(
-        "export", help="export a model to ONNX (fp32 or int8) or TorchScript, with parity checks"
+        "export", help="export a model to ONNX or OpenVINO (fp32 or int8) or TorchScript, with parity checks"
     )
     export.add_argument(
         "uri",
@@ -190,15 +190,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="models:/NAME@ALIAS, models:/NAME/V, a run id or runs:/RUN_ID, a logged-model id (m-...), or a .ckpt",
     )
     export.add_argument("--out", required=True, help="the folder to write")
-    export.add_argument("--format", dest="fmt", help="onnx (default) or torchscript")
-    export.add_argument("--int8", action="store_true", help="static int8 quantization (ONNX Runtime, QOperator)")
+    export.add_argument("--format", dest="fmt", help="onnx (default), openvino or torchscript")
+    export.add_argument(
+        "--int8", action="store_true", help="static int8 quantization (ONNX Runtime QOperator; OpenVINO: NNCF)"
+    )
     export.add_argument(
         "--data",
         help="labelled images (ImageFolder, CSV, shards): int8 calibrates on its training "
         "split and parity is checked on its test split (default for int8: the data the model records)",
     )
     export.add_argument("--calib-batches", type=int, help="training batches (of 32) to calibrate on (default: 10)")
-    export.add_argument("--register", metavar="NAME", help="register the ONNX file as a new version of NAME")
+    export.add_argument("--register", metavar="NAME", help="register the export as a new version of NAME")
     export.set_defaults(func=call("cnnlab.export:export"))
 
     compress = commands.add_parser("compress", help="compare compressed variants of a model")
@@ -226,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="models:/NAME@ALIAS, models:/NAME/V, a run, a logged-model id, a .ckpt or a "
         "`cnnlab export` folder; served on the runtime its artifact holds",
     )
-    serve.add_argument("--device", help="cpu (default) or cuda")
+    serve.add_argument("--device", help="cpu (default) or cuda[:N] (torch; ONNX on onnxruntime-gpu's providers)")
+    serve.add_argument("--runtime", help="run an ONNX model on openvino (or onnxruntime); default: the artifact's own")
     serve.add_argument("--max-batch-size", type=int, help="concurrent requests stacked into one call (default: 32)")
     serve.add_argument("--batch-timeout-ms", type=float, help="how long a batch waits to fill (default: 5)")
     serve.add_argument("--workers", type=int, help="model worker processes (default: 1)")

@@ -21,6 +21,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +33,8 @@ from PIL import Image
 
 META_FILE = "cnnlab.json"
 SCHEMA = 1
-NETWORK_FILES = {"torch": "network.pt2", "onnx": "network.onnx", "torchscript": "network.ts"}
+NETWORK_FILES = {"torch": "network.pt2", "onnx": "network.onnx", "torchscript": "network.ts", "openvino": "network.xml"}
+RUNTIMES = ("onnxruntime", "openvino")  # the runtimes that may run another's network file (--runtime)
 PREPROCESS = (
     "decode to RGB uint8; resize the short side to image_size / crop_pct (area filter when shrinking, "
     "`interpolation` when enlarging, default bilinear); center crop image_size x image_size; N x 3 x H x W"
@@ -104,13 +107,19 @@ def default_crop_pct(image_size: int) -> float:
     return 1.0 if image_size <= 64 else 0.875
 
 
-def sha256(path: Path) -> str:
+def network_files(network: Path) -> list[Path]:
+    """The network file and, for OpenVINO's .xml, the .bin of its weights."""
+    return [network, network.with_suffix(".bin")] if network.suffix == ".xml" else [network]
+
+
+def sha256(network: Path) -> str:
     import hashlib
 
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    for path in network_files(network):
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
     return digest.hexdigest()
 
 
@@ -127,6 +136,7 @@ class Network:
     alias: str | None = None
     params: int = 0
     samples: list[tuple[bytes, int]] = field(default_factory=list)  # encoded sample images and their labels
+    engine: str = "torch"  # what runs it: torch, torchscript, onnxruntime or openvino
 
     @property
     def classes(self) -> list[str]:
@@ -176,8 +186,9 @@ def torch_predict(module, device: str = "cpu"):
     return predict
 
 
-def load_network(folder, threads: int | None = None, device: str = "cpu") -> Network:
-    """The network of a model's data folder (where cnnlab.json lies), on its own runtime."""
+def load_network(folder, threads: int | None = None, device: str = "cpu", runtime: str | None = None) -> Network:
+    """The network of a model's data folder (where cnnlab.json lies), on its own runtime, or on `runtime`:
+    `openvino` runs an ONNX or OpenVINO network with OpenVINO, `onnxruntime` an ONNX one with ONNX Runtime."""
     folder = Path(folder)
     meta = json.loads((folder / META_FILE).read_text())
     if meta.get("schema", 0) > SCHEMA:
@@ -185,23 +196,17 @@ def load_network(folder, threads: int | None = None, device: str = "cpu") -> Net
             f"{folder / META_FILE} has schema {meta['schema']}; this code reads up to {SCHEMA}: upgrade cnnlab"
         )
     file = folder / meta["network"]
-    runtime = meta["runtime"]
+    own = meta["runtime"]
+    runtime = runtime or {"onnx": "onnxruntime"}.get(own, own)
     samples = [((folder / s["file"]).read_bytes(), s["label"]) for s in meta.get("samples", [])]
-    if runtime == "onnx":
-        import onnxruntime as ort
-
-        if device != "cpu":
-            raise ValueError(f"an ONNX model runs on the CPU here (onnxruntime's CPU build), not {device}")
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        session = ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
-        name = session.get_inputs()[0].name
-        import onnx
-        from onnx import numpy_helper
-
-        params = sum(numpy_helper.to_array(t).size for t in onnx.load(str(file)).graph.initializer)
-        return Network(lambda x: session.run(None, {name: x})[0], meta, params=params, samples=samples)
+    if runtime != own and (runtime, own) not in (("onnxruntime", "onnx"), ("openvino", "onnx")):
+        raise ValueError(f"a {own} network cannot run on {runtime}: export it to ONNX (or OpenVINO) first")
+    if runtime == "onnxruntime":
+        predict, params = run_onnxruntime(file, threads, device)
+        return Network(predict, meta, params=params, samples=samples, engine=runtime)
+    if runtime == "openvino":
+        predict, params = run_openvino(file, threads, device)
+        return Network(predict, meta, params=params, samples=samples, engine=runtime)
     import torch
 
     if threads:
@@ -219,7 +224,66 @@ def load_network(folder, threads: int | None = None, device: str = "cpu") -> Net
         module=module,
         params=sum(p.numel() for p in module.parameters()),
         samples=samples,
+        engine=runtime,
     )
+
+
+def run_onnxruntime(file: Path, threads: int | None, device: str):
+    """An ONNX Runtime session; on `cuda[:N]` TensorRT's or CUDA's execution provider where this onnxruntime
+    has one (onnxruntime-gpu: pip install "cnnlab[gpu]"), else the CPU, said in one line."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    providers: list = ["CPUExecutionProvider"]
+    if device != "cpu":
+        index = {"device_id": int(device.partition(":")[2] or 0)}
+        found = ort.get_available_providers()
+        providers = [(p, index) for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in found]
+        providers.append("CPUExecutionProvider")
+    session = ort.InferenceSession(str(file), options, providers=providers)
+    if device != "cpu" and session.get_providers()[0] == "CPUExecutionProvider":
+        print(
+            f"cnnlab: onnxruntime {ort.__version__} has no working CUDA or TensorRT provider here "
+            f"(available: {', '.join(ort.get_available_providers())}); {file.name} runs on the CPU. "
+            'For the GPU: pip uninstall onnxruntime && pip install "cnnlab[gpu]".',
+            file=sys.stderr,
+        )
+    name = session.get_inputs()[0].name
+    params = sum(numpy_helper.to_array(t).size for t in onnx.load(str(file)).graph.initializer)
+    return (lambda x: session.run(None, {name: x})[0]), params
+
+
+def run_openvino(file: Path, threads: int | None, device: str):
+    """An OpenVINO compiled model (an .xml IR or an .onnx file) on its CPU plug-in (`cuda` is refused: OpenVINO
+    targets Intel hardware)."""
+    if device != "cpu":
+        raise ValueError(f"OpenVINO runs on the CPU here, not {device}; serve the ONNX model with onnxruntime")
+    try:
+        import openvino as ov
+    except ImportError:
+        raise ValueError('OpenVINO is not installed: pip install "cnnlab[openvino]"') from None
+    core = ov.Core()
+    model = core.read_model(str(file))
+    # f32 where OpenVINO would pick bf16 on its own (CPUs with AVX512-BF16/AMX): the model computes as exported
+    config = {"INFERENCE_PRECISION_HINT": "f32", **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
+    compiled = core.compile_model(model, "CPU", config)
+    params = sum(
+        int(np.prod(op.get_output_shape(0)))
+        for op in model.get_ops()
+        if op.get_type_name() == "Constant" and len(op.get_output_shape(0)) > 1
+    )
+    local = threading.local()  # an infer request serves one call at a time: one per thread
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        if not hasattr(local, "request"):
+            local.request = compiled.create_infer_request()
+        return np.array(local.request.infer({0: x})[0])  # a copy: the request reuses its output tensor
+
+    return predict, params
 
 
 class ImageClassifier:
@@ -278,7 +342,7 @@ def write_meta(folder: Path, network: Path, meta: dict, samples: list[tuple[byte
         **meta,
         "network": network.name,
         "sha256": sha256(network),
-        "bytes": network.stat().st_size,
+        "bytes": sum(path.stat().st_size for path in network_files(network)),
         "samples": rows,
         "preprocess": PREPROCESS,
         "output": "logits",
@@ -303,7 +367,9 @@ def save_model(path, folder: Path, meta: dict) -> None:
     from mlflow.types import ColSpec, DataType, Schema
     from mlflow.types.schema import Array
 
-    runtime = ["onnxruntime", "onnx"] if meta["runtime"] == "onnx" else [f"torch=={version('torch').split('+')[0]}"]
+    runtime = {"onnx": ["onnxruntime", "onnx"], "openvino": ["openvino"]}.get(
+        meta["runtime"], [f"torch=={version('torch').split('+')[0]}"]
+    )
     signature = ModelSignature(
         Schema([ColSpec(DataType.binary, "image")]),
         Schema(

@@ -1,5 +1,5 @@
-"""`cnnlab export MODEL_URI --out DIR`: the model as ONNX (fp32, or static int8 through ONNX Runtime) or
-TorchScript, written as a cnnlab model of the same kind (cnnlab_model: the new network beside the source's
+"""`cnnlab export MODEL_URI --out DIR`: the model as ONNX (fp32, or static int8 through ONNX Runtime), OpenVINO IR
+(fp32, or int8 through NNCF's post-training quantization) or TorchScript, written as a cnnlab model of the same kind (cnnlab_model: the new network beside the source's
 classes, preprocessing and sample images), checked against the source, logged to MLflow and optionally
 registered, linked to its source by tags.
 
@@ -19,7 +19,7 @@ import numpy as np
 from cnnlab import UserError, store
 from cnnlab.cnnlab_model import META_FILE, NETWORK_FILES, Network, load_network, save_model, write_meta
 
-FORMATS = ("onnx", "torchscript")
+FORMATS = ("onnx", "openvino", "torchscript")
 INT8_FILE = "network.int8.onnx"
 
 
@@ -69,6 +69,23 @@ def to_int8(fp32: Path, path: Path, batches) -> Path:
     return path
 
 
+def to_openvino(onnx: Path, path: Path, batches=None) -> Path:
+    """OpenVINO IR (.xml + .bin) converted from the ONNX file; with `batches`, quantized to int8 by NNCF
+    (OpenVINO's post-training quantization: per-channel weights, calibrated activations, bias correction)."""
+    try:
+        import openvino as ov
+    except ImportError:
+        raise UserError('--format openvino needs OpenVINO: pip install "cnnlab[openvino]".') from None
+    model = ov.convert_model(str(onnx))
+    if batches is not None:
+        import nncf
+
+        calibration = list(batches)
+        model = nncf.quantize(model, nncf.Dataset(calibration), subset_size=len(calibration))
+    ov.save_model(model, str(path), compress_to_fp16=False)
+    return path
+
+
 def parity(reference: Network, exported: Network, images: list, labels: list[int]) -> dict:
     """The exported network against its source: max |logit difference|, top-1 agreement, both accuracies."""
     import torch
@@ -106,8 +123,8 @@ def export(
     """Export the model URI names into the folder `out` (a cnnlab model); returns its cnnlab.json."""
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt}: choose {' or '.join(FORMATS)}.")
-    if int8 and fmt != "onnx":
-        raise UserError("--int8 quantizes ONNX models: use it with --format onnx.")
+    if int8 and fmt == "torchscript":
+        raise UserError("--int8 quantizes ONNX and OpenVINO models: use it with --format onnx or openvino.")
     target = Path(out)
     if target.exists() and any(target.iterdir()) and not (target / "MLmodel").exists():
         raise UserError(f"--out {out} is a folder with other files in it: choose a new or empty folder.")
@@ -134,11 +151,15 @@ def export(
                 torch.jit.trace(source.module, torch.zeros(2, 3, size, size, dtype=torch.uint8)).save(str(path))
             runtime, form = "torchscript", "torchscript"
         else:
-            path = to_onnx(source.module, size, folder / NETWORK_FILES["onnx"])
-            if int8:
-                path = to_int8(path, folder / INT8_FILE, calibration(source, datamodule.splits["train"], calib_batches))
-                (folder / NETWORK_FILES["onnx"]).unlink()
-            runtime, form = "onnx", "onnx-int8" if int8 else "onnx"
+            onnx = to_onnx(source.module, size, Path(tmp) / NETWORK_FILES["onnx"])
+            batches = calibration(source, datamodule.splits["train"], calib_batches) if int8 else None
+            if fmt == "openvino":
+                path = to_openvino(onnx, folder / NETWORK_FILES["openvino"], batches)
+            elif int8:
+                path = to_int8(onnx, folder / INT8_FILE, batches)
+            else:
+                path = Path(shutil.copy(onnx, folder / NETWORK_FILES["onnx"]))
+            runtime, form = fmt, f"{fmt}-int8" if int8 else fmt
         keep = {
             k: v
             for k, v in source.meta.items()

@@ -306,16 +306,20 @@ class ImageClassifierAPI(ls.LitAPI):
         threads: int,
         max_batch_size: int,
         batch_timeout: float,
+        runtime: str | None = None,
+        device: str = "cpu",
     ):
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout)
         self.uri, self.max_pixels, self.max_decode_seconds = uri, max_pixels, max_decode_seconds
+        self.runtime, self.requested_device = runtime, device
         self.follow_alias, self.state_dir, self.threads = follow_alias, state_dir, threads
 
     def setup(self, device):
         import torch
 
         torch.set_num_threads(self.threads)
-        self.device = "cuda" if str(device).startswith("cuda") else "cpu"
+        # LitServe's device for a torch model on a GPU; the asked-for one for ONNX Runtime's providers
+        self.device = str(device) if str(device).startswith("cuda") else self.requested_device
         self.stats = {"requests": 0, "images": 0, "model_calls": 0}
         self.current = self._load(self.uri)
         if self.follow_alias and "@" in self.uri:
@@ -325,7 +329,7 @@ class ImageClassifierAPI(ls.LitAPI):
         """The registered artifact itself, on its own runtime: what the promotion gate evaluated."""
         from cnnlab import store
 
-        loaded = store.load(uri, self.threads, self.device)
+        loaded = store.load(uri, self.threads, self.device, self.runtime)
         if uri != self.uri:  # a pinned version loaded for the alias: keep the alias's name
             loaded.alias, loaded.source = self.uri.partition("@")[2], self.uri
         self._write_state(loaded)
@@ -352,6 +356,7 @@ class ImageClassifierAPI(ls.LitAPI):
             "alias": loaded.alias,
             "uri": self.uri,
             "runtime": loaded.runtime,
+            "engine": loaded.engine,
             "sha256": loaded.digest,
             "device": self.device,
             **self.stats,
@@ -502,9 +507,12 @@ def serve(
     max_decode_seconds: float = 5.0,
     body_timeout: float = 30.0,
     idle_timeout: float = 5.0,
+    runtime: str | None = None,
 ) -> int:
-    """Serve the model a URI names, on the runtime its artifact holds (torch program, ONNX, TorchScript)."""
+    """Serve the model a URI names, on the runtime its artifact holds (torch program, ONNX, TorchScript,
+    OpenVINO), or an ONNX one on `runtime` (openvino)."""
     from cnnlab import store
+    from cnnlab.cnnlab_model import RUNTIMES
 
     if device != "cpu" and not device.startswith("cuda"):
         raise UserError(f"--device {device}: choose cpu or cuda (cuda:N for one GPU).")
@@ -515,12 +523,23 @@ def serve(
             raise UserError(f"--api-key-env {api_key_env}: that environment variable is empty. Export the key in it.")
     if follow_alias and "@" not in uri:
         raise UserError(f"--follow-alias needs a models:/NAME@ALIAS URI, got {uri}.")
-    network = store.load(uri, 1)  # a bad URI fails here, not in a worker
-    if device != "cpu" and network.runtime == "onnx":
-        raise UserError(
-            f"--device {device}: '{uri}' is an ONNX model, which runs on the CPU here (onnxruntime's "
-            "CPU build). Serve its torch source on a GPU."
-        )
+    if runtime is not None and runtime not in RUNTIMES:
+        raise UserError(f"--runtime {runtime}: choose {' or '.join(RUNTIMES)} (default: the artifact's own).")
+    network = store.load(uri, 1, "cpu", runtime)  # a bad URI or runtime fails here, not in a worker
+    accelerator = "cpu"
+    if device.startswith("cuda"):
+        import torch
+
+        if network.engine == "onnxruntime":  # its CUDA / TensorRT providers, or the CPU said in one line
+            store.load(uri, 1, device, runtime)
+        elif network.engine == "openvino":
+            raise UserError(f"--device {device}: OpenVINO runs on the CPU here; serve the ONNX model for CUDA.")
+        elif torch.cuda.is_available():
+            accelerator = "cuda"
+        else:
+            raise UserError(
+                f"--device {device}: torch {torch.__version__} sees no CUDA GPU here. Serve on --device cpu."
+            )
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
     state_dir = tempfile.mkdtemp(prefix="cnnlab-serve-")
     api = ImageClassifierAPI(
@@ -532,10 +551,12 @@ def serve(
         threads,
         max_batch_size,
         batch_timeout_ms / 1000,
+        runtime,
+        device if network.engine == "onnxruntime" else "cpu",
     )
     server = ls.LitServer(
         api,
-        accelerator="cuda" if device == "cuda" else "cpu",
+        accelerator=accelerator,
         devices=1,
         workers_per_device=workers,
         info_path="/server-info",
@@ -559,6 +580,7 @@ def serve(
         "input_size": network.image_size,
         "crop_pct": network.meta["crop_pct"],
         "runtime": network.runtime,
+        "engine": network.engine,
         "format": network.meta.get("format"),
         "device": device,
         "params": network.params,
@@ -575,7 +597,7 @@ def serve(
 
     signal.signal(signal.SIGTERM, stop)
     print(
-        f"cnnlab serve: {uri} ({network.runtime} on {device}, sha256 {network.digest[:12]}) at "
+        f"cnnlab serve: {uri} ({network.engine} on {device}, sha256 {network.digest[:12]}) at "
         f"http://{host}:{port}/predict",
         flush=True,
     )

@@ -127,10 +127,13 @@ def download(ref: ModelRef, into: str) -> Path:
     )
 
 
-def load(uri: str, threads: int | None = None, device: str = "cpu") -> Network:
-    """The model a URI names, on its own runtime, from its artifact alone (no recipe, no training data)."""
+def load(uri: str, threads: int | None = None, device: str = "cpu", runtime: str | None = None) -> Network:
+    """The model a URI names, on its own runtime (or `runtime`, see load_network), from its artifact alone (no
+    recipe, no training data)."""
     ref = resolve(uri)
     if ref.kind == "checkpoint":
+        if runtime:
+            raise UserError(f"'{uri}' is a checkpoint, which runs on torch: export it to run it on {runtime}.")
         network = from_checkpoint(Path(ref.artifact), device)
     else:
         with tempfile.TemporaryDirectory(prefix="cnnlab-model-") as tmp:
@@ -138,7 +141,7 @@ def load(uri: str, threads: int | None = None, device: str = "cpu") -> Network:
             if not (folder / "cnnlab.json").is_file():
                 raise UserError(f"'{uri}' is an MLflow model but not a cnnlab model (no cnnlab.json).")
             try:
-                network = load_network(folder, threads, device)
+                network = load_network(folder, threads, device, runtime)
             except ValueError as err:
                 raise UserError(f"'{uri}': {err}.") from None
     network.source, network.name, network.version, network.alias = uri, ref.name, ref.version, ref.alias

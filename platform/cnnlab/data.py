@@ -47,7 +47,7 @@ from cnnlab.sources import (
     synthetic_image,
 )
 
-PRESETS = ("none", "light", "standard", "strong", "cifar")
+PRESETS = ("none", "flip", "light", "standard", "strong", "cifar")
 POLICIES = ("randaugment", "trivialaugment", "augmix")  # torchvision's automatic policies, after a flip
 DEFAULT_IMAGE_SIZE = 32
 # Lightning's warning about an IterableDataset with __len__ under several workers: ShardStream gives each
@@ -255,7 +255,7 @@ class DataModule(L.LightningDataModule):
     Args:
         source: ImageFolder root (with train/ val/ test/, or one folder that is split), CSV manifest
             (path,label[,split]), folder of WebDataset shards, `digits` or `synthetic`.
-        augment: preset name (none, light, standard, strong, cifar), path of an albumentations YAML, or one of
+        augment: preset name (none, flip, light, standard, strong, cifar), path of an albumentations YAML, or one of
             torchvision's automatic policies after a horizontal flip: randaugment, trivialaugment, augmix.
         crop, crop_scale, crop_ratio: the training crop: `short_side` (the short side to image_size, then a
             random square) or `random_resized` (a random area `crop_scale` of the image at an aspect ratio in

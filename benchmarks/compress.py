@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from cnnlab import store
-from cnnlab.cnnlab_model import Network, run_onnxruntime, run_openvino
+from cnnlab.cnnlab_model import Network, network_files, run_onnxruntime, run_openvino
 from cnnlab.compress import latency_ms
 from cnnlab.data import labelled
 from cnnlab.export import calibration, to_int8, to_onnx, to_openvino
@@ -151,7 +151,7 @@ def main(argv=None) -> int:
                     "ms_b32": latency_ms(run, 32, 32, 10),
                     "top1": top1,
                     "params": source.params,
-                    "mb": sum(p.stat().st_size for p in (path, path.with_suffix(".bin")) if p.exists()) / 1e6,
+                    "mb": sum(p.stat().st_size for p in network_files(path)) / 1e6,
                 }
     images = args.test_images or "all"
     print(

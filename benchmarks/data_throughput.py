@@ -6,9 +6,12 @@ Both decode the same JPEG bytes and produce a uint8 C x H x W tensor:
   (shift, scale, rotate) and colour jitter, as cnnlab's `standard` preset.
 Prints img/s on one core for each and the ratio (albumentations / torchvision). Then the whole training
 loader with a worker per core, for both kinds of shards, streamed (`data.stream: true`) against read
-into memory: img/s and the ratio, which says whether streaming keeps every core as busy.
+into memory: img/s and the ratio, which says whether streaming keeps every core as busy. Last, torchvision's
+automatic policies (RandAugment, TrivialAugmentWide, AugMix) where cnnlab runs them, on each image in the
+loader workers (all cores), against on whole batches on the device (`--device`, the GPU in gpu.sh), where
+torchvision draws one op and magnitude per batch rather than per image.
 
-    python benchmarks/data_throughput.py [--images 2000]
+    python benchmarks/data_throughput.py [--images 2000] [--device cuda]
 """
 
 from __future__ import annotations
@@ -113,11 +116,43 @@ def loader_images_per_second(source: str, preset: str, size: int, batch: int, st
     return n / (time.perf_counter() - start)
 
 
+def policy_rows(items: list[bytes], size: int, device: str, batch: int = 256) -> list[tuple[str, float, float]]:
+    """(policy, img/s per image in the workers, img/s per batch on the device) at `size` px."""
+    from torchvision.transforms import v2
+
+    from cnnlab.data import POLICIES
+
+    cores = len(os.sched_getaffinity(0))
+    images = [open_image(raw, 10**9)[0] for raw in items[:batch]]
+    images = torch.stack([torch.from_numpy(cv2.resize(i, (size, size))).permute(2, 0, 1) for i in images]).to(device)
+    rows = []
+    for name in POLICIES:
+        per_image = train_transform(name, size)
+        workers = images_per_second(
+            lambda raw, t=per_image: torch.from_numpy(t(open_image(raw, 10**9)[0])).permute(2, 0, 1), items
+        )
+        policy = {"randaugment": v2.RandAugment, "trivialaugment": v2.TrivialAugmentWide, "augmix": v2.AugMix}[name]()
+        flip = v2.RandomHorizontalFlip()
+        for _ in range(3):
+            policy(flip(images))
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start, repeats = time.perf_counter(), 10
+        for _ in range(repeats):
+            out = policy(flip(images))
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        assert out.shape == images.shape
+        rows.append((name, workers * cores, repeats * len(images) / (time.perf_counter() - start)))
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=2000, help="CIFAR images (ImageNet-style: a tenth)")
     parser.add_argument("--data", default="../shared/data/cifar10", help="the CIFAR-10 shards")
     parser.add_argument("--batches", type=int, default=40, help="loader batches timed")
+    parser.add_argument("--device", default="cpu", help="where the batched policies run (cuda on a GPU)")
     args = parser.parse_args(argv)
     source = str(resolve_path(args.data))
     with tempfile.TemporaryDirectory() as folder:
@@ -150,6 +185,18 @@ def main(argv=None) -> int:
     print(f"{'shards':<28} {'streamed':>12} {'in memory':>12} {'ratio':>6}")
     for name, streamed, in_memory in loaders:
         print(f"{name:<28} {streamed:>8,.0f} i/s {in_memory:>8,.0f} i/s {streamed / in_memory:>6.2f}")
+    cores = len(os.sched_getaffinity(0))
+    for kind, items, size in (
+        ("CIFAR-10 32 px", cifar_bytes(args.images, source), 32),
+        ("ImageNet-style 224 px", imagenet_bytes(max(50, args.images // 10)), 224),
+    ):
+        print(
+            f"\n{kind}: automatic policies per image in {cores} workers (one core each, as measured on one) "
+            f"against per batch of 256 on {args.device}"
+        )
+        print(f"{'policy':<16} {'workers':>12} {'device':>12} {'device / workers':>17}")
+        for name, workers, device in policy_rows(items, size, args.device):
+            print(f"{name:<16} {workers:>8,.0f} i/s {device:>8,.0f} i/s {device / workers:>17.2f}")
     return 0
 
 

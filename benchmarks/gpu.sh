@@ -28,5 +28,5 @@ step time_to_accuracy 125 python3 benchmarks/time_to_accuracy.py --config recipe
   --target 0.94 --seconds 90 --data.source="$DATA" --trainer.logger=false
 step real_data_resnet50 75 python3 benchmarks/overhead.py --model resnet50 --image-size 224 --batch-size 256 --steps 20 \
   --warmup 8 --repeats 1 --no-tracking --source "$DATA" --device-augment flip
-step data_throughput 45 python3 benchmarks/data_throughput.py --data "$DATA"
+step data_throughput 90 python3 benchmarks/data_throughput.py --data "$DATA" --device cuda
 step compress 280 python3 benchmarks/compress.py --epochs 8 --no-tracking --data "$DATA" --test-images 2000 --runs 30 --device cuda

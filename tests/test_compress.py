@@ -267,3 +267,14 @@ def test_compress_report_prints_and_logs_the_table(exports):
 def test_export_explains_a_bad_model_uri(workdir, capsys):
     assert main(["export", "models:/nope/1", "--out", str(workdir / "x")]) == 2
     assert "'models:/nope/1' is not a model in" in capsys.readouterr().err
+
+
+def test_compress_report_converts_for_every_runtime_installed(quickstart):
+    cwd = quickstart[0]
+    result = cnnlab_here("compress", "report", "models:/digits/1", "--all-runtimes", "--runs", 3, cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith(("models:/", "-> "))]
+    engines = ["torch.export, torch", "onnx, onnxruntime", "onnx-int8, onnxruntime", "openvino, openvino"]
+    engines.append("openvino-int8, openvino")
+    assert len(rows) == 5 and all(f"({engine})" in row for engine, row in zip(engines, rows))
+    assert all(float(row.split()[-2]) >= 0.95 for row in rows)  # agreement with the torch model

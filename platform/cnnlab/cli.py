@@ -219,6 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
     compress_report.add_argument(
         "--data", help="evaluate on this source's test split (default: the data the first model records)"
     )
+    compress_report.add_argument(
+        "--all-runtimes",
+        action="store_true",
+        help="also convert the first (torch) model for every runtime installed: ONNX Runtime and OpenVINO, fp32 and int8",
+    )
     compress_report.set_defaults(func=call("cnnlab.compress:report"))
 
     serve = commands.add_parser("serve", help="a prediction service (LitServe): batching, alias hot swap, hardening")

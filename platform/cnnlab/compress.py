@@ -9,6 +9,7 @@ that first model (the baseline). The table is printed and logged to MLflow.
 from __future__ import annotations
 
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,24 +31,66 @@ def latency_ms(predict, image_size: int, batch: int, runs: int) -> float:
     return statistics.median(times)
 
 
-def report(uris: list[str], threads: int = 2, runs: int = 20, data: str | None = None) -> list[dict]:
+def report(
+    uris: list[str], threads: int = 2, runs: int = 20, data: str | None = None, all_runtimes: bool = False
+) -> list[dict]:
     """Each model, from its artifact alone, timed and scored on the same labelled split (`--data`, else the
-    data the first model records)."""
-    from torchmetrics.functional.classification import multiclass_accuracy
-
+    data the first model records). With `all_runtimes`, the first (a torch model) is also converted for every
+    runtime installed here (ONNX Runtime fp32 and int8, OpenVINO fp32 and int8), each a row."""
     from cnnlab.data import labelled
 
     torch.set_num_threads(threads)
-    networks = [store.load(uri, threads) for uri in uris]
-    datamodule, split = labelled(networks[0].meta, data)
-    samples = datamodule.splits[split]
-    images, labels = [samples.raw(i, networks[0].image_size) for i in range(len(samples))], torch.tensor(samples.labels)
+    # an export folder by its name
+    variants = [(Path(uri).name if Path(uri).is_dir() else uri, store.load(uri, threads)) for uri in uris]
+    datamodule, split = labelled(variants[0][1].meta, data)
+    with tempfile.TemporaryDirectory(prefix="cnnlab-report-") as tmp:
+        if all_runtimes:
+            variants += converted(variants[0][1], datamodule.splits["train"], Path(tmp), threads)
+        rows = time_and_score(variants, datamodule.splits[split], runs)
+    table = format_table(rows, threads, f"{datamodule.source} {split} ({len(datamodule.splits[split])} images)")
+    print(table)
+    _log(rows, table)
+    return rows
+
+
+def converted(source, train, folder: Path, threads: int) -> list:
+    """(label, network) of the source converted for every runtime installed here."""
+    from importlib.util import find_spec
+
+    from cnnlab import UserError
+    from cnnlab.cnnlab_model import load_network
+    from cnnlab.export import convert
+
+    if source.runtime != "torch":
+        raise UserError(
+            f"--all-runtimes converts a torch model: '{source.source}' is {source.runtime}; put its source first."
+        )
+    formats = [("onnx", False), ("onnx", True)]
+    if find_spec("openvino") and find_spec("nncf"):
+        formats += [("openvino", False), ("openvino", True)]
+    else:
+        print('cnnlab: OpenVINO is not installed (pip install "cnnlab[openvino]"): its rows are left out.')
+    out = []
+    for fmt, int8 in formats:
+        form = f"{fmt}-int8" if int8 else fmt
+        convert(source, folder / form, fmt, int8, train)
+        out.append((f"-> {form}", load_network(folder / form, threads)))
+    return out
+
+
+def time_and_score(variants: list, samples, runs: int) -> list[dict]:
+    """A row per (label, network): latency at batch 1 and 32, top-1 on `samples`, agreement with the first."""
+    from torchmetrics.functional.classification import multiclass_accuracy
+
+    images, labels = (
+        [samples.raw(i, variants[0][1].image_size) for i in range(len(samples))],
+        torch.tensor(samples.labels),
+    )
     rows, first = [], None
-    for uri, network in zip(uris, networks):
+    for label, network in variants:
         answers = torch.from_numpy(network.logits(images, 256)).argmax(1)
         first = answers if first is None else first
         size = network.image_size
-        label = Path(uri).name if Path(uri).is_dir() else uri  # an export folder by its name
         rows.append(
             {
                 "variant": f"{label} ({network.meta.get('format')}, {network.engine})",
@@ -62,9 +105,6 @@ def report(uris: list[str], threads: int = 2, runs: int = 20, data: str | None =
     for row in rows:
         row["drop"] = 100 * (rows[0]["top1"] - row["top1"])
         row["speedup_b1"] = rows[0]["ms_b1"] / row["ms_b1"]
-    table = format_table(rows, threads, f"{datamodule.source} {split} ({len(datamodule.splits[split])} images)")
-    print(table)
-    _log(rows, table)
     return rows
 
 

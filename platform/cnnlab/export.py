@@ -111,6 +111,43 @@ def calibration(source: Network, samples, calib_batches: int, batch: int = 32):
         yield np.ascontiguousarray(np.stack(images).transpose(0, 3, 1, 2))
 
 
+def convert(source: Network, folder: Path, fmt: str, int8: bool = False, train=None, calib_batches: int = 10) -> dict:
+    """The source's network written into `folder` as `fmt` (int8 calibrated on `train`, training samples),
+    with its cnnlab.json; returns that."""
+    folder.mkdir(parents=True)
+    size = source.image_size
+    if fmt == "torchscript":
+        import torch
+
+        path = folder / NETWORK_FILES["torchscript"]
+        with torch.no_grad():
+            torch.jit.trace(source.module, torch.zeros(2, 3, size, size, dtype=torch.uint8)).save(str(path))
+    else:
+        onnx = to_onnx(source.module, size, folder / "graph.onnx")
+        batches = calibration(source, train, calib_batches) if int8 else None
+        if fmt == "openvino":
+            path = to_openvino(onnx, folder / NETWORK_FILES["openvino"], batches)
+        elif int8:
+            path = to_int8(onnx, folder / INT8_FILE, batches)
+        else:
+            path = onnx.rename(folder / NETWORK_FILES["onnx"])
+        onnx.unlink(missing_ok=True)
+    keep = {
+        k: v
+        for k, v in source.meta.items()
+        if k in ("classes", "image_size", "crop_pct", "interpolation", "mean", "std", "model", "data", "run_id")
+    }
+    lineage = {
+        "uri": source.source,
+        "sha256": source.digest,
+        "format": source.meta.get("format"),
+        "name": source.name,
+        "version": source.version,
+    }
+    form = f"{fmt}-int8" if int8 else fmt
+    return write_meta(folder, path, {**keep, "runtime": fmt, "format": form, "source": lineage}, source.samples)
+
+
 def export(
     uri: str,
     out: str,
@@ -142,37 +179,9 @@ def export(
         datamodule, split = labelled(source.meta, data)
     with tempfile.TemporaryDirectory(prefix="cnnlab-export-") as tmp:
         folder = Path(tmp) / "network"
-        folder.mkdir()
-        if fmt == "torchscript":
-            import torch
-
-            path = folder / NETWORK_FILES["torchscript"]
-            with torch.no_grad():
-                torch.jit.trace(source.module, torch.zeros(2, 3, size, size, dtype=torch.uint8)).save(str(path))
-            runtime, form = "torchscript", "torchscript"
-        else:
-            onnx = to_onnx(source.module, size, Path(tmp) / NETWORK_FILES["onnx"])
-            batches = calibration(source, datamodule.splits["train"], calib_batches) if int8 else None
-            if fmt == "openvino":
-                path = to_openvino(onnx, folder / NETWORK_FILES["openvino"], batches)
-            elif int8:
-                path = to_int8(onnx, folder / INT8_FILE, batches)
-            else:
-                path = Path(shutil.copy(onnx, folder / NETWORK_FILES["onnx"]))
-            runtime, form = fmt, f"{fmt}-int8" if int8 else fmt
-        keep = {
-            k: v
-            for k, v in source.meta.items()
-            if k in ("classes", "image_size", "crop_pct", "interpolation", "mean", "std", "model", "data", "run_id")
-        }
-        lineage = {
-            "uri": uri,
-            "sha256": source.digest,
-            "format": source.meta.get("format"),
-            "name": source.name,
-            "version": source.version,
-        }
-        meta = write_meta(folder, path, {**keep, "runtime": runtime, "format": form, "source": lineage}, source.samples)
+        train = datamodule.splits["train"] if int8 else None
+        meta = convert(source, folder, fmt, int8, train, calib_batches)
+        form = meta["format"]
         exported = load_network(folder)
         images, labels = [raw for raw, _ in source.samples], [label for _, label in source.samples]
         checked_on = f"{len(images)} sample images"

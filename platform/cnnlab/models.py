@@ -64,6 +64,10 @@ CLASSIC = {
 }
 TORCHVISION = ("alexnet", "googlenet")
 SMALL_INPUT_FAMILIES = "resnet*, densenet*, vgg*, alexnet, googlenet (and their _paper variants)"
+NO_DROP_PATH = (
+    "set drop_path_rate to 0 (every timm model that has stochastic depth takes it: resnet*, convnext*, "
+    "efficientnet*, vit* ...)."
+)
 MIN_INPUT = {"inception_v4": 75, "inception_resnet_v2": 75, "alexnet": 63, "alexnet_paper": 63}
 
 # Hidden-unit activations (not the sigmoid/tanh gates of attention blocks), torch's and timm's own.
@@ -118,7 +122,7 @@ def create_model(
             raise UserError(f"model.model_args: model='{name}' {str(err).split(' ', 1)[-1]}.") from None
     elif name in TORCHVISION:
         if drop_path_rate:
-            raise UserError(f"model='{name}' has no stochastic depth: set drop_path_rate to 0 (resnet* supports it).")
+            raise UserError(f"model='{name}' has no stochastic depth: {NO_DROP_PATH}")
         model = _torchvision_model(name, num_classes, drop_rate, in_chans, pretrained, model_args or {})
     else:
         _check_known(name)
@@ -129,9 +133,7 @@ def create_model(
             model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
         except TypeError as err:
             if "drop_path_rate" in str(err):
-                raise UserError(
-                    f"model='{name}' has no stochastic depth: set drop_path_rate to 0 (resnet* supports it)."
-                ) from None
+                raise UserError(f"model='{name}' has no stochastic depth: {NO_DROP_PATH}") from None
             if "unexpected keyword" in str(err):
                 raise UserError(f"model.model_args: model='{name}' {str(err).split(' ', 1)[-1]}.") from None
             raise

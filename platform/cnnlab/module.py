@@ -33,7 +33,8 @@ class ClassifierModule(L.LightningModule):
         model: a zoo name (`cnnlab zoo`) or any timm model name.
         classes, num_classes, image_size: come from the data (linked by the CLI).
         act: replace every activation (relu, leaky_relu, elu, gelu, silu, mish, ...).
-        drop_rate, drop_path_rate: dropout before the classifier; stochastic depth (resnet*).
+        drop_rate, drop_path_rate: dropout before the classifier; stochastic depth (every timm model with it:
+            resnet*, convnext*, efficientnet*, vit* ...).
         small_input: CIFAR-style stem for 32 px inputs.
         model_args: passed to the architecture's constructor (timm's or torchvision's), e.g. DenseNet's
             `{growth_rate: 12, block_config: [16, 16, 16]}`.

@@ -247,7 +247,8 @@ def shard_list(source: str, network: Network = Network()) -> list[str]:
             raise UserError(
                 f"data.source='{source}': {missing[0]} does not exist ({len(missing)} missing). {SOURCE_HELP}"
             )
-        return [s if is_remote(s) else str(resolve_path(s)) for s in shards]
+        # local shards by their folder's real path, as a folder source names them (the fingerprint's root)
+        return [s if is_remote(s) else str(resolve_path(s).parent.resolve() / Path(s).name) for s in shards]
     if is_remote(source):
         if source.endswith(SHARD_SUFFIXES):
             return [source]
@@ -260,7 +261,7 @@ def shard_list(source: str, network: Network = Network()) -> list[str]:
         if not shards:
             raise UserError(f"data.source='{source}' lists no .tar or .tar.gz shards. {SOURCE_HELP}")
         return shards
-    path = resolve_path(source)
+    path = resolve_path(source).resolve()
     if path.is_dir() and (shards := sorted(str(p) for p in path.iterdir() if p.name.endswith(SHARD_SUFFIXES))):
         return shards
     return []

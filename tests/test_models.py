@@ -146,6 +146,9 @@ def test_a_googlenet_paper_fit_logs_its_auxiliary_loss_and_a_model_without_them(
 
     from cnnlab import store
     from cnnlab.cli import main
+    from cnnlab.models import new_layers
+    from cnnlab.module import ClassifierModule
+    from cnnlab.pretrained import load_into
     from conftest import QUICKSTART, mlflow_client, only_run
 
     limits = ["--trainer.limit_train_batches=3", "--trainer.limit_val_batches=2", "--trainer.limit_test_batches=2"]
@@ -154,3 +157,15 @@ def test_a_googlenet_paper_fit_logs_its_auxiliary_loss_and_a_model_without_them(
     assert run.data.metrics["train/aux_loss"] > 0 and "test/acc" in run.data.metrics
     logged = store.load(f"runs:/{run.info.run_id}/model")
     assert logged.predict(np.zeros((3, 3, 16, 16), np.uint8)).shape == (3, 10)
+    assert logged.params < 7.1e6  # the main network alone: the auxiliary classifiers' 6.4M are not in it
+    fresh = ClassifierModule("googlenet_paper", num_classes=10, small_input=True, image_size=16)
+    load_into(
+        fresh.net,
+        f"runs:/{run.info.run_id}/model",
+        "googlenet_paper",
+        new_layers(fresh.net, "googlenet_paper", True),
+        [str(i) for i in range(10)],
+    )
+    assert torch.equal(
+        fresh.net.inception3a.branch3[1][0].weight, logged.module.state_dict()["net.inception3a.branch3.1.0.weight"]
+    )

@@ -228,6 +228,9 @@ def new_layers(model: nn.Module, name: str, small_input: bool) -> dict[str, str]
     layers = {next(n for n, m in model.named_modules() if m is head): f"the classifier for {head.out_features} classes"}
     if small_input and family_of(name) in STEMS:
         layers[STEMS[family_of(name)][0]] = "the small-input stem"
+    for child, module in model.named_children():  # a logged model leaves its training-only classifiers out
+        if child.startswith("aux") and module is not None:
+            layers[child] = "an auxiliary classifier, which a logged model does not hold"
     return layers
 
 

@@ -292,6 +292,10 @@ def log_model(logger: MLFlowLogger, module, datamodule, samples: int = 16) -> st
         if len(examples) == samples:
             break
     compiled, module.compiled = module.compiled, None  # export the plain network, not the compiled one
+    # auxiliary classifiers (googlenet_paper's) train only: the model leaves them out, weights and all
+    auxiliary = {name: head for name, head in module.net.named_children() if name.startswith("aux")}
+    for name in auxiliary:
+        setattr(module.net, name, None)
     module.eval().cpu()
     size = datamodule.image_size
     meta = {
@@ -324,6 +328,8 @@ def log_model(logger: MLFlowLogger, module, datamodule, samples: int = 16) -> st
             )
     finally:
         module.compiled = compiled
+        for name, head in auxiliary.items():
+            setattr(module.net, name, head)
 
 
 def resumable_run(ckpt_path: str, logger_args, root: str) -> tuple[str, str] | None:

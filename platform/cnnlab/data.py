@@ -33,7 +33,7 @@ from cnnlab import UserError
 from cnnlab.cnnlab_model import INTERPOLATIONS, center_crop, default_crop_pct
 from cnnlab.sources import (
     BadImageError,
-    Network,
+    Fetch,
     Samples,
     ShardError,
     digits_folder,
@@ -172,9 +172,9 @@ class ShardStream(IterableDataset):
     batch size, so every rank runs the same number of steps.
     """
 
-    def __init__(self, images: ImageDataset, batch_size: int, buffer: int, seed: int, network: Network = Network()):
+    def __init__(self, images: ImageDataset, batch_size: int, buffer: int, seed: int, fetch: Fetch = Fetch()):
         self.images, self.batch_size, self.buffer, self.seed = images, batch_size, buffer, seed
-        self.network = network
+        self.fetch = fetch
         self.bad = images.bad  # what DataModule.skipped counts
         self.by_shard: dict[str, dict[str, int]] = {}
         for i, (shard, member) in enumerate(images.samples.items):
@@ -221,7 +221,7 @@ class ShardStream(IterableDataset):
             ordinal += len(members)
             read = set()
             try:
-                for name, data in read_members(shard, mine, self.network):
+                for name, data in read_members(shard, mine, self.fetch):
                     read.add(name)
                     yield data, mine[name]
             except ShardError as err:
@@ -328,10 +328,10 @@ class DataModule(L.LightningDataModule):
         self.train_tf = train_transform(
             augment, image_size, interpolation, crop, crop_scale, crop_ratio, random_erasing
         )
-        self.network = Network(retries, timeout)
+        self.fetch = Fetch(retries, timeout)
         self.left_out: list[str] = []  # shards skipped under on_bad_image: skip
         self.classes, found = read_source(
-            source, synthetic_size, stream, self.network, self.left_out if on_bad_image == "skip" else None
+            source, synthetic_size, stream, self.fetch, self.left_out if on_bad_image == "skip" else None
         )
         fractions = {s: f for s, f in (("val", val_fraction), ("test", test_fraction)) if s not in found}
         base = found.get("train", found.get("all"))
@@ -340,7 +340,7 @@ class DataModule(L.LightningDataModule):
             **{s: found[s] for s in ("val", "test") if s in found},
         }
         self.splits = {
-            name: samples if name == "train" else load_members(samples, self.network)
+            name: samples if name == "train" else load_members(samples, self.fetch)
             for name, samples in splits.items()
             if len(samples) or name == "train"
         }
@@ -373,7 +373,7 @@ class DataModule(L.LightningDataModule):
                     self.batch_size,
                     self.hparams.shuffle_buffer,
                     self.hparams.split_seed,
-                    self.network,
+                    self.fetch,
                 )
         return self.datasets[split]
 

@@ -44,7 +44,7 @@ class ShardError(UserError):
 
 
 @dataclass(frozen=True)
-class Network:
+class Fetch:
     """How remote shards are read: attempts after the first, with a backoff of 1, 2, 4 ... s (at most 30 s)
     between them, and the seconds a connection or a read may stall."""
 
@@ -119,7 +119,7 @@ def read_source(
     source: str,
     synthetic_size: int = 2048,
     stream: bool = False,
-    network: Network = Network(),
+    fetch: Fetch = Fetch(),
     left_out: list | None = None,
 ) -> tuple[list[str], dict[str, Samples]]:
     """Classes and the splits the source itself defines ('all' where it defines none).
@@ -134,8 +134,8 @@ def read_source(
         return [f"class_{i}" for i in range(10)], {
             "all": Samples(list(range(synthetic_size)), [i % 10 for i in range(synthetic_size)])
         }
-    if shards := shard_list(source, network):
-        found = _read_shards(shards, source, stream, network, left_out)
+    if shards := shard_list(source, fetch):
+        found = _read_shards(shards, source, stream, fetch, left_out)
         check_classes(found[0], source)
         return found
     path = resolve_path(source)
@@ -234,7 +234,7 @@ def _read_csv(manifest: Path) -> tuple[list[str], dict[str, Samples]]:
     return names, splits
 
 
-def shard_list(source: str, network: Network = Network()) -> list[str]:
+def shard_list(source: str, fetch: Fetch = Fetch()) -> list[str]:
     """The shards a source names, in order: a local folder of shards, a brace pattern (local or remote,
     `train-{00000..00004}.tar.gz`), a shard's URL, or a folder URL that fsspec can list (s3://, gs://, an
     HTTP index page). Empty for any other source."""
@@ -252,7 +252,7 @@ def shard_list(source: str, network: Network = Network()) -> list[str]:
     if is_remote(source):
         if source.endswith(SHARD_SUFFIXES):
             return [source]
-        fs, root = _filesystem(source, network)
+        fs, root = _filesystem(source, fetch)
         try:
             names = fs.ls(root, detail=False)
         except Exception as err:
@@ -267,8 +267,8 @@ def shard_list(source: str, network: Network = Network()) -> list[str]:
     return []
 
 
-def _filesystem(url: str, network: Network):
-    """fsspec's filesystem for a URL. HTTP streams (no range requests) with the network's timeouts; other
+def _filesystem(url: str, fetch: Fetch):
+    """fsspec's filesystem for a URL. HTTP streams (no range requests) with `fetch.timeout`; other
     protocols take credentials from their usual environment variables (AWS_*, GOOGLE_APPLICATION_CREDENTIALS)."""
     import fsspec
 
@@ -276,7 +276,7 @@ def _filesystem(url: str, network: Network):
     if url.startswith(("http://", "https://")):
         import aiohttp
 
-        timeout = aiohttp.ClientTimeout(sock_connect=network.timeout, sock_read=network.timeout)
+        timeout = aiohttp.ClientTimeout(sock_connect=fetch.timeout, sock_read=fetch.timeout)
         options = {"block_size": 0, "client_kwargs": {"timeout": timeout}}
     try:
         return fsspec.core.url_to_fs(url, **options)
@@ -285,13 +285,13 @@ def _filesystem(url: str, network: Network):
 
 
 @contextmanager
-def open_shard(shard: str, network: Network):
+def open_shard(shard: str, fetch: Fetch):
     """A shard as a tarfile: a local one seekable, a remote one as a stream."""
     if not is_remote(shard):
         with tarfile.open(shard, "r:*") as tar:
             yield tar
         return
-    fs, path = _filesystem(shard, network)
+    fs, path = _filesystem(shard, fetch)
     with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
         yield tar
 
@@ -306,15 +306,15 @@ def _reason(err: BaseException) -> str:
     return str(cause) or type(cause).__name__
 
 
-def read_members(shard: str, names, network: Network = Network()) -> Iterator[tuple[str, bytes]]:
+def read_members(shard: str, names, fetch: Fetch = Fetch()) -> Iterator[tuple[str, bytes]]:
     """(name, bytes) of the given members of one shard, in shard order (all of them when names is None). An
     uncompressed local tar is skipped over by seeking; a gzipped or remote one is read up to the last member
     wanted. A remote shard that fails is read again after a backoff, from where it broke off."""
     wanted, done = None if names is None else set(names), set()
-    attempts = network.retries + 1 if is_remote(shard) else 1
+    attempts = fetch.retries + 1 if is_remote(shard) else 1
     for attempt in range(attempts):
         try:
-            with open_shard(shard, network) as tar:
+            with open_shard(shard, fetch) as tar:
                 for member in tar:
                     if member.isfile() and member.name not in done and (wanted is None or member.name in wanted):
                         data = tar.extractfile(member).read()
@@ -353,7 +353,7 @@ def _network_errors() -> tuple[type[BaseException], ...]:
 
 
 def _read_shards(
-    shards: list[str], source: str, stream: bool, network: Network, left_out: list | None
+    shards: list[str], source: str, stream: bool, fetch: Fetch, left_out: list | None
 ) -> tuple[list[str], dict[str, Samples]]:
     """WebDataset shards (`{split}-*.tar[.gz]`, members KEY.jpg + KEY.cls), read once into memory as bytes;
     with `stream`, the images of train (or unsplit) shards are kept as (shard, member) references. Class
@@ -365,7 +365,7 @@ def _read_shards(
         split = name.split("-")[0] if name.split("-")[0] in SPLITS else "all"
         by_reference, pending, found = stream and split in ("train", "all"), {}, []
         try:
-            for member, data in read_members(shard, None, network):
+            for member, data in read_members(shard, None, fetch):
                 key, _, ext = member.partition(".")
                 sample = pending.setdefault(key, {})
                 sample[ext] = (shard, member) if ext in SHARD_IMAGES and by_reference else data
@@ -383,24 +383,24 @@ def _read_shards(
             target.items.append(item)
             target.labels.append(label)
             target.names.append(where)
-    classes = _class_names(shards[0].rsplit("/", 1)[0] + "/classes.txt", network)
+    classes = _class_names(shards[0].rsplit("/", 1)[0] + "/classes.txt", fetch)
     if classes is None:
         classes = [str(i) for i in range(max(max(s.labels, default=0) for s in splits.values()) + 1)]
     return classes, splits
 
 
-def _class_names(where: str, network: Network) -> list[str] | None:
+def _class_names(where: str, fetch: Fetch) -> list[str] | None:
     try:
         if not is_remote(where):
             return Path(where).read_text().split()
-        fs, path = _filesystem(where, network)
+        fs, path = _filesystem(where, fetch)
         with fs.open(path, "rb") as f:
             return f.read().decode().split()
     except (OSError, *_network_errors()):
         return None
 
 
-def load_members(samples: Samples, network: Network = Network()) -> Samples:
+def load_members(samples: Samples, fetch: Fetch = Fetch()) -> Samples:
     """The same samples with every (shard, member) reference replaced by the member's bytes."""
     wanted: dict[str, dict[str, int]] = {}
     for i, item in enumerate(samples.items):
@@ -410,7 +410,7 @@ def load_members(samples: Samples, network: Network = Network()) -> Samples:
         return samples
     items = list(samples.items)
     for shard, members in wanted.items():
-        for name, data in read_members(shard, members, network):
+        for name, data in read_members(shard, members, fetch):
             items[members[name]] = data
     return Samples(items, samples.labels, samples.names)
 

@@ -297,7 +297,8 @@ def open_shard(shard: str, fetch: Fetch):
 
 
 def _reason(err: BaseException) -> str:
-    """What went wrong, from the innermost cause (fsspec reports an HTTP 503 or a timeout as 'file not found')."""
+    """What went wrong with a remote file, from the innermost cause (fsspec reports an HTTP 503 or a timeout as
+    'file not found', and a 404 as a bare FileNotFoundError)."""
     cause = err.__cause__ or err.__context__ or err
     if getattr(cause, "status", None):
         return f"HTTP {cause.status} {getattr(cause, 'message', '')}".strip()
@@ -332,7 +333,7 @@ def read_members(shard: str, names, fetch: Fetch = Fetch()) -> Iterator[tuple[st
                     else "Check it with `sha256sum -c SHA256SUMS` or remove it"
                 )
                 raise ShardError(
-                    f"shard {shard} is unreadable{again} ({_reason(err)}). {fix}, "
+                    f"shard {shard} is unreadable{again} ({_reason(err) if is_remote(shard) else err}). {fix}, "
                     "or set data.on_bad_image: skip to leave it out."
                 ) from None
             time.sleep(min(2**attempt, 30))

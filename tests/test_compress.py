@@ -5,6 +5,7 @@ import base64
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -220,8 +221,13 @@ def test_serve_runs_an_onnx_model_on_openvino(exports):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in STORE_VARIABLES}
     command = [sys.executable, "-m", "cnnlab", "serve", str(folder / "fp32"), "--runtime", "openvino"]
-    process = subprocess.Popen(
-        [*command, "--port", str(port)], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    process = subprocess.Popen(  # its own session: LitServe's workers go with it
+        [*command, "--port", str(port)],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         url, deadline = f"http://127.0.0.1:{port}", time.time() + 120
@@ -243,7 +249,7 @@ def test_serve_runs_an_onnx_model_on_openvino(exports):
         info = requests.get(f"{url}/info", timeout=10).json()
         assert info["runtime"] == "onnx" and info["engine"] == "openvino"
     finally:
-        process.kill()
+        os.killpg(process.pid, signal.SIGKILL)
         process.wait()
 
 

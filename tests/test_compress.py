@@ -284,3 +284,16 @@ def test_compress_report_converts_for_every_runtime_installed(quickstart):
     engines.append("openvino-int8, openvino")
     assert len(rows) == 5 and all(f"({engine})" in row for engine, row in zip(engines, rows))
     assert all(float(row.split()[-2]) >= 0.95 for row in rows)  # agreement with the torch model
+
+
+def test_predict_runs_an_onnx_model_on_openvino_with_the_same_answers(exports, tmp_path):
+    cwd, folder = exports
+    for i, (raw, _) in enumerate(store.load(str(folder / "fp32")).samples):
+        (tmp_path / f"{i:02d}.png").write_bytes(raw)
+    answers = {}
+    for runtime in ([], ["--runtime", "openvino"]):
+        out = tmp_path / f"{len(runtime)}.csv"
+        result = cnnlab_here("predict", folder / "fp32", tmp_path, "-o", out, *runtime, cwd=cwd)
+        assert result.returncode == 0, result.stderr[-3000:]
+        answers[len(runtime)] = [line.split(",")[1] for line in out.read_text().splitlines()[1:]]
+    assert len(answers[0]) == 16 and answers[0] == answers[2]

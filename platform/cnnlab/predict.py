@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from cnnlab import UserError
-from cnnlab.cnnlab_model import read_image, softmax
+from cnnlab.cnnlab_model import RUNTIMES, read_image, softmax
 from cnnlab.sources import IMAGE_EXTENSIONS
 
 
@@ -38,6 +38,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--tta", choices=("flip",), default=None, help="flip: average with the mirrored image")
     p.add_argument("--threads", type=int, default=None, help="CPU threads of the runtime")
+    p.add_argument(
+        "--runtime", choices=RUNTIMES, default=None, help="run an ONNX model on openvino (default: the artifact's own)"
+    )
     return p
 
 
@@ -117,7 +120,7 @@ def main(argv: list[str]) -> int:
         )
     from cnnlab import store
 
-    network = store.load(args.model, threads=args.threads)
+    network = store.load(args.model, threads=args.threads, runtime=args.runtime)
     classes = network.classes
     k = min(args.top_k, len(classes))
     rows = []

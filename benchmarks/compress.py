@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 
 from cnnlab import store
-from cnnlab.cnnlab_model import Network, network_files, run_onnxruntime, run_openvino
+from cnnlab.cnnlab_model import load_network
 from cnnlab.compress import latency_ms
 from cnnlab.data import labelled
-from cnnlab.export import calibration, to_int8, to_onnx, to_openvino
+from cnnlab.export import convert, openvino_installed
 from cnnlab.registry import evaluate
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "cifar10"
@@ -127,32 +127,29 @@ def main(argv=None) -> int:
             datamodule, split = labelled(source.meta, args.data)
             if args.test_images:
                 datamodule.splits[split] = datamodule.splits[split].subset(range(args.test_images))
-            fp32 = to_onnx(source.module, source.image_size, folder / f"{name.replace(' ', '_')}.onnx")
-            engines = {f"{name} onnx fp32": (fp32, "cpu")}
+            formats = [("onnx", False)]
             if name == "resnet18":
-                batches = list(calibration(source, datamodule.splits["train"], 10))
-                int8 = to_int8(fp32, folder / "resnet18.int8.onnx", batches)
-                engines[f"{name} onnx int8"] = (int8, "cpu")
-                if openvino_installed():
-                    engines[f"{name} openvino fp32"] = (to_openvino(fp32, folder / "resnet18.xml"), "cpu")
-                    engines[f"{name} openvino int8"] = (to_openvino(fp32, folder / "resnet18.int8.xml", batches), "cpu")
-                if args.device.startswith("cuda"):
-                    import onnxruntime
-
-                    found = [p for p in onnxruntime.get_available_providers() if p.startswith(("Tensorrt", "CUDA"))]
-                    where = found[0].replace("ExecutionProvider", "") if found else "no GPU provider: CPU"
-                    engines[f"{name} onnx fp32 {args.device} ({where})"] = (fp32, args.device)
-            for label, (path, device) in engines.items():
-                run_on = run_openvino if path.suffix == ".xml" else run_onnxruntime
-                run = run_on(path, args.threads, device)[0]
-                top1 = evaluate(Network(run, source.meta), datamodule, split)["test/acc"]
-                results[label] = {
-                    "ms_b1": latency_ms(run, 32, 1, args.runs),
-                    "ms_b32": latency_ms(run, 32, 32, 10),
-                    "top1": top1,
-                    "params": source.params,
-                    "mb": sum(p.stat().st_size for p in network_files(path)) / 1e6,
-                }
+                formats += [
+                    ("onnx", True),
+                    *([("openvino", False), ("openvino", True)] if openvino_installed() else []),
+                ]
+            for fmt, int8 in formats:
+                folder_of = folder / f"{name.replace(' ', '_')}-{fmt}{'-int8' if int8 else ''}"
+                meta = convert(source, folder_of, fmt, int8, datamodule.splits["train"])
+                devices = [
+                    "cpu",
+                    *([args.device] if args.device.startswith("cuda") and meta["format"] == "onnx" else []),
+                ]
+                for device in devices:  # on a GPU: ONNX Runtime's CUDA / TensorRT providers, or a line saying why not
+                    network = load_network(folder_of, args.threads, device)
+                    label = f"{name} {fmt} {'int8' if int8 else 'fp32'}{'' if device == 'cpu' else ' ' + device}"
+                    results[label] = {
+                        "ms_b1": latency_ms(network.predict, 32, 1, args.runs),
+                        "ms_b32": latency_ms(network.predict, 32, 32, 10),
+                        "top1": evaluate(network, datamodule, split)["test/acc"],
+                        "params": source.params,
+                        "mb": meta["bytes"] / 1e6,
+                    }
     images = args.test_images or "all"
     print(
         f"\nCPU latency with {args.threads} threads (ONNX Runtime, OpenVINO; rows naming cuda on the GPU); top-1 of "
@@ -188,12 +185,6 @@ def main(argv=None) -> int:
         f"{100 * (distilled[0] - scratch[0]):+.2f} points (target >= +0.5); teacher {teacher[0]:.4f}"
     )
     return 0
-
-
-def openvino_installed() -> bool:
-    from importlib.util import find_spec
-
-    return find_spec("openvino") is not None and find_spec("nncf") is not None
 
 
 if __name__ == "__main__":

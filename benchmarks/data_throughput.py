@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cnnlab.data import train_transform
+from cnnlab.data import POLICIES, train_transform
 from cnnlab.sources import open_image, read_source, resolve_path
 
 
@@ -51,7 +51,7 @@ def imagenet_bytes(n: int) -> list[bytes]:
     return out
 
 
-def albumentations_pipeline(preset: str, size: int):
+def cnnlab_pipeline(preset: str, size: int):
     transform = train_transform(preset, size)
     return lambda raw: torch.from_numpy(transform(open_image(raw, 10**9)[0])).permute(2, 0, 1)
 
@@ -120,18 +120,13 @@ def policy_rows(items: list[bytes], size: int, device: str, batch: int = 256) ->
     """(policy, img/s per image in the workers, img/s per batch on the device) at `size` px."""
     from torchvision.transforms import v2
 
-    from cnnlab.data import POLICIES
-
     cores = len(os.sched_getaffinity(0))
     images = [open_image(raw, 10**9)[0] for raw in items[:batch]]
     images = torch.stack([torch.from_numpy(cv2.resize(i, (size, size))).permute(2, 0, 1) for i in images]).to(device)
     rows = []
     for name in POLICIES:
-        per_image = train_transform(name, size)
-        workers = images_per_second(
-            lambda raw, t=per_image: torch.from_numpy(t(open_image(raw, 10**9)[0])).permute(2, 0, 1), items
-        )
-        policy = {"randaugment": v2.RandAugment, "trivialaugment": v2.TrivialAugmentWide, "augmix": v2.AugMix}[name]()
+        workers = images_per_second(cnnlab_pipeline(name, size), items)  # the same per-image path
+        policy = getattr(v2, POLICIES[name])()
         flip = v2.RandomHorizontalFlip()
         for _ in range(3):
             policy(flip(images))
@@ -174,7 +169,7 @@ def main(argv=None) -> int:
         ("CIFAR-10 32 px", cifar_bytes(args.images, source), 32, "cifar"),
         ("ImageNet-style 224 px", imagenet_bytes(max(50, args.images // 10)), 224, "standard"),
     ):
-        ours = images_per_second(albumentations_pipeline(preset, size), items)
+        ours = images_per_second(cnnlab_pipeline(preset, size), items)
         theirs = images_per_second(torchvision_pipeline("cifar" if size == 32 else "imagenet", size), items)
         rows.append((kind, ours, theirs))
     print(f"\none CPU core ({os.cpu_count()} on this machine), decode + augment to a uint8 tensor")

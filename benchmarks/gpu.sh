@@ -11,7 +11,7 @@ shift $(($# < 2 ? $# : 2))
 STEPS=${*:-train_throughput time_to_accuracy real_data_resnet50 data_throughput compress}
 mkdir -p "$LOG"
 export PYTHONUNBUFFERED=1 NO_ALBUMENTATIONS_UPDATE=1 HF_HUB_OFFLINE=1 MLFLOW_DISABLE_TELEMETRY=true
-FIGURES='img/s|ratio|top-1|target|x faster|points|i/s|Error|error|Traceback'
+FIGURES='img/s|ratio|top-1|target|x faster|points|i/s|no working CUDA|Error|error|Traceback'
 step() {
   local name=$1 seconds=$2 start=$SECONDS
   shift 2

@@ -132,7 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     data = commands.add_parser("data", help="check a data source, or preview a recipe's augmentation")
     actions = data.add_subparsers(dest="action", metavar="ACTION", required=True)
     check = actions.add_parser("check", help="report unreadable, truncated, non-image, odd-mode and oversized images")
-    check.add_argument("source", help="ImageFolder root, CSV manifest, WebDataset shard folder, digits or synthetic")
+    check.add_argument(
+        "source",
+        help="ImageFolder root, CSV manifest, WebDataset shards (folder, URL, brace pattern), digits or synthetic",
+    )
     check.add_argument("--max-pixels", type=int, help="pixel limit per image (default: PIL's)")
     check.set_defaults(func=call("cnnlab.datacheck:report"))
     preview = actions.add_parser("preview", help="write a PNG grid of augmented training samples of a recipe")

@@ -202,10 +202,10 @@ def load_network(folder, threads: int | None = None, device: str = "cpu", runtim
     if runtime != own and (runtime, own) not in (("onnxruntime", "onnx"), ("openvino", "onnx")):
         raise ValueError(f"a {own} network cannot run on {runtime}: export it to ONNX (or OpenVINO) first")
     if runtime == "onnxruntime":
-        predict, params = run_onnxruntime(file, threads, device)
+        predict, params = _onnxruntime(file, threads, device)
         return Network(predict, meta, params=params, samples=samples, engine=runtime)
     if runtime == "openvino":
-        predict, params = run_openvino(file, threads, device)
+        predict, params = _openvino(file, threads, device)
         return Network(predict, meta, params=params, samples=samples, engine=runtime)
     import torch
 
@@ -228,7 +228,7 @@ def load_network(folder, threads: int | None = None, device: str = "cpu", runtim
     )
 
 
-def run_onnxruntime(file: Path, threads: int | None, device: str):
+def _onnxruntime(file: Path, threads: int | None, device: str):
     """An ONNX Runtime session; on `cuda[:N]` TensorRT's or CUDA's execution provider where this onnxruntime
     has one (onnxruntime-gpu: pip install "cnnlab[gpu]"), else the CPU, said in one line."""
     import onnx
@@ -257,7 +257,7 @@ def run_onnxruntime(file: Path, threads: int | None, device: str):
     return (lambda x: session.run(None, {name: x})[0]), params
 
 
-def run_openvino(file: Path, threads: int | None, device: str):
+def _openvino(file: Path, threads: int | None, device: str):
     """An OpenVINO compiled model (an .xml IR or an .onnx file) on its CPU plug-in (`cuda` is refused: OpenVINO
     targets Intel hardware)."""
     if device != "cpu":

@@ -55,26 +55,23 @@ def report(
 
 def converted(source, train, folder: Path, threads: int) -> list:
     """(label, network) of the source converted for every runtime installed here."""
-    from importlib.util import find_spec
-
     from cnnlab import UserError
     from cnnlab.cnnlab_model import load_network
-    from cnnlab.export import convert
+    from cnnlab.export import convert, openvino_installed
 
     if source.runtime != "torch":
         raise UserError(
             f"--all-runtimes converts a torch model: '{source.source}' is {source.runtime}; put its source first."
         )
     formats = [("onnx", False), ("onnx", True)]
-    if find_spec("openvino") and find_spec("nncf"):
+    if openvino_installed():
         formats += [("openvino", False), ("openvino", True)]
     else:
         print('cnnlab: OpenVINO is not installed (pip install "cnnlab[openvino]"): its rows are left out.')
     out = []
     for fmt, int8 in formats:
-        form = f"{fmt}-int8" if int8 else fmt
-        convert(source, folder / form, fmt, int8, train)
-        out.append((f"-> {form}", load_network(folder / form, threads)))
+        meta = convert(source, folder / str(len(out)), fmt, int8, train)
+        out.append((f"-> {meta['format']}", load_network(folder / str(len(out)), threads)))
     return out
 
 

@@ -36,19 +36,19 @@ from cnnlab.sources import (
     Fetch,
     Samples,
     ShardError,
-    digits_folder,
-    is_remote,
     load_members,
     open_image,
     read_members,
     read_source,
     resolve_path,
+    source_root,
     stratified_split,
     synthetic_image,
 )
 
 PRESETS = ("none", "flip", "light", "standard", "strong", "cifar")
-POLICIES = ("randaugment", "trivialaugment", "augmix")  # torchvision's automatic policies, after a flip
+# torchvision's automatic policies (transforms.v2 class names), applied after a flip
+POLICIES = {"randaugment": "RandAugment", "trivialaugment": "TrivialAugmentWide", "augmix": "AugMix"}
 DEFAULT_IMAGE_SIZE = 32
 # Lightning's warning about an IterableDataset with __len__ under several workers: ShardStream gives each
 # worker its own share and counts exactly what they yield.
@@ -104,9 +104,7 @@ def train_transform(
     if augment in POLICIES:
         from torchvision.transforms import v2
 
-        policy = {"randaugment": v2.RandAugment, "trivialaugment": v2.TrivialAugmentWide, "augmix": v2.AugMix}[
-            augment
-        ]()
+        policy = getattr(v2, POLICIES[augment])()
         cut.append(A.HorizontalFlip(p=0.5))
     else:
         cut.append(load_augment(augment))
@@ -379,17 +377,7 @@ class DataModule(L.LightningDataModule):
 
     def describe(self) -> dict:
         """Dataset fingerprint for tracking: a hash of every split's file list, split sizes, class counts."""
-        if self.source == "synthetic":
-            root = ""
-        elif is_remote(self.source) or "{" in self.source:  # names relative to the shards' folder, as for a local one
-            root = (
-                os.path.dirname(self.source)
-                if is_remote(self.source)
-                else str(resolve_path(os.path.dirname(self.source)).resolve())
-            )
-        else:
-            source = (digits_folder() if self.source == "digits" else resolve_path(self.source)).resolve()
-            root = str(source.parent if source.suffix == ".csv" else source)
+        root = source_root(self.source)
         counts = [0] * len(self.classes)
         for samples in self.splits.values():
             for label in samples.labels:

@@ -10,7 +10,16 @@ from pathlib import Path
 from PIL import Image
 
 from cnnlab import UserError
-from cnnlab.sources import BadImageError, Samples, check_classes, open_image, read_source, resolve_path, scan_folder
+from cnnlab.sources import (
+    BadImageError,
+    Samples,
+    check_classes,
+    open_image,
+    read_source,
+    resolve_path,
+    scan_folder,
+    shard_list,
+)
 
 MODE_NAMES = {
     "L": "grey",
@@ -33,11 +42,7 @@ def check(source: str, max_pixels: int = Image.MAX_IMAGE_PIXELS) -> dict:
     """Returns {'splits': {split: n}, 'classes': [...], 'modes': Counter, 'errors': [(where, what)], 'ignored': [...]}."""
     errors, ignored = [], []
     path = resolve_path(source)
-    if (
-        source not in ("digits", "synthetic")
-        and path.is_dir()
-        and not any(p.name.endswith((".tar", ".tar.gz", ".tgz")) for p in path.iterdir())
-    ):
+    if source not in ("digits", "synthetic") and path.is_dir() and not shard_list(source):
         scan = scan_folder(path)
         classes, splits, ignored = scan["classes"], scan["splits"], scan["ignored"]
         check_classes(classes, source)

@@ -69,6 +69,13 @@ def to_int8(fp32: Path, path: Path, batches) -> Path:
     return path
 
 
+def openvino_installed() -> bool:
+    """Whether `--format openvino` can run here (OpenVINO and NNCF: pip install "cnnlab[openvino]")."""
+    from importlib.util import find_spec
+
+    return find_spec("openvino") is not None and find_spec("nncf") is not None
+
+
 def to_openvino(onnx: Path, path: Path, batches=None) -> Path:
     """OpenVINO IR (.xml + .bin) converted from the ONNX file; with `batches`, quantized to int8 by NNCF
     (OpenVINO's post-training quantization: per-channel weights, calibrated activations, bias correction)."""

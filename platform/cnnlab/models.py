@@ -14,7 +14,7 @@ from timm.layers import create_act_layer
 from torch import nn
 
 from cnnlab import UserError
-from cnnlab.papers import PAPERS
+from cnnlab.papers import PAPERS, auxiliary_heads
 
 # name: (family, native input px, paper ImageNet top-1 %, where the paper says so and its test protocol:
 #       10-crop, one crop, or dense evaluation; `model.tta: ten_crop` tests on the 10-crop protocol)
@@ -228,9 +228,8 @@ def new_layers(model: nn.Module, name: str, small_input: bool) -> dict[str, str]
     layers = {next(n for n, m in model.named_modules() if m is head): f"the classifier for {head.out_features} classes"}
     if small_input and family_of(name) in STEMS:
         layers[STEMS[family_of(name)][0]] = "the small-input stem"
-    for child, module in model.named_children():  # a logged model leaves its training-only classifiers out
-        if child.startswith("aux") and module is not None:
-            layers[child] = "an auxiliary classifier, which a logged model does not hold"
+    for child in auxiliary_heads(model):  # a logged model leaves its training-only classifiers out
+        layers[child] = "an auxiliary classifier, which a logged model does not hold"
     return layers
 
 
@@ -279,7 +278,7 @@ def measure(name: str, image_size: int | None = None, num_classes: int = 1000, s
         counter = FlopCounterMode(display=False)
         with counter, torch.no_grad():
             model(torch.empty(1, 3, size, size))
-    auxiliary = sum(count_params(m) for n, m in model.named_children() if n.startswith("aux"))  # training only
+    auxiliary = sum(count_params(m) for m in auxiliary_heads(model).values())
     return {"params": count_params(model) - auxiliary, "gmacs": counter.get_total_flops() / 2e9, "input": size}
 
 

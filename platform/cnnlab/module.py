@@ -244,9 +244,10 @@ class ClassifierModule(L.LightningModule):
         if self.mixup:
             x, soft_targets = self.mixup(x, targets)
         logits, *aux = _outputs(self.run_net(x))
-        loss = self.loss(logits, targets if soft_targets is None else soft_targets)
+        target = targets if soft_targets is None else soft_targets
+        loss = self.loss(logits, target)
         if aux:  # auxiliary classifiers (googlenet_paper), in training only
-            aux_loss = sum(self.loss(a, targets if soft_targets is None else soft_targets) for a in aux)
+            aux_loss = sum(self.loss(a, target) for a in aux)
             self.log("train/aux_loss", aux_loss, on_step=False, on_epoch=True)
             loss = loss + self.net.aux_weight * aux_loss
         if soft_targets is None:

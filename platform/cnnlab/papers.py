@@ -148,3 +148,9 @@ class GoogLeNetPaper(nn.Module):
 
 
 PAPERS = {"alexnet_paper": AlexNetPaper, "googlenet_paper": GoogLeNetPaper}
+
+
+def auxiliary_heads(model: nn.Module) -> dict[str, nn.Module]:
+    """A network's training-only classifiers by attribute name (googlenet_paper's aux1, aux2; none elsewhere):
+    what inference, the zoo's parameter count and a logged model leave out."""
+    return {name: child for name, child in model.named_children() if name.startswith("aux") and child is not None}

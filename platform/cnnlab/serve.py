@@ -318,7 +318,7 @@ class ImageClassifierAPI(ls.LitAPI):
         import torch
 
         torch.set_num_threads(self.threads)
-        # LitServe's device for a torch model on a GPU; the asked-for one for ONNX Runtime's providers
+        # LitServe's device for a torch model on a GPU; otherwise the asked-for one (ONNX Runtime's providers)
         self.device = str(device) if str(device).startswith("cuda") else self.requested_device
         self.stats = {"requests": 0, "images": 0, "model_calls": 0}
         self.current = self._load(self.uri)
@@ -527,19 +527,17 @@ def serve(
         raise UserError(f"--runtime {runtime}: choose {' or '.join(RUNTIMES)} (default: the artifact's own).")
     network = store.load(uri, 1, "cpu", runtime)  # a bad URI or runtime fails here, not in a worker
     accelerator = "cpu"
-    if device.startswith("cuda"):
+    # ONNX Runtime needs no torch GPU: the workers ask for its CUDA / TensorRT providers (or say in one line why not)
+    if device.startswith("cuda") and network.engine != "onnxruntime":
         import torch
 
-        if network.engine == "onnxruntime":  # its CUDA / TensorRT providers, or the CPU said in one line
-            store.load(uri, 1, device, runtime)
-        elif network.engine == "openvino":
+        if network.engine == "openvino":
             raise UserError(f"--device {device}: OpenVINO runs on the CPU here; serve the ONNX model for CUDA.")
-        elif torch.cuda.is_available():
-            accelerator = "cuda"
-        else:
+        if not torch.cuda.is_available():
             raise UserError(
                 f"--device {device}: torch {torch.__version__} sees no CUDA GPU here. Serve on --device cpu."
             )
+        accelerator = "cuda"
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
     state_dir = tempfile.mkdtemp(prefix="cnnlab-serve-")
     api = ImageClassifierAPI(
@@ -552,7 +550,7 @@ def serve(
         max_batch_size,
         batch_timeout_ms / 1000,
         runtime,
-        device if network.engine == "onnxruntime" else "cpu",
+        device,
     )
     server = ls.LitServer(
         api,

@@ -29,6 +29,7 @@ SHARD_IMAGES = ("jpg", "jpeg", "png", "webp")
 # open_image enforces data.max_pixels itself; PIL's own warning would only repeat it.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+BRACES = re.compile(r"\{[^{}]*(\.\.|,)[^{}]*\}")  # a brace pattern: {00000..00004} or {train,test}
 SOURCE_HELP = (
     "Give an ImageFolder root, a CSV manifest (path,label), a folder, URL or brace pattern of WebDataset shards, "
     "'digits' or 'synthetic'."
@@ -134,14 +135,12 @@ def read_source(
         return [f"class_{i}" for i in range(10)], {
             "all": Samples(list(range(synthetic_size)), [i % 10 for i in range(synthetic_size)])
         }
+    path = resolve_path(source)
     if shards := shard_list(source, fetch):
         found = _read_shards(shards, source, stream, fetch, left_out)
-        check_classes(found[0], source)
-        return found
-    path = resolve_path(source)
-    if not path.exists():
+    elif not path.exists():
         raise UserError(f"data.source='{source}' does not exist. {SOURCE_HELP}")
-    if path.suffix == ".csv":
+    elif path.suffix == ".csv":
         found = _read_csv(path)
     elif path.is_dir():
         found = _read_folder(path)
@@ -238,7 +237,7 @@ def shard_list(source: str, fetch: Fetch = Fetch()) -> list[str]:
     """The shards a source names, in order: a local folder of shards, a brace pattern (local or remote,
     `train-{00000..00004}.tar.gz`), a shard's URL, or a folder URL that fsspec can list (s3://, gs://, an
     HTTP index page). Empty for any other source."""
-    if re.search(r"\{[^{}]*(\.\.|,)[^{}]*\}", source):
+    if BRACES.search(source):
         from braceexpand import braceexpand
 
         shards = list(braceexpand(source))
@@ -265,6 +264,20 @@ def shard_list(source: str, fetch: Fetch = Fetch()) -> list[str]:
     if path.is_dir() and (shards := sorted(str(p) for p in path.iterdir() if p.name.endswith(SHARD_SUFFIXES))):
         return shards
     return []
+
+
+def source_root(source: str) -> str:
+    """What a source's sample names are relative to in its fingerprint: the shards' folder (of a URL or a brace
+    pattern too, so remote shards hash as local ones), the CSV's folder, the ImageFolder root; nothing for
+    `synthetic`."""
+    if source == "synthetic":
+        return ""
+    if is_remote(source):
+        return os.path.dirname(source)
+    if BRACES.search(source):
+        return str(resolve_path(os.path.dirname(source)).resolve())
+    path = (digits_folder() if source == "digits" else resolve_path(source)).resolve()
+    return str(path.parent if path.suffix == ".csv" else path)
 
 
 def _filesystem(url: str, fetch: Fetch):

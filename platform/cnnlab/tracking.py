@@ -292,8 +292,9 @@ def log_model(logger: MLFlowLogger, module, datamodule, samples: int = 16) -> st
         if len(examples) == samples:
             break
     compiled, module.compiled = module.compiled, None  # export the plain network, not the compiled one
-    # auxiliary classifiers (googlenet_paper's) train only: the model leaves them out, weights and all
-    auxiliary = {name: head for name, head in module.net.named_children() if name.startswith("aux")}
+    from cnnlab.papers import auxiliary_heads
+
+    auxiliary = auxiliary_heads(module.net)  # training only: the model leaves them out, weights and all
     for name in auxiliary:
         setattr(module.net, name, None)
     module.eval().cpu()

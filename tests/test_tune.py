@@ -82,7 +82,7 @@ def test_six_trials_with_two_workers_all_accounted_for_and_nested_in_mlflow(smal
     assert result.returncode == 0, result.stderr[-3000:]
     study = optuna.load_study(study_name=name, storage=open_storage(storage))
     assert sorted(t.number for t in study.trials) == list(range(6))
-    assert all(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials), [t.state for t in study.trials]
+    assert all(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials), result.stdout[-3000:]
 
     parent, runs = nested_runs(mlflow_client(tracking), study.user_attrs["mlflow_parent_run"])
     assert parent.data.tags["optuna.study"] == name and parent.info.status == "FINISHED"

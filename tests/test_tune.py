@@ -263,3 +263,14 @@ def test_a_ddp_trial_draws_its_values_once_for_every_rank(small, workdir):
     assert float(run.data.params["model.optimizer.init_args.lr"]) == pytest.approx(
         trial.params["model.optimizer.init_args.lr"]
     )
+
+
+def test_a_fit_ended_by_a_signal_is_said_so():
+    """A trial's fit that crashes or is killed (no Python error of its own) names the signal in its fail reason."""
+    from cnnlab.run import why_failed
+
+    script = "import os, signal, sys; print('Warning: last words', file=sys.stderr, flush=True); os.abort()"
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert why_failed(proc) == "the fit was ended by SIGABRT; its last line: Warning: last words"
+    proc = subprocess.run([sys.executable, "-c", "raise ValueError('bad value')"], capture_output=True, text=True)
+    assert why_failed(proc) == "ValueError: bad value"

@@ -175,7 +175,7 @@ def compare(
     overrides: dict | None = None,
 ) -> int:
     from cnnlab import store
-    from cnnlab.run import fit_process
+    from cnnlab.run import fit_process, why_failed
     from cnnlab.store import default_tracking_uri
 
     client = store.client()
@@ -214,7 +214,7 @@ def compare(
                 recipe, child, "cnnlab", default_tracking_uri(), name=run_name, extra=["--log_model=false"]
             )
             if proc.returncode != 0:
-                print(f"  failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
+                print(f"  failed: {why_failed(proc)}")
                 client.set_terminated(child, "FAILED")
             run_ids.append(child)
     rows = [row(client, run_id) for run_id in run_ids]

@@ -345,6 +345,23 @@ def fit_process(
         return subprocess.CompletedProcess(child.args, child.returncode, stdout, stderr)
 
 
+def why_failed(proc: subprocess.CompletedProcess) -> str:
+    """One line on why a fit process failed: its last error line, and the signal that ended it, if one did."""
+    lines = [line.strip() for line in (proc.stderr or "").splitlines() if line.strip()]
+    error = next(
+        (
+            line
+            for line in reversed(lines)
+            if line.startswith("cnnlab: ") or "Error" in line.split(":")[0] or "Exception" in line.split(":")[0]
+        ),
+        lines[-1] if lines else "",
+    )[:1000]
+    if proc.returncode < 0:  # a crash or the kernel (SIGSEGV, SIGKILL), not a Python error
+        ended = f"the fit was ended by {signal.Signals(-proc.returncode).name}"
+        return f"{ended}; its last line: {error}" if error else ended
+    return error or f"the fit exited with code {proc.returncode}"
+
+
 _CHILDREN: set[subprocess.Popen] = set()
 TEMP_PREFIX = "cnnlab-fit-"
 

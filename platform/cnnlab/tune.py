@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from cnnlab import UserError
-from cnnlab.run import _decode, _encode, apply, end_children, fit_process, remove_stale_temp
+from cnnlab.run import _decode, _encode, apply, end_children, fit_process, remove_stale_temp, why_failed
 
 DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
 SAMPLERS = ("tpe", "random", "cmaes", "qmc", "grid")
@@ -338,7 +338,7 @@ class Study:
         trial.set_user_attr("epochs", len(scores))
         trial.set_user_attr("seconds", round(time.time() - started, 1))
         if proc.returncode != 0 or not scores:
-            reason = _reason(proc.stderr) if proc.returncode else f"the fit never logged {self.metric} (no val split?)"
+            reason = why_failed(proc) if proc.returncode else f"the fit never logged {self.metric} (no val split?)"
             self._finish(trial, run_id, "FAIL", reason)
             raise TrialFailed(reason)
         if PRUNED_AT in frozen.user_attrs:
@@ -425,14 +425,6 @@ def _show(value) -> str:
         if isinstance(value, (dict, list))
         else str(value)
     )
-
-
-def _reason(stderr: str) -> str:
-    lines = [line.strip() for line in stderr.strip().splitlines() if line.strip()]
-    for line in reversed(lines):
-        if line.startswith("cnnlab: ") or "Error" in line.split(":")[0] or "Exception" in line.split(":")[0]:
-            return line[:1000]
-    return (lines[-1] if lines else "the trial's fit exited with an error")[:1000]
 
 
 def leaderboard(study, metric: str) -> str:

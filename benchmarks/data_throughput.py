@@ -164,11 +164,12 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    rows = []
-    for kind, items, size, preset in (
+    inputs = (  # read and encoded once: both comparisons time the same images
         ("CIFAR-10 32 px", cifar_bytes(args.images, source), 32, "cifar"),
         ("ImageNet-style 224 px", imagenet_bytes(max(50, args.images // 10)), 224, "standard"),
-    ):
+    )
+    rows = []
+    for kind, items, size, preset in inputs:
         ours = images_per_second(cnnlab_pipeline(preset, size), items)
         theirs = images_per_second(torchvision_pipeline("cifar" if size == 32 else "imagenet", size), items)
         rows.append((kind, ours, theirs))
@@ -181,10 +182,7 @@ def main(argv=None) -> int:
     for name, streamed, in_memory in loaders:
         print(f"{name:<28} {streamed:>8,.0f} i/s {in_memory:>8,.0f} i/s {streamed / in_memory:>6.2f}")
     cores = len(os.sched_getaffinity(0))
-    for kind, items, size in (
-        ("CIFAR-10 32 px", cifar_bytes(args.images, source), 32),
-        ("ImageNet-style 224 px", imagenet_bytes(max(50, args.images // 10)), 224),
-    ):
+    for kind, items, size, _ in inputs:
         print(
             f"\n{kind}: automatic policies per image in {cores} workers (one core each, as measured on one) "
             f"against per batch of 256 on {args.device}"

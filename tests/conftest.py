@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,6 +135,39 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(command: list, cwd: Path, env: dict, log: Path, stop: int = signal.SIGKILL, seconds: float = 180):
+    """A `cnnlab serve` command (without --port) on a free loopback port, in its own session, once /health
+    answers (its output in `log`): yields (url, process). Then `stop` goes to the whole session, so LitServe's
+    workers end with the server, unless the test ended it already."""
+    port = free_port()
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [*map(str, command), "--port", str(port)],
+            cwd=cwd,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + seconds
+        while time.time() < deadline:
+            assert process.poll() is None, Path(log).read_text()[-3000:]
+            try:
+                if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.5)
+        yield url, process
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, stop)
+            process.wait(timeout=60)
 
 
 def processes(field: int, value: int) -> list[int]:

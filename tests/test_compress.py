@@ -5,10 +5,7 @@ import base64
 import json
 import math
 import os
-import signal
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -20,7 +17,7 @@ from cnnlab.callbacks.distillation import distillation_loss
 from cnnlab.callbacks.pruning import Pruning
 from cnnlab.cli import main
 from cnnlab.module import ClassifierModule
-from conftest import QUICKSTART, STORE_VARIABLES, cnnlab, cnnlab_here, free_port, mlflow_client, only_run
+from conftest import QUICKSTART, STORE_VARIABLES, cnnlab, cnnlab_here, mlflow_client, only_run, serving
 
 FAST = ["--trainer.enable_progress_bar=false", "--data.num_workers=0", "--log_model=false"]
 
@@ -218,26 +215,9 @@ def test_an_onnx_model_runs_on_openvino_or_cuda_and_a_torch_one_says_why_not(exp
 
 def test_serve_runs_an_onnx_model_on_openvino(exports):
     cwd, folder = exports
-    port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in STORE_VARIABLES}
     command = [sys.executable, "-m", "cnnlab", "serve", str(folder / "fp32"), "--runtime", "openvino"]
-    process = subprocess.Popen(  # its own session: LitServe's workers go with it
-        [*command, "--port", str(port)],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        url, deadline = f"http://127.0.0.1:{port}", time.time() + 120
-        while time.time() < deadline:
-            assert process.poll() is None, process.stdout.read().decode()[-3000:]
-            try:
-                if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                time.sleep(0.5)
+    with serving(command, cwd, env, cwd / "serve-openvino.log", seconds=120) as (url, _):
         offline = store.load(str(folder / "fp32"))
         images = [raw for raw, _ in offline.samples]
         served = requests.post(
@@ -248,9 +228,6 @@ def test_serve_runs_an_onnx_model_on_openvino(exports):
         assert [p["label"] for p in served.json()["predictions"]] == expected
         info = requests.get(f"{url}/info", timeout=10).json()
         assert info["runtime"] == "onnx" and info["engine"] == "openvino"
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
 
 
 def test_compress_report_prints_and_logs_the_table(exports):

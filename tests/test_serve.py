@@ -6,7 +6,6 @@ import io
 import json
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -19,7 +18,7 @@ import requests
 from PIL import Image
 
 from cnnlab.data import DataModule
-from conftest import STORE_VARIABLES, cnnlab_here, free_port, processes
+from conftest import STORE_VARIABLES, cnnlab_here, processes, serving
 
 KEY = "s3cret-test-key"
 AUTH = {"X-API-Key": KEY}
@@ -37,54 +36,13 @@ def server(quickstart):
     for _ in range(2):  # two versions of the same model: enough to watch the alias move
         assert cnnlab_here("register", run.info.run_id, "--name", "swap", cwd=cwd).returncode == 0
     assert cnnlab_here("promote", "swap", "--version", "1", "--force", cwd=cwd).returncode == 0
-    port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in STORE_VARIABLES}
     env["CNNLAB_TEST_KEY"] = KEY
-    log = open(cwd / "serve.log", "w")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "cnnlab",
-            "serve",
-            "models:/swap@champion",
-            "--port",
-            str(port),
-            "--follow-alias",
-            "--poll-seconds",
-            "1",
-            "--api-key-env",
-            "CNNLAB_TEST_KEY",
-            "--max-batch-size",
-            "16",
-            "--batch-timeout-ms",
-            "20",
-            "--max-body-bytes",
-            "300000",
-            "--max-pixels",
-            "90000",
-            "--max-images",
-            "400",
-        ],
-        cwd=cwd,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        assert process.poll() is None, (cwd / "serve.log").read_text()[-3000:]
-        try:
-            if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.5)
-    yield {"url": url, "process": process, "cwd": cwd}
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGKILL)
+    command = [sys.executable, "-m", "cnnlab", "serve", "models:/swap@champion", "--follow-alias"]
+    command += ["--poll-seconds", 1, "--api-key-env", "CNNLAB_TEST_KEY", "--max-batch-size", 16]
+    command += ["--batch-timeout-ms", 20, "--max-body-bytes", 300000, "--max-pixels", 90000, "--max-images", 400]
+    with serving(command, cwd, env, cwd / "serve.log") as (url, process):
+        yield {"url": url, "process": process, "cwd": cwd}
 
 
 @pytest.fixture(scope="module")

@@ -5,16 +5,16 @@ it, export it (ONNX fp32 without data, int8 with --data) and compare the variant
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
-import time
 
 import pytest
 import requests
 
 from cnnlab.sources import digits_folder
-from conftest import ROOT, STORE_VARIABLES, free_port
+from conftest import ROOT, STORE_VARIABLES, serving
 
 RECIPE = """\
 seed_everything: 0
@@ -105,25 +105,8 @@ def test_the_lifecycle_from_a_wheel_with_the_training_data_gone(installed, tmp_p
     shutil.move(outside / "imgs", moved)  # a serving machine never has the training set
     test_images = sorted((moved / "7").glob("*.png"))[:5]
 
-    port = free_port()
-    server = subprocess.Popen(
-        [venv / "bin" / "cnnlab", "serve", "models:/digits@champion", "--port", str(port)],
-        cwd=outside,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        url, deadline = f"http://127.0.0.1:{port}", time.time() + 180
-        while time.time() < deadline and server.poll() is None:
-            try:
-                if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                time.sleep(0.5)
-        assert server.poll() is None, server.stdout.read()[-3000:]
+    command = [venv / "bin" / "cnnlab", "serve", "models:/digits@champion"]
+    with serving(command, outside, env, tmp_path / "serve.log", stop=signal.SIGTERM) as (url, _):
         labels = [
             requests.post(
                 f"{url}/predict", data=path.read_bytes(), headers={"Content-Type": "image/png"}, timeout=60
@@ -132,12 +115,6 @@ def test_the_lifecycle_from_a_wheel_with_the_training_data_gone(installed, tmp_p
         ]
         assert labels.count("7") >= 4, labels
         info = requests.get(f"{url}/info", timeout=10).json()
-    finally:
-        import os
-        import signal
-
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=60)
     from conftest import mlflow_client
 
     version = mlflow_client(f"sqlite:///{outside}/mlruns/mlflow.db").get_model_version("digits", "1")

@@ -70,8 +70,9 @@ def converted(source, train, folder: Path, threads: int) -> list:
         print('cnnlab: OpenVINO is not installed (pip install "cnnlab[openvino]"): its rows are left out.')
     out = []
     for fmt, int8 in formats:
-        meta = convert(source, folder / str(len(out)), fmt, int8, train)
-        out.append((f"-> {meta['format']}", load_network(folder / str(len(out)), threads)))
+        path = folder / str(len(out))
+        meta = convert(source, path, fmt, int8, train)
+        out.append((f"-> {meta['format']}", load_network(path, threads)))
     return out
 
 

@@ -1,7 +1,7 @@
-"""`cnnlab export MODEL_URI --out DIR`: the model as ONNX (fp32, or static int8 through ONNX Runtime), OpenVINO IR
-(fp32, or int8 through NNCF's post-training quantization) or TorchScript, written as a cnnlab model of the same kind (cnnlab_model: the new network beside the source's
-classes, preprocessing and sample images), checked against the source, logged to MLflow and optionally
-registered, linked to its source by tags.
+"""`cnnlab export MODEL_URI --out DIR`: the model as ONNX (fp32, or static int8 through ONNX Runtime), OpenVINO
+IR (fp32, or int8 through NNCF's post-training quantization) or TorchScript, written as a cnnlab model of the
+same kind (cnnlab_model: the new network beside the source's classes, preprocessing and sample images),
+checked against the source, logged to MLflow and optionally registered, linked to its source by tags.
 
 It reads the model artifact alone. Parity is checked on the model's own sample images; with `--data`, also
 on that source's test split. int8 calibrates on training images: `--data`, else the data the model records.

@@ -93,9 +93,10 @@ ACT_CHOICES = ("relu", "relu6", "leaky_relu", "elu", "selu", "celu", "gelu", "si
 
 
 def family_of(name: str) -> str:
-    """'resnet' for resnet50, 'vgg' for vgg16_bn ...: the family a stem adaptation is written for."""
-    match = re.match(r"(resnet|densenet|vgg)\d+(_bn)?$", name)
-    return match.group(1) if match else name
+    """'resnet' for resnet50, 'vgg' for vgg16_bn, 'alexnet' for alexnet_paper ...: the family a stem adaptation
+    is written for."""
+    match = re.match(r"(resnet|densenet|vgg)\d+(_bn)?$|(alexnet|googlenet)(_paper)?$", name)
+    return (match.group(1) or match.group(3)) if match else name
 
 
 def create_model(
@@ -217,8 +218,6 @@ STEMS = {
     "densenet": ("features.conv0", ["features.pool0"]),
     "alexnet": ("features.0", []),
     "googlenet": ("conv1.0", ["maxpool1", "maxpool2"]),
-    "alexnet_paper": ("features.0", []),
-    "googlenet_paper": ("conv1.0", ["maxpool1", "maxpool2"]),
 }
 
 

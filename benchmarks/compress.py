@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from cnnlab import store
+from cnnlab import load
 from cnnlab.cnnlab_model import load_network
 from cnnlab.compress import latency_ms
 from cnnlab.data import labelled
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
         )
         torch.set_num_threads(args.threads)
         for name, checkpoint in (("resnet18", scratch[1]), ("resnet18 pruned", pruned[1])):
-            source = store.load(str(checkpoint))
+            source = load.model(str(checkpoint))
             datamodule, split = labelled(source.meta, args.data)
             if args.test_images:
                 datamodule.splits[split] = datamodule.splits[split].subset(range(args.test_images))

@@ -49,9 +49,9 @@ class Distillation(Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage != "fit" or self.teacher is not None:
             return
-        from cnnlab import UserError, store
+        from cnnlab import UserError, load
 
-        teacher = store.load(self.teacher_uri)
+        teacher = load.model(self.teacher_uri)
         if teacher.module is None:
             raise UserError(
                 f"Distillation teacher '{self.teacher_uri}' is a model of format {teacher.meta.get('format')}, not torch: "

@@ -12,7 +12,7 @@ import pytest
 import requests
 import torch
 
-from cnnlab import UserError, store
+from cnnlab import UserError, load
 from cnnlab.callbacks.distillation import distillation_loss
 from cnnlab.callbacks.pruning import Pruning
 from cnnlab.cli import main
@@ -159,7 +159,7 @@ def test_onnx_export_is_a_cnnlab_model_that_agrees_with_torch(exports, quickstar
     assert meta["runtime"] == "onnx" and meta["classes"] == [str(i) for i in range(10)] and meta["schema"] == 1
     assert meta["checks"]["max_abs_diff"] < 1e-3 and meta["checks"]["top1_agreement"] == 1.0
     assert meta["checks"]["images"] == 16 and meta["source"]["uri"] == "models:/digits/1"  # its own samples, no data
-    source, exported = store.load(str(quickstart_checkpoint(quickstart))), store.load(str(folder / "fp32"))
+    source, exported = load.model(str(quickstart_checkpoint(quickstart))), load.model(str(folder / "fp32"))
     for batch in (1, 7):  # the batch axis is dynamic
         x = np.random.default_rng(batch).integers(0, 256, (batch, 3, 16, 16), dtype=np.uint8)
         assert np.abs(exported.predict(x) - source.predict(x)).max() < 1e-3
@@ -189,7 +189,7 @@ def test_openvino_exports_fp32_and_int8_agree_with_torch(exports, quickstart, mo
     assert fp32["checks"]["max_abs_diff"] < 1e-3 and fp32["checks"]["top1_agreement"] == 1.0
     assert int8["checks"]["images"] == 359 and int8["checks"]["top1_agreement"] >= 0.95
     assert int8["bytes"] < 0.4 * fp32["bytes"]  # the .xml and the .bin of the weights
-    source, exported = store.load(str(quickstart_checkpoint(quickstart))), store.load("models:/digits-openvino-int8/1")
+    source, exported = load.model(str(quickstart_checkpoint(quickstart))), load.model("models:/digits-openvino-int8/1")
     assert exported.engine == "openvino" and exported.version == "1"
     for batch in (1, 7):  # the batch axis is dynamic
         x = np.random.default_rng(batch).integers(0, 256, (batch, 3, 16, 16), dtype=np.uint8)
@@ -199,18 +199,18 @@ def test_openvino_exports_fp32_and_int8_agree_with_torch(exports, quickstart, mo
 def test_an_onnx_model_runs_on_openvino_or_cuda_and_a_torch_one_says_why_not(exports, monkeypatch, capsys):
     cwd, folder = exports
     on_store(monkeypatch, cwd)
-    ort, ov = store.load(str(folder / "fp32")), store.load(str(folder / "fp32"), runtime="openvino")
+    ort, ov = load.model(str(folder / "fp32")), load.model(str(folder / "fp32"), runtime="openvino")
     assert (ort.engine, ov.engine) == ("onnxruntime", "openvino")
     x = np.random.default_rng(0).integers(0, 256, (5, 3, 16, 16), dtype=np.uint8)
     assert np.abs(ort.predict(x) - ov.predict(x)).max() < 1e-3
     import onnxruntime
 
-    cuda = store.load(str(folder / "fp32"), device="cuda")  # CUDA / TensorRT providers where installed
+    cuda = load.model(str(folder / "fp32"), device="cuda")  # CUDA / TensorRT providers where installed
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         assert "has no working CUDA or TensorRT provider here" in capsys.readouterr().err
     assert np.abs(cuda.predict(x) - ort.predict(x)).max() < 1e-2
     with pytest.raises(UserError, match="a torch network cannot run on openvino: export it"):
-        store.load("models:/digits/1", runtime="openvino")
+        load.model("models:/digits/1", runtime="openvino")
 
 
 def test_serve_runs_an_onnx_model_on_openvino(exports):
@@ -218,7 +218,7 @@ def test_serve_runs_an_onnx_model_on_openvino(exports):
     env = {k: v for k, v in os.environ.items() if k not in STORE_VARIABLES}
     command = [sys.executable, "-m", "cnnlab", "serve", str(folder / "fp32"), "--runtime", "openvino"]
     with serving(command, cwd, env, cwd / "serve-openvino.log", seconds=120) as (url, _):
-        offline = store.load(str(folder / "fp32"))
+        offline = load.model(str(folder / "fp32"))
         images = [raw for raw, _ in offline.samples]
         served = requests.post(
             f"{url}/predict", json={"images": [base64.b64encode(i).decode() for i in images]}, timeout=60
@@ -265,7 +265,7 @@ def test_compress_report_converts_for_every_runtime_installed(quickstart):
 
 def test_predict_runs_an_onnx_model_on_openvino_with_the_same_answers(exports, tmp_path):
     cwd, folder = exports
-    for i, (raw, _) in enumerate(store.load(str(folder / "fp32")).samples):
+    for i, (raw, _) in enumerate(load.model(str(folder / "fp32")).samples):
         (tmp_path / f"{i:02d}.png").write_bytes(raw)
     answers = {}
     for runtime in ([], ["--runtime", "openvino"]):

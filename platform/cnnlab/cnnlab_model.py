@@ -186,6 +186,15 @@ def torch_predict(module, device: str = "cpu"):
     return predict
 
 
+def engine_of(meta: dict, runtime: str | None = None) -> str:
+    """What runs a model's network: its own runtime, or `runtime` where that one can run it (ValueError else)."""
+    own = meta["runtime"]
+    runtime = runtime or {"onnx": "onnxruntime"}.get(own, own)
+    if runtime != own and (runtime, own) not in (("onnxruntime", "onnx"), ("openvino", "onnx")):
+        raise ValueError(f"a {own} network cannot run on {runtime}: export it to ONNX (or OpenVINO) first")
+    return runtime
+
+
 def load_network(folder, threads: int | None = None, device: str = "cpu", runtime: str | None = None) -> Network:
     """The network of a model's data folder (where cnnlab.json lies), on its own runtime, or on `runtime`:
     `openvino` runs an ONNX or OpenVINO network with OpenVINO, `onnxruntime` an ONNX one with ONNX Runtime."""
@@ -196,11 +205,8 @@ def load_network(folder, threads: int | None = None, device: str = "cpu", runtim
             f"{folder / META_FILE} has schema {meta['schema']}; this code reads up to {SCHEMA}: upgrade cnnlab"
         )
     file = folder / meta["network"]
-    own = meta["runtime"]
-    runtime = runtime or {"onnx": "onnxruntime"}.get(own, own)
+    runtime = engine_of(meta, runtime)
     samples = [((folder / s["file"]).read_bytes(), s["label"]) for s in meta.get("samples", [])]
-    if runtime != own and (runtime, own) not in (("onnxruntime", "onnx"), ("openvino", "onnx")):
-        raise ValueError(f"a {own} network cannot run on {runtime}: export it to ONNX (or OpenVINO) first")
     if runtime == "onnxruntime":
         predict, params = _onnxruntime(file, threads, device)
         return Network(predict, meta, params=params, samples=samples, engine=runtime)

@@ -33,8 +33,8 @@ def expand(
     paths: list[str], max_epochs: int | None, overrides: dict | None = None
 ) -> tuple[str | None, list[tuple[str, dict]], int | None]:
     """(study name, [(run name, recipe)], budget) from recipe and study files; `overrides` apply to all."""
-    from cnnlab.run import apply
     from cnnlab.sources import resolve_path
+    from cnnlab.supervisor import apply
 
     name, entries, budget = None, [], max_epochs
     for given in paths:
@@ -166,6 +166,33 @@ def write_docs(path: str, table: str, source: str) -> None:
     doc.write_text(text)
 
 
+def train(run_name: str, recipe: dict, parent: str, comparison: str) -> str:
+    """One recipe of a comparison fitted in its own process, into a run nested under `parent`; its run id."""
+    from cnnlab import store
+    from cnnlab.supervisor import fit, why_failed
+
+    tags = {"mlflow.parentRunId": parent, "cnnlab.compare": comparison}
+    with store.run(run_name, tags) as run:
+        print(f"training {run_name} ...", flush=True)
+        proc = fit(recipe, run.id, "cnnlab", store.default_tracking_uri(), name=run_name, extra=["--log_model=false"])
+        if proc.returncode != 0:
+            print(f"  failed: {why_failed(proc)}")
+            run.status = "FAILED"
+    return run.id
+
+
+def report(parent, run_ids: list[str]) -> str:
+    """The table of the runs, printed and logged with its plots to the parent run; the table."""
+    rows = [row(parent.client, run_id) for run_id in run_ids]
+    table = format_table(rows)
+    print(table)
+    parent.client.log_text(parent.id, table, "comparison.md")
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in plots(rows, Path(tmp)):
+            parent.client.log_artifact(parent.id, str(path), "plots")
+    return table
+
+
 def compare(
     paths: list[str],
     max_epochs: int | None = None,
@@ -175,57 +202,33 @@ def compare(
     overrides: dict | None = None,
 ) -> int:
     from cnnlab import store
-    from cnnlab.run import fit_process, why_failed
-    from cnnlab.store import default_tracking_uri
 
-    client = store.client()
-    experiment_id = store.experiment_id(client)
     if runs:
+        client = store.client()
+        experiment_id = store.experiment_id(client)
         run_ids = []
         for given in runs:  # a former comparison's parent stands for its children
             children = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{given}'")
             run_ids += [c.info.run_id for c in sorted(children, key=lambda c: c.info.start_time)] or [given]
-        parent = client.create_run(
-            experiment_id,
-            run_name=f"compare-{name or 'runs'}",
-            tags={"cnnlab.role": "compare", "cnnlab.compared_runs": ",".join(run_ids)[:5000]},
-        ).info.run_id
+        tags = {"cnnlab.role": "compare", "cnnlab.compared_runs": ",".join(run_ids)[:5000]}
+        with store.run(f"compare-{name or 'runs'}", tags) as parent:
+            table = report(parent, run_ids)
+        print(f"MLflow: run {parent.id} holds the table and plots")
         source = f"runs {', '.join(runs)}"
     else:
         if not paths:
             raise UserError("cnnlab compare needs recipes, a study file (recipes/studies/) or --runs RUN_ID ...")
         study, entries, budget = expand(paths, max_epochs, overrides)
         name = name or study or "compare"
-        parent = client.create_run(
-            experiment_id, run_name=f"compare-{name}", tags={"cnnlab.role": "compare", "cnnlab.compare": name}
-        ).info.run_id
-        client.log_param(parent, "max_epochs", str(budget))
-        for key, value in (overrides or {}).items():
-            client.log_param(parent, f"set.{key}", str(value))
+        with store.run(f"compare-{name}", {"cnnlab.role": "compare", "cnnlab.compare": name}) as parent:
+            parent.client.log_param(parent.id, "max_epochs", str(budget))
+            for key, value in (overrides or {}).items():
+                parent.client.log_param(parent.id, f"set.{key}", str(value))
+            run_ids = [train(run_name, recipe, parent.id, name) for run_name, recipe in entries]
+            table = report(parent, run_ids)
+        print(f"MLflow: run {parent.id} holds the table and plots, with {len(run_ids)} nested runs")
         settings = ", ".join([f"max_epochs={budget}"] + [f"{k}={v}" for k, v in (overrides or {}).items()])
-        source = f"the comparison '{name}' (MLflow run {parent}; budget: {settings})"
-        run_ids = []
-        for run_name, recipe in entries:
-            child = client.create_run(
-                experiment_id, run_name=run_name, tags={"mlflow.parentRunId": parent, "cnnlab.compare": name}
-            ).info.run_id
-            print(f"training {run_name} ...", flush=True)
-            proc = fit_process(
-                recipe, child, "cnnlab", default_tracking_uri(), name=run_name, extra=["--log_model=false"]
-            )
-            if proc.returncode != 0:
-                print(f"  failed: {why_failed(proc)}")
-                client.set_terminated(child, "FAILED")
-            run_ids.append(child)
-    rows = [row(client, run_id) for run_id in run_ids]
-    table = format_table(rows)
-    print(table)
-    client.log_text(parent, table, "comparison.md")
-    with tempfile.TemporaryDirectory() as tmp:
-        for path in plots(rows, Path(tmp)):
-            client.log_artifact(parent, str(path), "plots")
-    client.set_terminated(parent, "FINISHED")
-    print(f"MLflow: run {parent} holds the table and plots" + ("" if runs else f", with {len(rows)} nested runs"))
+        source = f"the comparison '{name}' (MLflow run {parent.id}; budget: {settings})"
     if docs:
         write_docs(docs, table, source)
         print(f"wrote the measured table into {docs}")

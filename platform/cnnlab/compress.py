@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cnnlab import store
+from cnnlab import load, store
+from cnnlab.evaluate import logits, scores
 
 
 def latency_ms(predict, image_size: int, batch: int, runs: int) -> float:
@@ -41,7 +42,7 @@ def report(
 
     torch.set_num_threads(threads)
     # an export folder by its name
-    variants = [(Path(uri).name if Path(uri).is_dir() else uri, store.load(uri, threads)) for uri in uris]
+    variants = [(Path(uri).name if Path(uri).is_dir() else uri, load.model(uri, threads)) for uri in uris]
     datamodule, split = labelled(variants[0][1].meta, data)
     with tempfile.TemporaryDirectory(prefix="cnnlab-report-") as tmp:
         if all_runtimes:
@@ -78,15 +79,9 @@ def converted(source, train, folder: Path, threads: int) -> list:
 
 def time_and_score(variants: list, samples, runs: int) -> list[dict]:
     """A row per (label, network): latency at batch 1 and 32, top-1 on `samples`, agreement with the first."""
-    from torchmetrics.functional.classification import multiclass_accuracy
-
-    images, labels = (
-        [samples.raw(i, variants[0][1].image_size) for i in range(len(samples))],
-        torch.tensor(samples.labels),
-    )
     rows, first = [], None
     for label, network in variants:
-        answers = torch.from_numpy(network.logits(images, 256)).argmax(1)
+        answers = logits(network, samples)
         first = answers if first is None else first
         size = network.image_size
         rows.append(
@@ -96,8 +91,8 @@ def time_and_score(variants: list, samples, runs: int) -> list[dict]:
                 "mb": network.meta.get("bytes", 4 * network.params) / 1e6,
                 "ms_b1": latency_ms(network.predict, size, 1, runs),
                 "ms_b32": latency_ms(network.predict, size, 32, max(3, runs // 4)),
-                "top1": float(multiclass_accuracy(answers, labels, len(network.classes), average="micro")),
-                "agreement": float((answers == first).float().mean()),
+                "top1": scores(answers, samples.labels, len(network.classes))["test/acc"],
+                "agreement": float((answers.argmax(1) == first.argmax(1)).mean()),
             }
         )
     for row in rows:
@@ -121,15 +116,10 @@ def format_table(rows: list[dict], threads: int, data: str) -> str:
 
 
 def _log(rows: list[dict], table: str) -> None:
-    client = store.client()
-    experiment_id = store.experiment_id(client)
-    run_id = client.create_run(
-        experiment_id, run_name="compress-report", tags={"cnnlab.role": "compress-report"}
-    ).info.run_id
-    client.log_text(run_id, table + "\n", "compress_report.txt")
-    client.log_dict(run_id, rows, "compress_report.json")
-    for i, row in enumerate(rows):
-        for key, value in row.items():
-            if isinstance(value, (int, float)):
-                client.log_metric(run_id, f"variant{i}/{key}", value)
-    client.set_terminated(run_id, "FINISHED")
+    with store.run("compress-report", {"cnnlab.role": "compress-report"}) as run:
+        run.client.log_text(run.id, table + "\n", "compress_report.txt")
+        run.client.log_dict(run.id, rows, "compress_report.json")
+        for i, row in enumerate(rows):
+            for key, value in row.items():
+                if isinstance(value, (int, float)):
+                    run.client.log_metric(run.id, f"variant{i}/{key}", value)

@@ -446,20 +446,6 @@ class DataModule(L.LightningDataModule):
         return batch
 
 
-SPLIT_KEYS = ("source", "val_fraction", "test_fraction", "split_seed", "synthetic_size")
-
-
-def recorded_data(data) -> dict:
-    """The keys that define a source's splits (from a DataModule or its hyperparameters), recorded with a
-    model so that its held-out split can be found again; a local source as an absolute path."""
-    hparams = dict(getattr(data, "hparams", data))
-    recorded = {k: hparams[k] for k in SPLIT_KEYS if k in hparams}
-    source = recorded.get("source")
-    if source and source not in ("digits", "synthetic") and resolve_path(source).exists():
-        recorded["source"] = str(resolve_path(source).resolve())
-    return recorded
-
-
 def labelled(meta: dict, data: str | None, splits: tuple[str, ...] = ("test", "val")) -> tuple[DataModule, str]:
     """(DataModule, split) of labelled images for a model: `data` (the --data flag) if given, else the source
     recorded in the model, split as it was at training."""

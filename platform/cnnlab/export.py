@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnlab import UserError, store
+from cnnlab import UserError, load, store
 from cnnlab.cnnlab_model import META_FILE, NETWORK_FILES, Network, load_network, save_model, write_meta
+from cnnlab.evaluate import agreement, scores
 
 FORMATS = ("onnx", "openvino", "torchscript")
 INT8_FILE = "network.int8.onnx"
@@ -94,17 +95,14 @@ def to_openvino(onnx: Path, path: Path, batches=None) -> Path:
 
 
 def parity(reference: Network, exported: Network, images: list, labels: list[int]) -> dict:
-    """The exported network against its source: max |logit difference|, top-1 agreement, both accuracies."""
-    import torch
-    from torchmetrics.functional.classification import multiclass_accuracy
-
-    ours, theirs = torch.from_numpy(reference.logits(images)), torch.from_numpy(exported.logits(images))
-    truth, classes = torch.tensor(labels), len(reference.classes)
+    """The exported network against its source on the same images: max |logit difference|, top-1 agreement,
+    both accuracies."""
+    ours, theirs = reference.logits(images), exported.logits(images)
+    classes = len(reference.classes)
     return {
-        "max_abs_diff": float((ours - theirs).abs().max()) if len(images) else 0.0,
-        "top1_agreement": float(multiclass_accuracy(theirs, ours.argmax(1), classes, average="micro")),
-        "source_acc": float(multiclass_accuracy(ours, truth, classes, average="micro")),
-        "acc": float(multiclass_accuracy(theirs, truth, classes, average="micro")),
+        **agreement(ours, theirs),
+        "source_acc": scores(ours, labels, classes)["test/acc"],
+        "acc": scores(theirs, labels, classes)["test/acc"],
         "images": len(images),
     }
 
@@ -172,7 +170,7 @@ def export(
     target = Path(out)
     if target.exists() and any(target.iterdir()) and not (target / "MLmodel").exists():
         raise UserError(f"--out {out} is a folder with other files in it: choose a new or empty folder.")
-    source = store.load(uri)
+    source = load.model(uri)
     if source.runtime != "torch":
         raise UserError(
             f"'{uri}' is already exported (format {source.meta.get('format')}): export from the torch model it "
@@ -213,13 +211,17 @@ def export(
 
 def _track(folder: Path, meta: dict, register: str | None) -> tuple[str, str | None]:
     """An MLflow run holding the exported model and its checks; with --register, a new version of NAME."""
-    from cnnlab.registry import register_model
-
-    client = store.client()
-    experiment_id = store.experiment_id(client)
     source = meta["source"]
     tags = {"cnnlab.role": "export", "cnnlab.export.source": source["uri"], "cnnlab.export.format": meta["format"]}
-    run_id = client.create_run(experiment_id, run_name=f"export-{meta['format']}", tags=tags).info.run_id
+    with store.run(f"export-{meta['format']}", tags) as run:
+        return run.id, _log(run.client, run.id, folder, meta, register)
+
+
+def _log(client, run_id: str, folder: Path, meta: dict, register: str | None) -> str | None:
+    """The export's checks and model on its run; with --register, the version it became."""
+    from cnnlab.registry import register_model
+
+    source = meta["source"]
     for key, value in meta["checks"].items():
         client.log_metric(run_id, f"export/{key}", value)
     client.log_metric(run_id, "test/acc", meta["checks"]["acc"])
@@ -254,5 +256,4 @@ def _track(folder: Path, meta: dict, register: str | None) -> tuple[str, str | N
         )
         version = str(created.version)
         print(f"registered {register} v{version} ({meta['format']}, alias challenger)")
-    client.set_terminated(run_id, "FINISHED")
-    return run_id, version
+    return version

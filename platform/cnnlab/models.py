@@ -141,14 +141,29 @@ def create_model(
         except (OSError, RuntimeError) as err:  # the hub unreachable (huggingface_hub's errors are OSErrors)
             if not pretrained:
                 raise
-            from cnnlab.pretrained import hub_error
-
             raise hub_error(name, err) from None
     if small_input:
         _small_input_stem(name, model)
     if act is not None:
         swap_activation(model, act)
     return model
+
+
+def hub_error(name: str, err: Exception) -> UserError:
+    if name in TORCHVISION:
+        import torchvision
+
+        where = torchvision.models.get_model_weights(name).DEFAULT.url
+    else:
+        from timm.models import get_pretrained_cfg
+
+        config = get_pretrained_cfg(name)
+        where = f"https://huggingface.co/{config.hf_hub_id}" if config and config.hf_hub_id else "the timm hub"
+    return UserError(
+        f"model.pretrained=true fetches the weights of model='{name}' from {where}, which is not reachable here "
+        f"({str(err).splitlines()[0][:120]}). Download the weights on a connected machine and set "
+        "model.pretrained to the local file (.safetensors, .pth or .bin)."
+    )
 
 
 def swap_activation(model: nn.Module, act: str) -> nn.Module:
@@ -183,8 +198,6 @@ def _torchvision_model(name, num_classes, drop_rate, in_chans, pretrained, model
     except (OSError, RuntimeError) as err:  # the hub unreachable (urllib's errors are OSErrors)
         if not pretrained:
             raise
-        from cnnlab.pretrained import hub_error
-
         raise hub_error(name, err) from None
     if pretrained and num_classes != 1000:
         head = model.fc if name == "googlenet" else model.classifier[-1]

@@ -9,6 +9,7 @@ from typing import Literal
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup
 from timm.loss import SoftTargetCrossEntropy
@@ -24,6 +25,7 @@ from torchmetrics.classification import (
 from cnnlab import UserError
 from cnnlab.data import DEFAULT_IMAGE_SIZE
 from cnnlab.models import MIN_INPUT, SMALL_INPUT_FAMILIES, create_model, new_layers
+from cnnlab.pretrained import load_into, match_shapes, preprocessing
 
 
 class ClassifierModule(L.LightningModule):
@@ -119,8 +121,6 @@ class ClassifierModule(L.LightningModule):
         # The layers that start untrained (what FreezeBackbone trains first); every layer without pretrained weights.
         fresh = new_layers(self.net, model, small_input)
         if isinstance(pretrained, str):
-            from cnnlab.pretrained import load_into
-
             self.new_layers = load_into(self.net, pretrained, model, fresh, self.classes)
         elif pretrained:  # the hub's weights: its ImageNet classifier fits a 1000-class model as it is
             self.new_layers = list(fresh)[1:] if num_classes == 1000 else list(fresh)
@@ -128,8 +128,6 @@ class ClassifierModule(L.LightningModule):
             self.new_layers = []
         self.backbone_lr = 1.0  # the pretrained layers' LR as a fraction of the optimizer's (set by FreezeBackbone)
         if mean is None or std is None:  # recorded as used, so checkpoints and logged models carry them
-            from cnnlab.pretrained import preprocessing
-
             wanted = preprocessing(model, pretrained) if pretrained else {}
             self.hparams.mean = mean = tuple(mean or wanted.get("mean", IMAGENET_DEFAULT_MEAN))
             self.hparams.std = std = tuple(std or wanted.get("std", IMAGENET_DEFAULT_STD))
@@ -167,6 +165,7 @@ class ClassifierModule(L.LightningModule):
         calibration = {"ece": MulticlassCalibrationError(num_classes, n_bins=15, norm="l1")}  # of the softmax
         self.test_metrics = MetricCollection({**metrics, **calibration}, prefix="test/", compute_groups=False).clone()
         self.confusion = MulticlassConfusionMatrix(num_classes)
+        self.test_confusion: torch.Tensor | None = None  # the last test's matrix
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """0..255 pixels (uint8 or float, N x 3 x H x W) to the network's normalized float input."""
@@ -182,7 +181,7 @@ class ClassifierModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         self._check_input_size()
-        on_gpu = self.trainer.accelerator.__class__.__name__ == "CUDAAccelerator"
+        on_gpu = isinstance(self.trainer.accelerator, CUDAAccelerator)
         if self.hparams.channels_last is None:
             self.hparams.channels_last = on_gpu
         if self.hparams.channels_last:
@@ -292,8 +291,6 @@ class ClassifierModule(L.LightningModule):
             self.confusion.update(logits, batch[1])
 
     def on_test_epoch_end(self) -> None:
-        from cnnlab.tracking import log_confusion
-
         matrix = self.confusion.compute().cpu()  # collective under DDP: every rank computes
         self.confusion.reset()
         recall = matrix.diag() / matrix.sum(1).clamp(min=1)  # per-class accuracy
@@ -301,7 +298,7 @@ class ClassifierModule(L.LightningModule):
         for name, acc, prec in zip(self.classes, recall, precision):
             self.log(f"test/acc_class/{name}", acc.item(), rank_zero_only=True)
             self.log(f"test/precision_class/{name}", prec.item(), rank_zero_only=True)
-        log_confusion(self.trainer, self.confusion, matrix, self.classes)
+        self.test_confusion = matrix  # drawn and logged by the tracking callback
 
     def predict_step(self, batch, batch_idx):
         return self.augmented(batch[0]).exp() if self.hparams.tta else self(batch[0]).float().softmax(-1)
@@ -395,29 +392,6 @@ class FocalLoss(nn.Module):
             p_true = torch.exp(-nn.functional.cross_entropy(logits.float(), target, reduction="none"))
             loss = (1 - p_true) ** self.gamma * loss
         return loss.sum() / (weight[target].sum() if weight is not None else len(target))
-
-
-def match_shapes(module: nn.Module, state: dict) -> None:
-    """Resize parameters and buffers to a state dict's shapes (a channel-pruned net is smaller than its recipe)."""
-    for key, tensor in state.items():
-        path, _, attr = key.rpartition(".")
-        try:
-            owner = module.get_submodule(path)
-        except AttributeError:
-            continue
-        current = getattr(owner, attr, None)
-        if not isinstance(current, torch.Tensor) or current.shape == tensor.shape:
-            continue
-        if isinstance(current, nn.Parameter):
-            setattr(owner, attr, nn.Parameter(torch.empty_like(tensor), requires_grad=current.requires_grad))
-        else:
-            owner.register_buffer(attr, torch.empty_like(tensor))
-        if attr == "weight" and isinstance(owner, nn.Conv2d):
-            owner.out_channels, owner.in_channels = tensor.shape[0], tensor.shape[1] * owner.groups
-        elif attr == "weight" and isinstance(owner, nn.Linear):
-            owner.out_features, owner.in_features = tensor.shape
-        elif attr == "weight" and isinstance(owner, nn.modules.batchnorm._BatchNorm):
-            owner.num_features = tensor.shape[0]
 
 
 def _outputs(out) -> tuple:

@@ -118,9 +118,9 @@ def main(argv: list[str]) -> int:
             f"no images found in {' '.join(args.paths)} ({', '.join(why for _, why in skipped) or 'no image files'}). "
             f"Pass image files, folders of images ({', '.join(IMAGE_EXTENSIONS[:4])} ...), globs or a CSV of paths."
         )
-    from cnnlab import store
+    from cnnlab import load
 
-    network = store.load(args.model, threads=args.threads, runtime=args.runtime)
+    network = load.model(args.model, threads=args.threads, runtime=args.runtime)
     classes = network.classes
     k = min(args.top_k, len(classes))
     rows = []

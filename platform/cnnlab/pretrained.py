@@ -38,16 +38,21 @@ def read(spec: str) -> tuple[dict, dict, list[str] | None]:
         return unwrap(read_file(fetch(spec) if "://" in spec else Path(spec), spec)), {}, None
     from cnnlab import store
 
-    network = store.load(spec)
-    if network.module is None or network.runtime != "torch":
-        raise UserError(
-            f"model.pretrained='{spec}' is a model of format {network.meta.get('format')}, not torch: start from "
-            "a torch model (a fit's model, run or checkpoint), or a weights file."
-        )
-    state = {k[len("net.") :]: v for k, v in network.module.state_dict().items() if k.startswith("net.")}
-    meta = network.meta
+    ref = store.resolve(spec)
+    if ref.kind == "checkpoint":  # read as data: the network's tensors and what its hyperparameters record
+        saved = store.read_checkpoint(ref.artifact, f"model.pretrained='{spec}'")
+        state, meta = saved.get("state_dict") or {}, store.checkpoint_meta(saved)
+    else:
+        network = store.load(spec)
+        if network.module is None or network.runtime != "torch":
+            raise UserError(
+                f"model.pretrained='{spec}' is a model of format {network.meta.get('format')}, not torch: start "
+                "from a torch model (a fit's model, run or checkpoint), or a weights file."
+            )
+        state, meta = network.module.state_dict(), network.meta
+    state = {k[len("net.") :]: v for k, v in state.items() if k.startswith("net.")}
     wanted = {k: meta.get(k) for k in PREPROCESSING}
-    return state, {k: v for k, v in wanted.items() if v is not None}, list(network.classes)
+    return state, {k: v for k, v in wanted.items() if v is not None}, list(meta["classes"])
 
 
 def fetch(url: str) -> Path:
@@ -93,31 +98,10 @@ def unwrap(state) -> dict:
     return state
 
 
-def hub_error(name: str, err: Exception) -> UserError:
-    from cnnlab.models import TORCHVISION
-
-    if name in TORCHVISION:
-        import torchvision
-
-        where = torchvision.models.get_model_weights(name).DEFAULT.url
-    else:
-        from timm.models import get_pretrained_cfg
-
-        config = get_pretrained_cfg(name)
-        where = f"https://huggingface.co/{config.hf_hub_id}" if config and config.hf_hub_id else "the timm hub"
-    return UserError(
-        f"model.pretrained=true fetches the weights of model='{name}' from {where}, which is not reachable here "
-        f"({str(err).splitlines()[0][:120]}). Download the weights on a connected machine and set "
-        "model.pretrained to the local file (.safetensors, .pth or .bin)."
-    )
-
-
 def load_into(net: nn.Module, spec: str, name: str, new_layers: dict[str, str], classes: list[str]) -> list[str]:
     """Copy the weights of `spec` into `net`. `new_layers` (layer name: why it may be new) may keep their fresh
     initialisation where the weights do not fit them; any other mismatch is an error naming the layer.
     Returns the layers that start untrained."""
-    from cnnlab.module import match_shapes
-
     state, _, source_classes = read(spec)
     head = next(iter(new_layers))  # the classifier comes first
     if source_classes is not None:  # a cnnlab model: its channel counts (a pruned one is smaller) win
@@ -219,3 +203,29 @@ def _same(a, b) -> bool:
     if isinstance(a, (int, float)) and isinstance(b, (int, float)):
         return abs(a - b) < 1e-4
     return a == b
+
+
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def match_shapes(module: nn.Module, state: dict) -> None:
+    """Resize parameters and buffers to a state dict's shapes (a channel-pruned net is smaller than its recipe)."""
+    for key, tensor in state.items():
+        path, _, attr = key.rpartition(".")
+        try:
+            owner = module.get_submodule(path)
+        except AttributeError:
+            continue
+        current = getattr(owner, attr, None)
+        if not isinstance(current, torch.Tensor) or current.shape == tensor.shape:
+            continue
+        if isinstance(current, nn.Parameter):
+            setattr(owner, attr, nn.Parameter(torch.empty_like(tensor), requires_grad=current.requires_grad))
+        else:
+            owner.register_buffer(attr, torch.empty_like(tensor))
+        if attr == "weight" and isinstance(owner, nn.Conv2d):
+            owner.out_channels, owner.in_channels = tensor.shape[0], tensor.shape[1] * owner.groups
+        elif attr == "weight" and isinstance(owner, nn.Linear):
+            owner.out_features, owner.in_features = tensor.shape
+        elif attr == "weight" and isinstance(owner, BATCH_NORMS):
+            owner.num_features = tensor.shape[0]

@@ -11,12 +11,10 @@ import math
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
-
-from cnnlab import UserError, store
+from cnnlab import UserError, load, store
+from cnnlab.evaluate import METRICS, evaluate
 
 CHALLENGER, CHAMPION = "challenger", "champion"
-METRICS = ("test/acc", "test/top5", "test/f1", "test/loss")
 LOWER_IS_BETTER = {"test/loss"}
 
 
@@ -115,31 +113,6 @@ def _champion(client, name: str):
         return None
 
 
-def evaluate(network, datamodule, split: str, batch: int = 256) -> dict[str, float]:
-    """Top-1, top-5, macro-F1 and loss of a loaded model on a labelled split, through its own preprocessing."""
-    import torch
-    from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
-
-    samples = datamodule.splits[split]
-    probs = torch.from_numpy(
-        np.concatenate(
-            [
-                network.probabilities(
-                    [samples.raw(i, network.image_size) for i in range(start, min(start + batch, len(samples)))]
-                )
-                for start in range(0, len(samples), batch)
-            ]
-        )
-    )
-    labels, classes = torch.tensor(samples.labels), len(network.classes)
-    return {
-        "test/acc": float(multiclass_accuracy(probs, labels, classes, average="micro")),
-        "test/top5": float(multiclass_accuracy(probs, labels, classes, average="micro", top_k=min(5, classes))),
-        "test/f1": float(multiclass_f1_score(probs, labels, classes, average="macro")),
-        "test/loss": float(torch.nn.functional.nll_loss(probs.clamp(min=1e-12).log(), labels)),
-    }
-
-
 def promote(
     name: str,
     version: str | None = None,
@@ -157,7 +130,7 @@ def promote(
     client = store.client()
     candidate = _version(client, name, version)
     champion = _champion(client, name)
-    network = store.load(f"models:/{name}/{candidate.version}")
+    network = load.model(f"models:/{name}/{candidate.version}")
     datamodule, split = labelled(network.meta, data)
     fingerprint = datamodule.splits[split].fingerprint(datamodule.describe()["root"])
     print(
@@ -166,9 +139,10 @@ def promote(
         + f" on {datamodule.source} {split} ({len(datamodule.splits[split])} images, fingerprint "
         f"{fingerprint})"
     )
-    scores = {"candidate": evaluate(network, datamodule, split)}
+    samples = datamodule.splits[split]
+    scores = {"candidate": evaluate(network, samples)}
     if champion and str(champion.version) != str(candidate.version):
-        scores["champion"] = evaluate(store.load(f"models:/{name}/{champion.version}"), datamodule, split)
+        scores["champion"] = evaluate(load.model(f"models:/{name}/{champion.version}"), samples)
     sign = -1 if metric in LOWER_IS_BETTER else 1
     ours, theirs = scores["candidate"][metric], scores.get("champion", {}).get(metric, math.nan)
     better = math.isnan(theirs) or sign * (ours - theirs) >= min_delta

@@ -7,17 +7,18 @@ hardened inputs.
     GET  /info      model name, version, alias, classes, input size, backend, and per-worker counters.
     GET  /docs, /openapi.json
 
-Bodies reach the workers as JSON (the middleware turns raw and multipart images into base64), where each
-request is decoded and center-cropped, then concurrent requests are stacked into one model call.
+Bodies reach the workers as JSON (the gate, cnnlab.gate, turns raw and multipart images into base64), where
+each request is decoded and center-cropped, then concurrent requests are stacked into one model call. The
+workers count in shared memory and describe what they loaded in a file written at each load (not per request);
+the main process loads no model.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
-import hmac
 import json
+import multiprocessing
 import os
 import signal
 import tempfile
@@ -32,265 +33,33 @@ from fastapi import HTTPException
 
 from cnnlab import UserError
 from cnnlab.cnnlab_model import read_image, softmax
-
-ERROR_KEY = "cnnlab_error"  # a worker's per-request error, answered by the Gate with its own status
-ERRORS = {
-    400: "bad request",
-    401: "unauthorized",
-    408: "body too slow",
-    413: "too large",
-    415: "unsupported media type",
-    503: "busy: too many bytes in flight",
-}
-_BINARY = {"schema": {"type": "string", "format": "binary"}}
-PREDICT_OPENAPI = {  # LitServe registers /predict without a body schema; this describes what it takes
-    "summary": "Classify images: raw bytes, multipart files or JSON base64",
-    "parameters": [{"name": "top_k", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1}}],
-    "requestBody": {
-        "required": True,
-        "content": {
-            "image/*": _BINARY,
-            "application/octet-stream": _BINARY,
-            "multipart/form-data": {"schema": {"type": "object", "properties": {"file": _BINARY["schema"]}}},
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "properties": {
-                        "images": {"type": "array", "items": {"type": "string", "format": "byte"}},
-                        "top_k": {"type": "integer"},
-                    },
-                }
-            },
-        },
-    },
-    "responses": {
-        "200": {"description": "top-k labels and probabilities per image"},
-        **{str(k): {"description": v} for k, v in ERRORS.items()},
-    },
-}
+from cnnlab.gate import ERROR_KEY, PREDICT_OPENAPI, Gate
 
 
-def _json_error(status: int, message: str) -> tuple[dict, bytes]:
-    body = json.dumps({"detail": message}).encode()  # FastAPI's shape, as the workers' errors
-    return (
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-        },
-        body,
-    )
+class Counters:
+    """Each worker's requests, images and model calls, in memory shared with the server: a worker adds to its own
+    slot alone (no lock, no file); the API server, a fork of the main process, reads them for /info."""
 
+    FIELDS = ("requests", "images", "model_calls")
 
-class Gate:
-    """ASGI middleware in front of LitServe: the API key, the limits (body size, bytes in flight, images per
-    request, slow bodies), every body shape turned into JSON for the workers, and every malformed request
-    answered with a 4xx JSON error."""
+    def __init__(self, workers: int):
+        spawn = multiprocessing.get_context("spawn")  # LitServe starts its workers with spawn
+        self.slots = spawn.Value("i", 0)
+        self.values = spawn.Array("q", workers * len(self.FIELDS), lock=False)
 
-    def __init__(
-        self,
-        app,
-        api_key: str | None,
-        max_body_bytes: int,
-        max_inflight_bytes: int,
-        max_images: int,
-        body_timeout: float,
-    ):
-        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
-        self.max_inflight_bytes, self.max_images, self.body_timeout = max_inflight_bytes, max_images, body_timeout
-        self.inflight = 0  # bytes of request bodies held right now (one event loop: no lock needed)
+    def claim(self) -> int:
+        """A worker's slot, claimed once at its start."""
+        with self.slots.get_lock():
+            self.slots.value += 1
+            return self.slots.value - 1
 
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        # latin-1 decodes any byte: a header that is not UTF-8 must not fail a request, /health included
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if self.api_key and scope["path"] != "/health":
-            given = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ").strip()
-            if not hmac.compare_digest(given.encode("latin-1"), self.api_key.encode()):  # constant time
-                return await self._reply(send, 401, "missing or wrong API key: send it as X-API-Key or a Bearer token")
-        if scope["path"] != "/predict" or scope["method"] != "POST":
-            return await self.app(scope, receive, send)
-        declared = headers.get("content-length", "0")
-        if not declared.isascii() or not declared.isdigit() or len(declared) > 15:
-            return await self._reply(send, 400, "Content-Length is not a number")
-        if int(declared) > self.max_body_bytes:
-            return await self._reply(send, 413, f"body over {self.max_body_bytes} bytes (--max-body-bytes)")
-        held = 0
-        try:
-            chunks = []
-            while True:
-                try:
-                    message = await asyncio.wait_for(receive(), self.body_timeout)
-                except asyncio.TimeoutError:
-                    return await self._reply(send, 408, f"the body did not arrive within {self.body_timeout:g} s")
-                if message["type"] == "http.disconnect":
-                    return None
-                chunk = message.get("body", b"")
-                if held + len(chunk) > self.max_body_bytes:
-                    return await self._reply(send, 413, f"body over {self.max_body_bytes} bytes (--max-body-bytes)")
-                if self.inflight + len(chunk) > self.max_inflight_bytes:
-                    return await self._reply(
-                        send, 503, "busy: too many bytes in flight (--max-inflight-bytes); retry shortly"
-                    )
-                chunks.append(chunk)
-                held += len(chunk)
-                self.inflight += len(chunk)
-                if not message.get("more_body"):
-                    break
-            body = b"".join(chunks)
-            if not body:
-                return await self._reply(
-                    send, 400, 'empty body: send an image (image/*), a multipart file or JSON {"images": [base64, ...]}'
-                )
-            try:
-                payload = await self._payload(headers.get("content-type", ""), body, scope)
-                query = _query_top_k(scope)
-                payload["top_k"] = query if query is not None else _top_k(payload.get("top_k"))
-            except LookupError as err:
-                return await self._reply(send, 415, str(err))
-            except ValueError as err:
-                return await self._reply(send, 400, str(err))
-            if len(payload["images"]) > self.max_images:
-                return await self._reply(
-                    send,
-                    413,
-                    f"{len(payload['images'])} images in one request; at most {self.max_images} (--max-images)",
-                )
-            data = json.dumps(payload).encode()
-            scope = {
-                **scope,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
-                + [(k, v) for k, v in scope["headers"] if k.lower() not in (b"content-type", b"content-length")],
-            }
-            sent = False
+    def add(self, slot: int, **counts: int) -> None:
+        for name, value in counts.items():
+            self.values[slot * len(self.FIELDS) + self.FIELDS.index(name)] += value
 
-            async def replay():
-                nonlocal sent
-                if sent:
-                    return {"type": "http.disconnect"}
-                sent = True
-                return {"type": "http.request", "body": data, "more_body": False}
-
-            return await self.app(scope, replay, self._error_status(send))
-        finally:
-            self.inflight -= held
-
-    @staticmethod
-    def _error_status(send):
-        """Wrap `send`: a worker's per-request error item goes out as a JSON error with its own 4xx status."""
-        held = {}
-
-        async def wrapped(message):
-            if message["type"] == "http.response.start" and message["status"] == 200:
-                held["start"] = message
-                return
-            if message["type"] == "http.response.body" and "start" in held:
-                body = held.setdefault("body", b"") + message.get("body", b"")
-                if message.get("more_body"):
-                    held["body"] = body
-                    return
-                start = held.pop("start")
-                if body.startswith(b'{"' + ERROR_KEY.encode()):
-                    error = json.loads(body)[ERROR_KEY]
-                    start, body = _json_error(int(error["status"]), str(error["detail"]))
-                else:
-                    start = {
-                        **start,
-                        "headers": [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
-                        + [(b"content-length", str(len(body)).encode())],
-                    }
-                await send(start)
-                await send({"type": "http.response.body", "body": body})
-                return
-            await send(message)
-
-        return wrapped
-
-    @staticmethod
-    async def _payload(content_type: str, body: bytes, scope) -> dict:
-        """{"images": [base64, ...], "top_k": ...} from a raw image, a multipart form or JSON; ValueError (400)
-        or LookupError (415) for anything else."""
-        kind, _, params = content_type.partition(";")
-        kind = kind.strip().lower()
-        if kind.startswith("image/") or kind == "application/octet-stream":
-            return {"images": [base64.b64encode(body).decode()]}
-        if kind == "multipart/form-data":
-            return {"images": [base64.b64encode(f).decode() for f in await _multipart_files(params, body, scope)]}
-        if kind == "application/json":
-            try:
-                payload = json.loads(body, parse_constant=_no_constant)
-            except (ValueError, RecursionError):
-                raise ValueError("the JSON body does not parse (or nests too deep, or holds NaN/Infinity)") from None
-            images = (
-                payload.get("images", [payload["image"]] if "image" in payload else None)
-                if isinstance(payload, dict)
-                else None
-            )
-            if not isinstance(images, list) or not images or not all(isinstance(i, str) for i in images):
-                raise ValueError('JSON bodies are {"images": [base64, ...]} (or {"image": base64})')
-            return {"images": images, "top_k": payload.get("top_k")}
-        raise LookupError(
-            f"Content-Type '{kind or 'none'}' is not accepted: send image/*, multipart/form-data or application/json"
-        )
-
-    @staticmethod
-    async def _reply(send, status: int, message: str):
-        start, body = _json_error(status, message)
-        await send(start)
-        await send({"type": "http.response.body", "body": body})
-
-
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not JSON")
-
-
-MAX_TOP_K = 1000
-
-
-def _top_k(value) -> int | None:
-    """top_k as given (JSON or the query string): a whole number from 1 to MAX_TOP_K, or absent."""
-    if value is None:
-        return None
-    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 4:
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_TOP_K:
-        raise ValueError(f"top_k must be a whole number from 1 to {MAX_TOP_K}")
-    return value
-
-
-def _query_top_k(scope) -> int | None:
-    from urllib.parse import parse_qs
-
-    query = scope.get("query_string", b"").decode("latin-1")
-    values = parse_qs(query).get("top_k")
-    return _top_k(values[0]) if values else None
-
-
-async def _multipart_files(params: str, body: bytes, scope) -> list[bytes]:
-    """The file fields of a complete multipart body (a missing boundary or a truncated body: ValueError)."""
-    from starlette.requests import Request
-
-    boundary = next(
-        (p.split("=", 1)[1].strip().strip('"') for p in params.split(";") if p.strip().lower().startswith("boundary=")),
-        "",
-    )
-    if not boundary:
-        raise ValueError("multipart body without a boundary in its Content-Type")
-    if f"--{boundary}--".encode("latin-1", "replace") not in body[-len(boundary) - 8 :]:
-        raise ValueError("the multipart body is truncated or its boundary does not match the Content-Type's")
-
-    async def receive():
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    try:
-        form = await Request(scope, receive).form()
-        files = [await v.read() for _, v in form.multi_items() if hasattr(v, "read")]
-    except Exception as err:  # python-multipart's own errors: a malformed body is the client's
-        raise ValueError(f"the multipart body does not parse ({str(err).splitlines()[0][:120]})") from None
-    if not files:
-        raise ValueError("the multipart body holds no file: send the image as a file field")
-    return files
+    def read(self, slot: int) -> dict[str, int]:
+        start = slot * len(self.FIELDS)
+        return dict(zip(self.FIELDS, self.values[start : start + len(self.FIELDS)]))
 
 
 class ImageClassifierAPI(ls.LitAPI):
@@ -303,6 +72,7 @@ class ImageClassifierAPI(ls.LitAPI):
         max_decode_seconds: float,
         follow_alias: float,
         state_dir: str,
+        counters: Counters,
         threads: int,
         max_batch_size: int,
         batch_timeout: float,
@@ -312,7 +82,7 @@ class ImageClassifierAPI(ls.LitAPI):
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout)
         self.uri, self.max_pixels, self.max_decode_seconds = uri, max_pixels, max_decode_seconds
         self.runtime, self.requested_device = runtime, device
-        self.follow_alias, self.state_dir, self.threads = follow_alias, state_dir, threads
+        self.follow_alias, self.state_dir, self.threads, self.counters = follow_alias, state_dir, threads, counters
 
     def setup(self, device):
         import torch
@@ -320,16 +90,16 @@ class ImageClassifierAPI(ls.LitAPI):
         torch.set_num_threads(self.threads)
         # LitServe's device for a torch model on a GPU; otherwise the asked-for one (ONNX Runtime's providers)
         self.device = str(device) if str(device).startswith("cuda") else self.requested_device
-        self.stats = {"requests": 0, "images": 0, "model_calls": 0}
+        self.slot = self.counters.claim()
         self.current = self._load(self.uri)
         if self.follow_alias and "@" in self.uri:
             threading.Thread(target=self._follow, daemon=True).start()
 
     def _load(self, uri: str):
         """The registered artifact itself, on its own runtime: what the promotion gate evaluated."""
-        from cnnlab import store
+        from cnnlab import load
 
-        loaded = store.load(uri, self.threads, self.device, self.runtime)
+        loaded = load.model(uri, self.threads, self.device, self.runtime)
         if uri != self.uri:  # a pinned version loaded for the alias: keep the alias's name
             loaded.alias, loaded.source = self.uri.partition("@")[2], self.uri
         self._write_state(loaded)
@@ -349,8 +119,10 @@ class ImageClassifierAPI(ls.LitAPI):
                 print(f"cnnlab serve: alias poll failed ({err}); keeping v{self.current.version}", flush=True)
 
     def _write_state(self, loaded) -> None:
+        """What this worker has loaded, for /info: written at each load, never per request."""
         state = {
             "pid": os.getpid(),
+            "slot": self.slot,
             "name": loaded.name,
             "version": loaded.version,
             "alias": loaded.alias,
@@ -358,12 +130,11 @@ class ImageClassifierAPI(ls.LitAPI):
             "runtime": loaded.runtime,
             "engine": loaded.engine,
             "sha256": loaded.digest,
+            "params": loaded.params,
             "device": self.device,
-            **self.stats,
         }
-        path = Path(self.state_dir) / f"worker-{os.getpid()}.json"
-        # a file per thread: the alias poller and the request path both write, and the rename must find its own
-        temporary = path.with_suffix(f".{threading.get_ident()}.tmp")
+        path = Path(self.state_dir) / f"worker-{self.slot}.json"
+        temporary = path.with_suffix(".tmp")
         temporary.write_text(json.dumps(state))
         temporary.replace(path)
 
@@ -432,10 +203,8 @@ class ImageClassifierAPI(ls.LitAPI):
         probs = None
         if batch["arrays"] is not None:
             probs = softmax(current.predict(np.ascontiguousarray(batch["arrays"].transpose(0, 3, 1, 2))))
-            self.stats["model_calls"] += 1
-            self.stats["images"] += len(probs)
-        self.stats["requests"] += len(batch["inputs"])
-        self._write_state(current)
+            self.counters.add(self.slot, model_calls=1, images=len(probs))
+        self.counters.add(self.slot, requests=len(batch["inputs"]))
         output = {
             **batch,
             "probs": probs,
@@ -463,27 +232,24 @@ class ImageClassifierAPI(ls.LitAPI):
         }
 
 
-async def info(state_dir: str, static: dict):
+async def info(state_dir: str, counters: Counters, static: dict):
     """GET /info: the static description plus what each worker has loaded and served."""
     from fastapi.responses import JSONResponse
 
     workers = []
     for path in sorted(Path(state_dir).glob("worker-*.json")):
         try:
-            workers.append(json.loads(path.read_text()))
+            state = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
+        workers.append({**state, **counters.read(state["slot"])})
     current = max(workers, key=lambda w: int(w["version"] or 0), default={})
     return JSONResponse(
         {
             **static,
-            "name": current.get("name"),
-            "version": current.get("version"),
-            "alias": current.get("alias"),
-            "sha256": current.get("sha256"),
+            **{k: current.get(k) for k in ("name", "version", "alias", "sha256", "params")},
             "workers": workers,
-            "model_calls": sum(w["model_calls"] for w in workers),
-            "requests": sum(w["requests"] for w in workers),
+            **{field: sum(w[field] for w in workers) for field in Counters.FIELDS},
         }
     )
 
@@ -512,7 +278,7 @@ def serve(
     """Serve the model a URI names, on the runtime its artifact holds (torch program, ONNX, TorchScript,
     OpenVINO), or an ONNX one on `runtime` (openvino)."""
     from cnnlab import store
-    from cnnlab.cnnlab_model import RUNTIMES
+    from cnnlab.cnnlab_model import RUNTIMES, engine_of
 
     if device != "cpu" and not device.startswith("cuda"):
         raise UserError(f"--device {device}: choose cpu or cuda (cuda:N for one GPU).")
@@ -525,13 +291,17 @@ def serve(
         raise UserError(f"--follow-alias needs a models:/NAME@ALIAS URI, got {uri}.")
     if runtime is not None and runtime not in RUNTIMES:
         raise UserError(f"--runtime {runtime}: choose {' or '.join(RUNTIMES)} (default: the artifact's own).")
-    network = store.load(uri, 1, "cpu", runtime)  # a bad URI or runtime fails here, not in a worker
+    meta = store.read_meta(uri)  # a bad URI or runtime fails here, not in a worker; the model loads there alone
+    try:
+        engine = engine_of(meta, runtime)
+    except ValueError as err:
+        raise UserError(f"'{uri}': {err}.") from None
     accelerator = "cpu"
     # ONNX Runtime needs no torch GPU: the workers ask for its CUDA / TensorRT providers (or say in one line why not)
-    if device.startswith("cuda") and network.engine != "onnxruntime":
+    if device.startswith("cuda") and engine != "onnxruntime":
         import torch
 
-        if network.engine == "openvino":
+        if engine == "openvino":
             raise UserError(f"--device {device}: OpenVINO runs on the CPU here; serve the ONNX model for CUDA.")
         if not torch.cuda.is_available():
             raise UserError(
@@ -546,6 +316,7 @@ def serve(
         max_decode_seconds,
         poll_seconds if follow_alias else 0,
         state_dir,
+        counters := Counters(workers),
         threads,
         max_batch_size,
         batch_timeout_ms / 1000,
@@ -574,18 +345,17 @@ def serve(
     )
     static = {
         "uri": uri,
-        "classes": network.classes,
-        "input_size": network.image_size,
-        "crop_pct": network.meta["crop_pct"],
-        "runtime": network.runtime,
-        "engine": network.engine,
-        "format": network.meta.get("format"),
+        "classes": meta["classes"],
+        "input_size": meta["image_size"],
+        "crop_pct": meta["crop_pct"],
+        "runtime": meta["runtime"],
+        "engine": engine,
+        "format": meta.get("format"),
         "device": device,
-        "params": network.params,
         "max_batch_size": max_batch_size,
         "batch_timeout_ms": batch_timeout_ms,
     }
-    server.app.add_api_route("/info", partial(info, state_dir, static), methods=["GET"])
+    server.app.add_api_route("/info", partial(info, state_dir, counters, static), methods=["GET"])
     for route in server.app.routes:
         if getattr(route, "path", None) == "/predict":
             route.openapi_extra = PREDICT_OPENAPI
@@ -595,7 +365,7 @@ def serve(
 
     signal.signal(signal.SIGTERM, stop)
     print(
-        f"cnnlab serve: {uri} ({network.engine} on {device}, sha256 {network.digest[:12]}) at "
+        f"cnnlab serve: {uri} ({engine} on {device}, sha256 {meta.get('sha256', '')[:12]}) at "
         f"http://{host}:{port}/predict",
         flush=True,
     )

@@ -484,3 +484,17 @@ def open_image(item, max_pixels: int) -> tuple[np.ndarray, str]:
 
 def synthetic_image(index: int, size: int) -> np.ndarray:
     return np.random.default_rng(index).integers(0, 256, (size, size, 3), dtype=np.uint8)
+
+
+SPLIT_KEYS = ("source", "val_fraction", "test_fraction", "split_seed", "synthetic_size")
+
+
+def recorded_data(data) -> dict:
+    """The keys that define a source's splits (from a DataModule or its hyperparameters), recorded with a
+    model so that its held-out split can be found again; a local source as an absolute path."""
+    hparams = dict(getattr(data, "hparams", data))
+    recorded = {k: hparams[k] for k in SPLIT_KEYS if k in hparams}
+    source = recorded.get("source")
+    if source and source not in ("digits", "synthetic") and resolve_path(source).exists():
+        recorded["source"] = str(resolve_path(source).resolve())
+    return recorded

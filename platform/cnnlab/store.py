@@ -1,22 +1,29 @@
-"""The one place that talks to the MLflow store: which store, what a model URI names, and loading that model.
+"""The one module that speaks MLflow: which store, its clients, the runs cnnlab opens outside Lightning's
+logger, what a model URI names, and reading a model artifact (or a checkpoint file, as data) from it.
 
 Every command takes a model as a URI: a run id or `runs:/RUN_ID`, `models:/NAME@ALIAS`, `models:/NAME/VERSION`,
 a logged-model id (`m-...` or `models:/m-...`), a local model folder (`cnnlab export --out`), or a Lightning
-checkpoint (`.ckpt`). `resolve` turns it into a `ModelRef`; `load` into a `Network` (cnnlab_model), read
-from the model artifact alone. Nothing here changes MLflow's global tracking or registry URI.
+checkpoint (`.ckpt`). `resolve` turns it into a `ModelRef`; `load` an artifact into a `Network`
+(cnnlab_model), read from the artifact alone (a checkpoint becomes a Network above, in cnnlab.load). Nothing
+here changes MLflow's global tracking or registry URI, and nothing here imports training.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from cnnlab import UserError
-from cnnlab.cnnlab_model import Network, data_folder, default_crop_pct, load_network, torch_predict
+from cnnlab.cnnlab_model import META_FILE, Network, data_folder, default_crop_pct, load_network
+from cnnlab.sources import recorded_data
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 URI_FORMS = (
     "a run id or runs:/RUN_ID, models:/NAME@ALIAS, models:/NAME/VERSION, a logged-model id (m-...), "
@@ -24,22 +31,29 @@ URI_FORMS = (
 )
 
 
+def absolute_sqlite(url: str, what: str = "MLFLOW_TRACKING_URI") -> str:
+    """A sqlite URL made absolute, its folder made (MLflow caches one store per URI string, and other processes
+    open Optuna's storage from other folders); any other URL as it is."""
+    if not url.startswith("sqlite:///") or url == "sqlite:///:memory:":
+        return url
+    path = Path(url[len("sqlite:///") :]).resolve()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"{what} {url}: cannot make its folder ({err.strerror}). Give a writable path.") from None
+    return f"sqlite:///{path}"
+
+
 def default_tracking_uri() -> str:
     """MLFLOW_TRACKING_URI if set, else the project's sqlite store (its folder made on first use)."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-    if uri.startswith("sqlite:///"):
-        # Absolute, because MLflow caches one store per URI string, whatever the working directory.
-        path = Path(uri[len("sqlite:///") :]).resolve()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        uri = f"sqlite:///{path}"
-    return uri
+    return absolute_sqlite(os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
 
 
-def client():
-    """A client on the project's store (MLFLOW_TRACKING_URI, else mlruns/), for tracking and registry alike."""
+def client(uri: str | None = None):
+    """A client on one store (the project's by default), for tracking and registry alike."""
     from mlflow import MlflowClient
 
-    uri = default_tracking_uri()
+    uri = uri or default_tracking_uri()
     return MlflowClient(uri, registry_uri=uri)
 
 
@@ -52,7 +66,41 @@ def experiment_id(store, name: str = "cnnlab") -> str:
     return experiment
 
 
-EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+@dataclass
+class Run:
+    """A run opened by `run`: its client and id, and the status it ends with unless an exception decides."""
+
+    client: object
+    id: str
+    status: str = "FINISHED"
+
+
+@contextlib.contextmanager
+def run(
+    name: str | None = None,
+    tags: dict | None = None,
+    experiment: str = "cnnlab",
+    run_id: str | None = None,
+    uri: str | None = None,
+) -> Iterator[Run]:
+    """An MLflow run for the body (a new one, or `run_id` continued), ended FINISHED (or the status the body
+    set), FAILED on an error, KILLED on Ctrl-C, SIGTERM or exit: the runs of export, compress, compare, tune."""
+    store = client(uri)
+    if run_id:
+        store.update_run(run_id, status="RUNNING")
+    else:
+        run_id = store.create_run(experiment_id(store, experiment), run_name=name, tags=tags or {}).info.run_id
+    handle = Run(store, run_id)
+    try:
+        yield handle
+    except (KeyboardInterrupt, SystemExit):
+        handle.status = "KILLED"
+        raise
+    except BaseException:
+        handle.status = "FAILED"
+        raise
+    finally:
+        store.set_terminated(run_id, handle.status)
 
 
 @dataclass
@@ -127,23 +175,33 @@ def download(ref: ModelRef, into: str) -> Path:
     )
 
 
-def load(uri: str, threads: int | None = None, device: str = "cpu", runtime: str | None = None) -> Network:
-    """The model a URI names, on its own runtime (or `runtime`, see load_network), from its artifact alone (no
-    recipe, no training data)."""
+def read_meta(uri: str) -> dict:
+    """What a model URI names, described (its cnnlab.json, or a checkpoint's equivalent), without loading it."""
     ref = resolve(uri)
     if ref.kind == "checkpoint":
-        if runtime:
-            raise UserError(f"'{uri}' is a checkpoint, which runs on torch: export it to run it on {runtime}.")
-        network = from_checkpoint(Path(ref.artifact), device)
-    else:
-        with tempfile.TemporaryDirectory(prefix="cnnlab-model-") as tmp:
-            folder = data_folder(download(ref, tmp))
-            if not (folder / "cnnlab.json").is_file():
-                raise UserError(f"'{uri}' is an MLflow model but not a cnnlab model (no cnnlab.json).")
-            try:
-                network = load_network(folder, threads, device, runtime)
-            except ValueError as err:
-                raise UserError(f"'{uri}': {err}.") from None
+        return checkpoint_meta(read_checkpoint(ref.artifact))
+    with tempfile.TemporaryDirectory(prefix="cnnlab-model-") as tmp:
+        return json.loads(_meta_file(uri, data_folder(download(ref, tmp))).read_text())
+
+
+def _meta_file(uri: str, folder: Path) -> Path:
+    if not (folder / META_FILE).is_file():
+        raise UserError(f"'{uri}' is an MLflow model but not a cnnlab model (no {META_FILE}).")
+    return folder / META_FILE
+
+
+def load(uri: str, threads: int | None = None, device: str = "cpu", runtime: str | None = None) -> Network:
+    """The model artifact a URI names, on its own runtime (or `runtime`, see load_network), from the artifact
+    alone (no recipe, no training data). A checkpoint is no artifact: cnnlab.load.model takes those too."""
+    ref = resolve(uri)
+    if ref.kind == "checkpoint":
+        raise UserError(f"'{uri}' is a checkpoint, not a model artifact: load it with cnnlab.load.model.")
+    with tempfile.TemporaryDirectory(prefix="cnnlab-model-") as tmp:
+        folder = _meta_file(uri, data_folder(download(ref, tmp))).parent
+        try:
+            network = load_network(folder, threads, device, runtime)
+        except ValueError as err:
+            raise UserError(f"'{uri}': {err}.") from None
     network.source, network.name, network.version, network.alias = uri, ref.name, ref.version, ref.alias
     return network
 
@@ -172,39 +230,23 @@ def read_checkpoint(path, what: str = "checkpoint") -> dict:
         ) from None
 
 
-def from_checkpoint(path: Path, device: str = "cpu") -> Network:
-    """A Lightning checkpoint as a torch-runtime Network (its recorded classes, input size and crop)."""
-    from cnnlab.data import recorded_data
-    from cnnlab.module import ClassifierModule
-
-    saved = read_checkpoint(path)
-    if "state_dict" not in saved or "hyper_parameters" not in saved:
-        raise UserError(f"checkpoint '{path}' is not a cnnlab fit's checkpoint (no state_dict and hyper_parameters).")
-    try:
-        module = ClassifierModule.load_from_checkpoint(path, map_location="cpu", weights_only=True, pretrained=False)
-    except Exception as err:
-        raise UserError(
-            f"checkpoint '{path}' does not make a cnnlab model ({str(err).splitlines()[0][:200]}). Pass "
-            "the best.ckpt or last.ckpt of a cnnlab fit."
-        ) from None
-    data = saved.get("datamodule_hyper_parameters") or {}
-    size = module.hparams.image_size
-    meta = {
-        "classes": module.classes,
+def checkpoint_meta(saved: dict) -> dict:
+    """What a cnnlab.json would say of a checkpoint read by read_checkpoint: classes, input size, crop, mean, std
+    and the data it was trained on, from its recorded hyperparameters."""
+    hparams, data = saved.get("hyper_parameters") or {}, saved.get("datamodule_hyper_parameters") or {}
+    size = hparams.get("image_size")
+    return {
+        "classes": list(hparams.get("classes") or [str(i) for i in range(hparams.get("num_classes", 0))]),
         "image_size": size,
         "crop_pct": data.get("crop_pct") or default_crop_pct(size),
         "interpolation": data.get("interpolation"),
-        "mean": list(module.hparams.mean),
-        "std": list(module.hparams.std),
+        "mean": list(hparams.get("mean") or ()),
+        "std": list(hparams.get("std") or ()),
         "runtime": "torch",
         "format": "checkpoint",
         "sha256": "",
         "data": recorded_data(data),
     }
-    module = module.eval().to(device)
-    return Network(
-        torch_predict(module, device), meta, module=module, params=sum(p.numel() for p in module.parameters())
-    )
 
 
 def log_model(store, run_id: str, folder: Path, name: str = "model", tags: dict | None = None) -> str:

@@ -19,6 +19,8 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from cnnlab.store import default_tracking_uri
 
+LOGGER = "cnnlab.tracking.MLflowLogger"  # the class path a recipe (and every child fit) names the logger by
+
 
 def flatten(value, prefix: str = "") -> dict:
     """Nested dicts and lists of dicts to dotted keys: {'trainer.callbacks.0.class_path': ...}."""
@@ -203,6 +205,25 @@ class Tracking(Callback):
                 flush=True,
             )
 
+    def on_test_end(self, trainer, pl_module) -> None:
+        """The test confusion matrix, drawn by torchmetrics, as a PNG on the run (rank 0)."""
+        logger, matrix = mlflow_logger(trainer), getattr(pl_module, "test_confusion", None)
+        if logger is None or matrix is None or not trainer.is_global_zero:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        classes = list(pl_module.classes)
+        n = len(classes)
+        fig, ax = plt.subplots(figsize=(min(2 + 0.5 * n, 24), min(2 + 0.5 * n, 24)))
+        pl_module.confusion.plot(val=matrix, ax=ax, add_text=n <= 30, labels=classes if n <= 50 else None, cmap="Blues")
+        ax.set_title("test confusion matrix")
+        fig.tight_layout()
+        logger.experiment.log_figure(logger.run_id, fig, "plots/confusion_matrix.png")
+        plt.close(fig)
+
     def on_fit_end(self, trainer, pl_module) -> None:
         logger, checkpoint = mlflow_logger(trainer), trainer.checkpoint_callback
         if logger is None or not trainer.is_global_zero or not checkpoint or not checkpoint.best_model_path:
@@ -278,7 +299,7 @@ def log_model(logger: MLFlowLogger, module, datamodule, samples: int = 16) -> st
     import torch
 
     from cnnlab import cnnlab_model, store
-    from cnnlab.data import recorded_data
+    from cnnlab.sources import recorded_data
 
     split = next(s for s in ("test", "val", "train") if s in datamodule.splits)
     held_out, examples = datamodule.splits[split], []
@@ -337,11 +358,11 @@ def resumable_run(ckpt_path: str, logger_args, root: str) -> tuple[str, str] | N
     """(run_id, checkpoint file) to continue, for a logger's init args (experiment_name, run_name, tracking_uri).
     Checkpoints live in ROOT/EXPERIMENT_ID/RUN_ID/checkpoints/, so a file names its run; `last` takes the newest
     run of this name that left a last.ckpt."""
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    uri = logger_args.tracking_uri or default_tracking_uri()
-    client = MlflowClient(uri, registry_uri=uri)
+    from cnnlab import store
+
+    client = store.client(logger_args.tracking_uri)
     if ckpt_path == "last":
         experiment = client.get_experiment_by_name(logger_args.experiment_name)
         if experiment is None:
@@ -363,22 +384,3 @@ def resumable_run(ckpt_path: str, logger_args, root: str) -> tuple[str, str] | N
     except MlflowException:
         return None
     return path.parent.parent.name, ckpt_path
-
-
-def log_confusion(trainer, metric, matrix, classes: list[str]) -> None:
-    """The test confusion matrix, drawn by torchmetrics, as a PNG on the run (rank 0)."""
-    logger = mlflow_logger(trainer)
-    if logger is None or not trainer.is_global_zero:
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = len(classes)
-    fig, ax = plt.subplots(figsize=(min(2 + 0.5 * n, 24), min(2 + 0.5 * n, 24)))
-    metric.plot(val=matrix, ax=ax, add_text=n <= 30, labels=list(classes) if n <= 50 else None, cmap="Blues")
-    ax.set_title("test confusion matrix")
-    fig.tight_layout()
-    logger.experiment.log_figure(logger.run_id, fig, "plots/confusion_matrix.png")
-    plt.close(fig)

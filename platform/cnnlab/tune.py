@@ -21,7 +21,8 @@ from pathlib import Path
 import yaml
 
 from cnnlab import UserError
-from cnnlab.run import _decode, _encode, apply, end_children, fit_process, remove_stale_temp, why_failed
+from cnnlab.supervisor import apply, end_all, remove_stale_temp, why_failed
+from cnnlab.supervisor import fit as fit_process
 
 DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
 SAMPLERS = ("tpe", "random", "cmaes", "qmc", "grid")
@@ -31,17 +32,9 @@ TYPES = ("float", "int", "categorical")
 
 def storage_url(url: str | None) -> str:
     """The storage URL, sqlite made absolute: trials open it from other processes."""
-    url = url or DEFAULT_STORAGE
-    if url.startswith("sqlite:///"):
-        path = Path(url[len("sqlite:///") :]).resolve()
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise UserError(
-                f"--storage {url}: cannot make its folder ({err.strerror}). Give a writable path."
-            ) from None
-        return f"sqlite:///{path}"
-    return url
+    from cnnlab.store import absolute_sqlite
+
+    return absolute_sqlite(url or DEFAULT_STORAGE, "--storage")
 
 
 def open_storage(url: str | None, heartbeat: float | None = None):
@@ -61,6 +54,17 @@ def open_storage(url: str | None, heartbeat: float | None = None):
             "SQLAlchemy URL that this machine can reach and write: sqlite:///path/optuna.db, or "
             "postgresql://user@host/db (with its driver installed)."
         ) from None
+
+
+def encode(choice):
+    """A dict or list value as a JSON string (Optuna stores only plain values)."""
+    return json.dumps(choice, sort_keys=True) if isinstance(choice, (dict, list)) else choice
+
+
+def decode(value):
+    if isinstance(value, str) and value[:1] in "[{":
+        return json.loads(value)
+    return value
 
 
 def make_pruner(name: str, max_epochs: int = 10):
@@ -101,7 +105,7 @@ def load_space(path: str) -> tuple[dict, dict]:
                 choices = spec["choices"]
                 if not isinstance(choices, list) or not choices:
                     raise ValueError("`choices` must be a non-empty list")
-                space[key] = d.CategoricalDistribution([_encode(c) for c in choices])
+                space[key] = d.CategoricalDistribution([encode(c) for c in choices])
             else:
                 low, high = spec["low"], spec["high"]
                 number = float if spec["type"] == "float" else int
@@ -150,7 +154,7 @@ def check_space(recipe: dict, space: dict, path: str) -> None:
     for key, dist in space.items():
         values = dist.choices if isinstance(dist, d.CategoricalDistribution) else (dist.low, dist.high)
         for value in values:
-            check_recipe(apply(recipe, {key: value}), f"--space {path}: key '{key}' = {value!r}")
+            check_recipe(apply(recipe, {key: decode(value)}), f"--space {path}: key '{key}' = {value!r}")
 
 
 # ---- running a study ---------------------------------------------------------------------------------------
@@ -185,7 +189,7 @@ def make_sampler(name: str, space: dict, grids: dict, seed: int | None):
     grid = {}
     for key, dist in space.items():
         if key in grids:
-            grid[key] = [_encode(v) for v in grids[key]]
+            grid[key] = [encode(v) for v in grids[key]]
         elif isinstance(dist, d.CategoricalDistribution):
             grid[key] = list(dist.choices)
         elif isinstance(dist, d.IntDistribution) and not dist.log:
@@ -242,60 +246,59 @@ class Study:
         self.tracking_uri = default_tracking_uri()
         logger = trainer.get("logger") if isinstance(trainer.get("logger"), dict) else {}
         self.experiment = (logger.get("init_args") or {}).get("experiment_name", "cnnlab")
-        self.parent = self._parent_run(sampler)
+        self.sampler_name = sampler
 
-    def _client(self):
-        import mlflow
+    def parent_run(self):
+        """The study's MLflow run (a context: it ends when this invocation does), shared by every worker and
+        every resumption of the study."""
+        from cnnlab import store
 
-        return mlflow.MlflowClient(self.tracking_uri, registry_uri=self.tracking_uri)
-
-    def _parent_run(self, sampler: str) -> str:
-        """The study's MLflow run, shared by every worker and every resumption of the study."""
-        client = self._client()
         parent = self.study.user_attrs.get("mlflow_parent_run")
         if parent:
             with contextlib.suppress(Exception):
-                client.get_run(parent)
-                client.update_run(parent, status="RUNNING")
-                return parent
-        from cnnlab import store
+                store.client(self.tracking_uri).get_run(parent)
+                return store.run(run_id=parent, uri=self.tracking_uri)
+        tags = {"optuna.study": self.name, "optuna.storage": _redact(self.storage_url), "cnnlab.role": "study"}
+        return store.run(f"study-{self.name}", tags, self.experiment, uri=self.tracking_uri)
 
-        experiment_id = store.experiment_id(client, self.experiment)
-        run = client.create_run(
-            experiment_id,
-            run_name=f"study-{self.name}",
-            tags={"optuna.study": self.name, "optuna.storage": _redact(self.storage_url), "cnnlab.role": "study"},
-        )
+    def describe(self, run) -> None:
+        """A new parent run's params (the study's settings and space), base recipe and space file."""
+        if self.study.user_attrs.get("mlflow_parent_run") == run.id:
+            return
         params = {
             "study": self.name,
-            "sampler": sampler,
+            "sampler": self.sampler_name,
             "pruner": self.pruner_name,
             "metric": self.metric,
             "direction": self.direction,
             **{f"space.{k}": repr(v)[:500] for k, v in self.space.items()},
         }
         for key, value in params.items():
-            client.log_param(run.info.run_id, key, value)
-        client.log_text(run.info.run_id, yaml.safe_dump(self.recipe, sort_keys=False), "base_recipe.yaml")
-        client.log_artifact(run.info.run_id, self.space_path, "space")
-        self.study.set_user_attr("mlflow_parent_run", run.info.run_id)
-        return run.info.run_id
+            run.client.log_param(run.id, key, value)
+        run.client.log_text(run.id, yaml.safe_dump(self.recipe, sort_keys=False), "base_recipe.yaml")
+        run.client.log_artifact(run.id, self.space_path, "space")
+        self.study.set_user_attr("mlflow_parent_run", run.id)
 
     def objective(self, trial) -> float:
-        import optuna
+        from cnnlab import store
 
-        overrides = {key: suggest(trial, key, dist) for key, dist in self.space.items()}
+        overrides = {key: decode(suggest(trial, key, dist)) for key, dist in self.space.items()}
         recipe = apply(self.recipe, overrides)
         trial.set_user_attr("recipe", json.dumps(recipe))
         trial.set_user_attr("threads", self.threads)
-        client = self._client()
-        run = client.create_run(
-            client.get_run(self.parent).info.experiment_id,
-            run_name=f"trial-{trial.number}",
-            tags={"mlflow.parentRunId": self.parent, "optuna.study": self.name, "optuna.trial": str(trial.number)},
-        )
-        run_id = run.info.run_id
-        trial.set_user_attr("mlflow_run_id", run_id)
+        tags = {"mlflow.parentRunId": self.parent, "optuna.study": self.name, "optuna.trial": str(trial.number)}
+        with store.run(f"trial-{trial.number}", tags, self.experiment, uri=self.tracking_uri) as run:
+            trial.set_user_attr("mlflow_run_id", run.id)
+            outcome = self.run_trial(trial, recipe, run)
+        if isinstance(outcome, Exception):  # raised once its run has ended with the status the trial decided
+            raise outcome
+        return outcome
+
+    def run_trial(self, trial, recipe: dict, run) -> float | Exception:
+        """One trial's fit in its own process, logging into `run`; its outcome recorded on both: the best score,
+        or the exception that tells Optuna it failed or was pruned."""
+        import optuna
+
         runnable = apply(
             recipe,
             {"checkpoint.monitor": self.metric, "checkpoint.mode": "max" if self.direction == "maximize" else "min"},
@@ -318,7 +321,7 @@ class Study:
         started = time.time()
         proc = fit_process(
             runnable,
-            run_id,
+            run.id,
             self.experiment,
             self.tracking_uri,
             name=f"trial-{trial.number}",
@@ -339,25 +342,23 @@ class Study:
         trial.set_user_attr("seconds", round(time.time() - started, 1))
         if proc.returncode != 0 or not scores:
             reason = why_failed(proc) if proc.returncode else f"the fit never logged {self.metric} (no val split?)"
-            self._finish(trial, run_id, "FAIL", reason)
-            raise TrialFailed(reason)
+            self._finish(trial, run, "FAIL", reason)
+            return TrialFailed(reason)
         if PRUNED_AT in frozen.user_attrs:
-            self._finish(trial, run_id, "PRUNED", f"pruned after epoch {frozen.user_attrs[PRUNED_AT]}")
-            raise optuna.TrialPruned(f"pruned after epoch {frozen.user_attrs[PRUNED_AT]}")
+            self._finish(trial, run, "PRUNED", f"pruned after epoch {frozen.user_attrs[PRUNED_AT]}")
+            return optuna.TrialPruned(f"pruned after epoch {frozen.user_attrs[PRUNED_AT]}")
         best = (max if self.direction == "maximize" else min)(scores.values())
-        self._finish(trial, run_id, "COMPLETE", f"{self.metric} {best:.4f}")
+        self._finish(trial, run, "COMPLETE", f"{self.metric} {best:.4f}")
         return best
 
-    def _finish(self, trial, run_id: str, state: str, note: str) -> None:
+    def _finish(self, trial, run, state: str, note: str) -> None:
         """Record the outcome on the trial and on its MLflow run (pruned: KILLED, failed: FAILED)."""
         print(f"trial {trial.number}: {state.lower()}, {note}", flush=True)
         if state == "FAIL":
             trial.set_user_attr("fail_reason", note)
-        client = self._client()
-        client.set_tag(run_id, "optuna.state", state)
-        client.set_tag(run_id, "optuna.outcome", note[:5000])
-        status = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}[state]
-        client.set_terminated(run_id, status)
+        run.client.set_tag(run.id, "optuna.state", state)
+        run.client.set_tag(run.id, "optuna.outcome", note[:5000])
+        run.status = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}[state]
 
     def optimize(self, n_trials: int | None, timeout: float | None, workers: int) -> None:
         import optuna
@@ -374,9 +375,8 @@ class Study:
             gc_after_trial=False,
         )
 
-    def finish(self, out_dir: str = "recipes/tuned") -> Path | None:
+    def finish(self, client, out_dir: str = "recipes/tuned") -> Path | None:
         """The best recipe to recipes/tuned/<study>.yaml, plots and the leaderboard to the parent run."""
-        client = self._client()
         states = [t.state.name for t in self.study.trials]
         for state in ("COMPLETE", "PRUNED", "FAIL"):
             client.log_metric(self.parent, f"trials/{state.lower()}", states.count(state))
@@ -405,7 +405,6 @@ class Study:
             )
             written.write_text(header + yaml.safe_dump(json.loads(best.user_attrs["recipe"]), sort_keys=False))
             client.log_artifact(self.parent, str(written), "tuned")
-        client.set_terminated(self.parent, "FINISHED")
         return written
 
 
@@ -417,7 +416,7 @@ def _redact(url: str) -> str:
 
 
 def _show(value) -> str:
-    value = _decode(value)
+    value = decode(value)
     return (
         f"{value:.4g}"
         if isinstance(value, float)
@@ -539,12 +538,15 @@ def tune(
         raise SystemExit(128 + signum)
 
     previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        runner.optimize(n_trials, timeout, workers)
-    finally:
-        end_children()
-        signal.signal(signal.SIGTERM, previous)
-    written = runner.finish(out_dir)
+    with runner.parent_run() as parent:
+        runner.describe(parent)
+        runner.parent = parent.id
+        try:
+            runner.optimize(n_trials, timeout, workers)
+        finally:
+            end_all()
+            signal.signal(signal.SIGTERM, previous)
+        written = runner.finish(parent.client, out_dir)
     print(leaderboard(runner.study, metric), end="")
     if written:
         print(f"best recipe: {written} (fit it with `cnnlab fit --config {written}`)")

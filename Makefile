@@ -28,10 +28,15 @@ test: install
 	bash -c 'if bash .ci/services; then source /tmp/cnnlab-services/env; \
 	  else echo "services not started: their tests are skipped"; fi; $(BIN)/python -m pytest -n 2 --dist loadfile'
 
-# ruff: lint and format check (configured in pyproject.toml); CI runs it before the tests.
+# ruff (lint and format) and the import-linter contract of the layers (pyproject.toml); CI runs it before the
+# tests. import-linter reads the package from a folder: it reads a view of it as installed, with cnnlab.callbacks
+# inside cnnlab.
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	rm -rf build/layers && mkdir -p build/layers/cnnlab
+	ln -s $(CURDIR)/platform/cnnlab/* $(CURDIR)/callbacks build/layers/cnnlab/
+	cd build/layers && PYTHONPATH=. $(abspath $(BIN))/lint-imports --config $(CURDIR)/pyproject.toml
 
 ui: install
 	$(BIN)/cnnlab ui

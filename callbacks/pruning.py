@@ -44,6 +44,7 @@ class Pruning(ModelPruning):
             "l1_unstructured",
             use_global_unstructured=scope == "global",
             amount=self._step_amount,
+            parameter_names=["weight"],
             apply_pruning=mode == "unstructured",
             make_pruning_permanent=True,
             use_lottery_ticket_hypothesis=False,
@@ -77,15 +78,19 @@ class Pruning(ModelPruning):
                 f"Pruning: end_epoch={end} leaves no epoch to fine-tune the fully pruned model in "
                 f"trainer.max_epochs={trainer.max_epochs}; end it by epoch {trainer.max_epochs - 2}."
             )
-        head = classifier_of(pl_module.net)
+        self.head = classifier_of(pl_module.net)
         if self.mode == "structured" and stage == "fit":
-            self._prune_channels(pl_module, head)
-        self._parameters_to_prune = [
-            (m, "weight")
-            for m in pl_module.net.modules()
-            if isinstance(m, (nn.Conv2d, nn.Linear)) and (self.prune_classifier or m is not head)
-        ]
+            self._prune_channels(pl_module, self.head)
         super().setup(trainer, pl_module, stage)
+
+    def filter_parameters_to_prune(self, parameters_to_prune=()):
+        """Conv2d and Linear weights only (never norms or biases), the classifier where asked."""
+        self.prunable = [
+            (m, name)
+            for m, name in parameters_to_prune
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and (self.prune_classifier or m is not self.head)
+        ]
+        return self.prunable
 
     def _prune_channels(self, pl_module, head: nn.Module) -> None:
         import torch_pruning as tp
@@ -109,13 +114,16 @@ class Pruning(ModelPruning):
         checkpoint = trainer.checkpoint_callback
         if self.mode == "unstructured" and trainer.current_epoch == end and checkpoint and checkpoint.monitor:
             # The best checkpoint is chosen among fully pruned epochs only: the denser best so far now counts as
-            # the worst score, so the next validation replaces it (in place: same file name).
+            # the worst score (through the checkpoint's own state), so the next validation replaces it in place.
             worst = torch.tensor(float("-inf") if checkpoint.mode == "max" else float("inf"))
+            state = checkpoint.state_dict()
+            state.update(best_model_score=worst, kth_value=worst)
             if checkpoint.best_model_path:
-                checkpoint.best_k_models = {checkpoint.best_model_path: worst}
-                checkpoint.kth_best_model_path = checkpoint.best_model_path
-            checkpoint.kth_value = checkpoint.best_model_score = worst
-        stats = pruning_stats(pl_module.net, pl_module.hparams.image_size, [m for m, _ in self._parameters_to_prune])
+                state.update(
+                    best_k_models={checkpoint.best_model_path: worst}, kth_best_model_path=checkpoint.best_model_path
+                )
+            checkpoint.load_state_dict(state)
+        stats = pruning_stats(pl_module.net, pl_module.hparams.image_size, [m for m, _ in self.prunable])
         pl_module.log_dict({f"prune/{k}": float(v) for k, v in stats.items()}, on_epoch=True)
 
 

@@ -193,21 +193,48 @@ def report(parent, run_ids: list[str]) -> str:
     return table
 
 
+def parse_override(item: str) -> tuple[str, object]:
+    """`dotted.key=value` (the value read as YAML) as a pair."""
+    key, sep, value = item.partition("=")
+    if not sep:
+        raise UserError(f"--set {item}: write it as dotted.key=value, e.g. trainer.limit_train_batches=20")
+    return key, yaml.safe_load(value)
+
+
 def compare(
-    paths: list[str],
+    paths: list[str] = (),
+    /,
     max_epochs: int | None = None,
     name: str | None = None,
     runs: list[str] | None = None,
     docs: str | None = None,
-    overrides: dict | None = None,
+    overrides: list[str] | None = None,
 ) -> int:
+    """Train recipes under one budget and compare them (nested MLflow runs), or compare finished runs.
+
+    Args:
+        paths: recipes and/or study files (recipes/studies/)
+        max_epochs: the same epoch budget for every recipe
+        name: the comparison's name (the study's)
+        runs: compare finished runs instead of training (a former comparison's parent run stands for its children)
+        docs: write the measured table into this markdown file's measured block (e.g. docs/architectures.md)
+        overrides: KEY=VALUE, a dotted recipe key for every run, e.g. trainer.limit_train_batches=20
+    """
     from cnnlab import store
+
+    overrides = dict(parse_override(item) for item in overrides or ())
 
     if runs:
         client = store.client()
         experiment_id = store.experiment_id(client)
+        from mlflow.exceptions import MlflowException
+
         run_ids = []
         for given in runs:  # a former comparison's parent stands for its children
+            try:
+                client.get_run(given)
+            except MlflowException:
+                raise UserError(f"--runs {given}: no such run in {store.default_tracking_uri()}.") from None
             children = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{given}'")
             run_ids += [c.info.run_id for c in sorted(children, key=lambda c: c.info.start_time)] or [given]
         tags = {"cnnlab.role": "compare", "cnnlab.compared_runs": ",".join(run_ids)[:5000]}

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cnnlab import load, store
+from cnnlab import UserError, load, store
 from cnnlab.evaluate import logits, scores
 
 
@@ -35,9 +35,19 @@ def latency_ms(predict, image_size: int, batch: int, runs: int) -> float:
 def report(
     uris: list[str], threads: int = 2, runs: int = 20, data: str | None = None, all_runtimes: bool = False
 ) -> list[dict]:
-    """Each model, from its artifact alone, timed and scored on the same labelled split (`--data`, else the
-    data the first model records). With `all_runtimes`, the first (a torch model) is also converted for every
-    runtime installed here (ONNX Runtime fp32 and int8, OpenVINO fp32 and int8), each a row."""
+    """Compare variants of a model: params, size, CPU latency, top-1 and drop, each from its artifact alone,
+    timed and scored on the same labelled split.
+
+    Args:
+        uris: the baseline first, then variants: model URIs, checkpoints or `cnnlab export` folders
+        threads: CPU threads for the latency
+        runs: timed runs at batch 1 (a quarter of them at 32)
+        data: evaluate on this source's test split (the data the first model records)
+        all_runtimes: also convert the first (torch) model for every runtime installed: ONNX Runtime and
+            OpenVINO, fp32 and int8
+    """
+    if not uris:
+        raise UserError("cnnlab compress report needs a model URI: the baseline first, then its variants.")
     from cnnlab.data import labelled
 
     torch.set_num_threads(threads)
@@ -56,7 +66,6 @@ def report(
 
 def converted(source, train, folder: Path, threads: int) -> list:
     """(label, network) of the source converted for every runtime installed here."""
-    from cnnlab import UserError
     from cnnlab.cnnlab_model import load_network
     from cnnlab.export import convert, openvino_installed
 

@@ -79,7 +79,13 @@ def check(source: str, max_pixels: int = Image.MAX_IMAGE_PIXELS) -> dict:
 
 
 def report(source: str, max_pixels: int = Image.MAX_IMAGE_PIXELS) -> int:
-    """Print the check and return the exit status: 1 when anything is unusable."""
+    """Check a data source: unreadable, truncated, non-image, odd-mode and oversized images, class counts; exit
+    status 1 when anything is unusable.
+
+    Args:
+        source: ImageFolder root, CSV manifest, WebDataset shards (folder, URL, brace pattern), digits or synthetic
+        max_pixels: pixel limit per image (PIL's)
+    """
     result = check(source, max_pixels)
     total = sum(result["splits"].values())
     splits = ", ".join(f"{k} {v:,}" for k, v in result["splits"].items())
@@ -106,8 +112,14 @@ def report(source: str, max_pixels: int = Image.MAX_IMAGE_PIXELS) -> int:
     return 1
 
 
-def preview_recipe(recipe: str, out: str = "preview.png", n: int = 32) -> int:
-    """`cnnlab data preview --config RECIPE`: augmented training samples of the recipe's data, as a PNG grid."""
+def preview_recipe(*, recipe: str, out: str = "preview.png", n: int = 32) -> int:
+    """Write a PNG grid of augmented training samples of a recipe's data.
+
+    Args:
+        recipe: the recipe YAML
+        out: where to write the PNG
+        n: how many samples
+    """
     import yaml
     from jsonargparse import ArgumentParser
 

@@ -13,6 +13,7 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -155,16 +156,27 @@ def convert(source: Network, folder: Path, fmt: str, int8: bool = False, train=N
 
 def export(
     uri: str,
+    *,
     out: str,
-    fmt: str = "onnx",
+    fmt: Literal[FORMATS] = "onnx",
     int8: bool = False,
     data: str | None = None,
     calib_batches: int = 10,
     register: str | None = None,
 ) -> dict:
-    """Export the model URI names into the folder `out` (a cnnlab model); returns its cnnlab.json."""
-    if fmt not in FORMATS:
-        raise UserError(f"--format {fmt}: choose {' or '.join(FORMATS)}.")
+    """Export a model to ONNX or OpenVINO (fp32 or int8) or TorchScript, checked against it, into the folder `out`
+    (a cnnlab model); returns its cnnlab.json.
+
+    Args:
+        uri: models:/NAME@ALIAS, models:/NAME/V, a run id or runs:/RUN_ID, a logged-model id (m-...), or a .ckpt
+        out: the folder to write
+        fmt: the format
+        int8: static int8 quantization (ONNX Runtime QOperator; OpenVINO: NNCF)
+        data: labelled images (ImageFolder, CSV, shards): int8 calibrates on its training split and parity is
+            checked on its test split (for int8, the data the model records by default)
+        calib_batches: training batches (of 32) to calibrate on
+        register: register the export as a new version of this name
+    """
     if int8 and fmt == "torchscript":
         raise UserError("--int8 quantizes ONNX and OpenVINO models: use it with --format onnx or openvino.")
     target = Path(out)

@@ -3,7 +3,6 @@ name besides, with an activation swap that reaches every family and a stem for 3
 
 from __future__ import annotations
 
-import difflib
 import re
 
 import timm
@@ -12,8 +11,9 @@ import torchvision
 from timm.layers import activations as timm_acts
 from timm.layers import create_act_layer
 from torch import nn
+from torchvision.models.googlenet import BasicConv2d
 
-from cnnlab import UserError
+from cnnlab import UserError, did_you_mean
 from cnnlab.papers import PAPERS, auxiliary_heads
 
 # name: (family, native input px, paper ImageNet top-1 %, where the paper says so and its test protocol:
@@ -180,11 +180,9 @@ def swap_activation(model: nn.Module, act: str) -> nn.Module:
 
 
 def _check_known(name: str) -> None:
-    if timm.is_model(name):
-        return
-    close = difflib.get_close_matches(name, sorted({*CLASSIC, *timm.list_models()}), n=2, cutoff=0.6)
-    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-    raise UserError(f"model='{name}' is not a known model.{hint} `cnnlab zoo` lists the architectures.")
+    if not timm.is_model(name):
+        hint = did_you_mean(name, {*CLASSIC, *timm.list_models()})
+        raise UserError(f"model='{name}' is not a known model.{hint} `cnnlab zoo` lists the architectures.")
 
 
 def _torchvision_model(name, num_classes, drop_rate, in_chans, pretrained, model_args) -> nn.Module:
@@ -210,7 +208,7 @@ def _torchvision_model(name, num_classes, drop_rate, in_chans, pretrained, model
         # torchvision's GoogLeNet applies relu functionally; a module makes it swappable like every other family.
         for parent in list(model.modules()):
             for child_name, child in parent.named_children():
-                if type(child).__name__ == "BasicConv2d":
+                if isinstance(child, BasicConv2d):
                     setattr(parent, child_name, nn.Sequential(child.conv, child.bn, nn.ReLU(inplace=True)))
     if in_chans != 3:
         first = model.features[0] if name == "alexnet" else model.conv1[0]

@@ -8,12 +8,12 @@ listed and skipped, never fatal.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import glob
 import json
 import sys
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from PIL import Image
@@ -21,27 +21,6 @@ from PIL import Image
 from cnnlab import UserError
 from cnnlab.cnnlab_model import RUNTIMES, read_image, softmax
 from cnnlab.sources import IMAGE_EXTENSIONS
-
-
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="cnnlab predict",
-        description="Classify images with a model: cnnlab predict MODEL_URI PATH ... "
-        "(or a recipe's test split: cnnlab predict --config RECIPE --ckpt_path CKPT).",
-        allow_abbrev=False,
-    )
-    p.add_argument("model", metavar="MODEL_URI", help="models:/NAME@ALIAS, models:/NAME/VERSION, a run id, a .ckpt ...")
-    p.add_argument("paths", metavar="PATH", nargs="+", help="image files, folders, globs, or a CSV of paths")
-    p.add_argument("--output", "-o", help="file to write (default predictions.csv / .json; - for stdout)")
-    p.add_argument("--format", choices=("csv", "json"), default=None, help="default: from --output, else csv")
-    p.add_argument("--top-k", type=int, default=5, help="labels per image (default 5, at most the class count)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--tta", choices=("flip",), default=None, help="flip: average with the mirrored image")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads of the runtime")
-    p.add_argument(
-        "--runtime", choices=RUNTIMES, default=None, help="run an ONNX model on openvino (default: the artifact's own)"
-    )
-    return p
 
 
 def find_images(paths: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
@@ -104,35 +83,58 @@ def classify(network, files: list[str], batch_size: int, tta: str | None):
             bar.update(min(batch_size, len(files) - start))
 
 
-def main(argv: list[str]) -> int:
-    args = parser().parse_args(argv)
-    if args.top_k < 1 or args.batch_size < 1:
+def predict(
+    model: str,
+    paths: list[str],
+    output: str | None = None,
+    fmt: Literal["csv", "json"] | None = None,
+    top_k: int = 5,
+    batch_size: int = 64,
+    tta: Literal["flip"] | None = None,
+    threads: int | None = None,
+    runtime: Literal[RUNTIMES] | None = None,
+) -> int:
+    """Classify images with a model: cnnlab predict MODEL_URI PATH ... (a recipe's test split:
+    cnnlab predict --config RECIPE --ckpt_path CKPT).
+
+    Args:
+        model: models:/NAME@ALIAS, models:/NAME/VERSION, a run id, a .ckpt ...
+        paths: image files, folders, globs, or a CSV of paths
+        output: the file to write (predictions.csv / .json; - for stdout)
+        fmt: the output's format (from --output's suffix, else csv)
+        top_k: labels per image (at most the class count)
+        batch_size: images per model call
+        tta: flip: average with the mirrored image
+        threads: CPU threads of the runtime
+        runtime: run an ONNX model on this runtime (the artifact's own by default)
+    """
+    if top_k < 1 or batch_size < 1:
         raise UserError("--top-k and --batch-size must be 1 or more.")
-    fmt = args.format or ("json" if (args.output or "").endswith(".json") else "csv")
-    output = args.output or f"predictions.{fmt}"
+    fmt = fmt or ("json" if (output or "").endswith(".json") else "csv")
+    output = output or f"predictions.{fmt}"
     if output != "-" and not Path(output).resolve().parent.is_dir():
         raise UserError(f"--output {output}: its folder does not exist. Create it or write elsewhere.")
-    files, skipped = find_images(args.paths)
+    files, skipped = find_images(paths)
     if not files:
         raise UserError(
-            f"no images found in {' '.join(args.paths)} ({', '.join(why for _, why in skipped) or 'no image files'}). "
+            f"no images found in {' '.join(paths)} ({', '.join(why for _, why in skipped) or 'no image files'}). "
             f"Pass image files, folders of images ({', '.join(IMAGE_EXTENSIONS[:4])} ...), globs or a CSV of paths."
         )
     from cnnlab import load
 
-    network = load.model(args.model, threads=args.threads, runtime=args.runtime)
+    network = load.model(model, threads=threads, runtime=runtime)
     classes = network.classes
-    k = min(args.top_k, len(classes))
+    k = min(top_k, len(classes))
     rows = []
-    for path, result in classify(network, files, args.batch_size, args.tta):
+    for path, result in classify(network, files, batch_size, tta):
         if isinstance(result, str):
             skipped.append((path, result))
             continue
         top = np.argsort(-result)[:k]
         rows.append((path, [(classes[i], float(result[i])) for i in top]))
-    write(rows, skipped, output, fmt, k, args.model)
+    write(rows, skipped, output, fmt, k, model)
     where = "stdout" if output == "-" else output
-    print(f"cnnlab: {len(rows)} images classified with {args.model} -> {where}", file=sys.stderr)
+    print(f"cnnlab: {len(rows)} images classified with {model} -> {where}", file=sys.stderr)
     if skipped:
         print(f"cnnlab: {len(skipped)} skipped:", file=sys.stderr)
         for path, why in skipped:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Literal
 
 from cnnlab import UserError, load, store
 from cnnlab.evaluate import METRICS, evaluate
@@ -113,20 +114,42 @@ def _champion(client, name: str):
         return None
 
 
+def register_run(run_id: str, *, name: str) -> int:
+    """Register a run's model as a new version of NAME (alias challenger).
+
+    Args:
+        run_id: the MLflow run id of a finished fit
+        name: the registered model's name
+    """
+    version = register(run_id, name)
+    print(
+        f"registered {name} v{version.version} from run {run_id} (alias challenger); "
+        f"promote it with `cnnlab promote {name}`"
+    )
+    return 0
+
+
 def promote(
     name: str,
     version: str | None = None,
-    metric: str = "test/acc",
+    metric: Literal[METRICS] = "test/acc",
     min_delta: float = 0.0,
     data: str | None = None,
     force: bool = False,
 ) -> int:
-    """Move `champion` to the candidate only if it beats the champion by min_delta; 0 when promoted. The gate
-    loads each version exactly as `cnnlab serve` does (same file, same runtime) and records which."""
+    """Move the `champion` alias to a version only if it beats the champion by min_delta; 0 when promoted.
+    The gate loads each version exactly as `cnnlab serve` does (same file, same runtime) and records which.
+
+    Args:
+        name: the registered model's name
+        version: the candidate (the `challenger` alias, else the latest)
+        metric: the gate's metric
+        min_delta: how much better the candidate must be
+        data: evaluate on this source's test split (the data the model records)
+        force: promote even if worse (recorded); also for a rollback
+    """
     from cnnlab.data import labelled
 
-    if metric not in METRICS:
-        raise UserError(f"--metric {metric} is not computed. Choices: {', '.join(METRICS)}.")
     client = store.client()
     candidate = _version(client, name, version)
     champion = _champion(client, name)
@@ -195,8 +218,12 @@ def _print_table(scores: dict, candidate: str, champion: str | None, metric: str
         print(row + ("   <- gate" if key == metric else ""))
 
 
-def models_table(name: str | None = None) -> int:
-    """`cnnlab models [NAME]`: registered models, versions, aliases and key metrics."""
+def models_table(name: str | None = None, /) -> int:
+    """List registered models, versions, aliases and key metrics.
+
+    Args:
+        name: one model only
+    """
     client = store.client()
     registered = client.search_registered_models(f"name='{name}'" if name else None)
     if not registered:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import difflib
 import importlib
 import inspect
 import re
@@ -17,7 +16,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, Th
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-from cnnlab import UserError
+from cnnlab import UserError, did_you_mean
 from cnnlab.data import DEFAULT_IMAGE_SIZE, DataModule
 from cnnlab.module import ClassifierModule
 from cnnlab.pretrained import follow_weights
@@ -261,11 +260,6 @@ def batch_size(batch) -> int:
     return 0 if batch is None else len(batch[0])  # None: every image of the batch was bad and skipped
 
 
-def _did_you_mean(word: str, choices) -> str:
-    close = difflib.get_close_matches(word, sorted(set(choices)), n=2, cutoff=0.6)
-    return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-
-
 def explain_recipe_error(message: str, keys: list[str]) -> str:
     """jsonargparse's error as one paragraph that names the key and the valid choices."""
     where = re.search(r'Parser key "([^"]+)"', message)
@@ -275,7 +269,7 @@ def explain_recipe_error(message: str, keys: list[str]) -> str:
     )
     if unknown:
         return (
-            f"recipe key '{unknown[1]}' is not known.{_did_you_mean(unknown[1], keys)} "
+            f"recipe key '{unknown[1]}' is not known.{did_you_mean(unknown[1], keys)} "
             "`cnnlab fit --help` lists every key."
         )
     option, class_path = (
@@ -290,12 +284,12 @@ def explain_recipe_error(message: str, keys: list[str]) -> str:
             if p not in ("self", "params", "optimizer", "last_epoch", "args", "kwargs")
         ]
         return (
-            f"{prefix}{class_path[1]} has no argument '{option[1]}'.{_did_you_mean(option[1], accepted)} "
+            f"{prefix}{class_path[1]} has no argument '{option[1]}'.{did_you_mean(option[1], accepted)} "
             f"It accepts: {', '.join(accepted)}."
         )
     if missing := re.search(r"module '([\w.]+)' has no attribute '(\w+)'", message):
         names = [n for n in dir(importlib.import_module(missing[1])) if n[:1].isupper()]
-        return f"{prefix}{missing[1]}.{missing[2]} does not exist.{_did_you_mean(missing[2], names)}"
+        return f"{prefix}{missing[1]}.{missing[2]} does not exist.{did_you_mean(missing[2], names)}"
     lines = [
         line.strip() for line in message.splitlines() if line.strip() and not line.strip().startswith("Given value")
     ]

@@ -26,13 +26,14 @@ import threading
 import time
 from functools import partial
 from pathlib import Path
+from typing import Literal
 
 import litserve as ls
 import numpy as np
 from fastapi import HTTPException
 
 from cnnlab import UserError
-from cnnlab.cnnlab_model import read_image, softmax
+from cnnlab.cnnlab_model import RUNTIMES, read_image, softmax
 from cnnlab.gate import ERROR_KEY, PREDICT_OPENAPI, Gate
 
 
@@ -273,12 +274,34 @@ def serve(
     max_decode_seconds: float = 5.0,
     body_timeout: float = 30.0,
     idle_timeout: float = 5.0,
-    runtime: str | None = None,
+    runtime: Literal[RUNTIMES] | None = None,
 ) -> int:
-    """Serve the model a URI names, on the runtime its artifact holds (torch program, ONNX, TorchScript,
-    OpenVINO), or an ONNX one on `runtime` (openvino)."""
+    """A prediction service (LitServe) for the model a URI names, on the runtime its artifact holds (torch program,
+    ONNX, TorchScript, OpenVINO), or an ONNX one on `runtime`: batching, alias hot swap, hardened inputs.
+
+    Args:
+        uri: models:/NAME@ALIAS, models:/NAME/V, a run, a logged-model id, a .ckpt or a `cnnlab export` folder
+        device: cpu or cuda[:N] (torch; ONNX on onnxruntime-gpu's providers)
+        max_batch_size: concurrent requests stacked into one call
+        batch_timeout_ms: how long a batch waits to fill
+        workers: model worker processes
+        host: bind address (this machine only by default)
+        port: the service's port
+        follow_alias: poll the registry and swap when the alias moves
+        poll_seconds: how often --follow-alias polls
+        api_key_env: require the key held in this environment variable (401 without)
+        max_body_bytes: larger bodies get 413
+        max_pixels: a request whose images together are larger gets 413
+        threads: CPU threads per worker (cores / workers)
+        max_images: more images in one request get 413
+        max_inflight_bytes: request bodies held at once, all together; beyond, 503
+        max_decode_seconds: decoding one request beyond this gets 413
+        body_timeout: seconds a body may pause before 408
+        idle_timeout: seconds an idle keep-alive connection stays open
+        runtime: run an ONNX model on this runtime (the artifact's own by default)
+    """
     from cnnlab import store
-    from cnnlab.cnnlab_model import RUNTIMES, engine_of
+    from cnnlab.cnnlab_model import engine_of
 
     if device != "cpu" and not device.startswith("cuda"):
         raise UserError(f"--device {device}: choose cpu or cuda (cuda:N for one GPU).")
@@ -289,8 +312,6 @@ def serve(
             raise UserError(f"--api-key-env {api_key_env}: that environment variable is empty. Export the key in it.")
     if follow_alias and "@" not in uri:
         raise UserError(f"--follow-alias needs a models:/NAME@ALIAS URI, got {uri}.")
-    if runtime is not None and runtime not in RUNTIMES:
-        raise UserError(f"--runtime {runtime}: choose {' or '.join(RUNTIMES)} (default: the artifact's own).")
     meta = store.read_meta(uri)  # a bad URI or runtime fails here, not in a worker; the model loads there alone
     try:
         engine = engine_of(meta, runtime)

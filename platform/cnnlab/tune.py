@@ -17,43 +17,17 @@ import signal
 import tempfile
 import time
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
 from cnnlab import UserError
+from cnnlab.callbacks.tuning import PRUNED_AT, PRUNERS, make_pruner, open_storage, redact, storage_url
 from cnnlab.supervisor import apply, end_all, remove_stale_temp, why_failed
 from cnnlab.supervisor import fit as fit_process
 
-DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
 SAMPLERS = ("tpe", "random", "cmaes", "qmc", "grid")
-PRUNERS = ("median", "hyperband", "successive_halving", "none")
 TYPES = ("float", "int", "categorical")
-
-
-def storage_url(url: str | None) -> str:
-    """The storage URL, sqlite made absolute: trials open it from other processes."""
-    from cnnlab.store import absolute_sqlite
-
-    return absolute_sqlite(url or DEFAULT_STORAGE, "--storage")
-
-
-def open_storage(url: str | None, heartbeat: float | None = None):
-    """Optuna's RDB storage on any SQLAlchemy URL; sqlite waits for locks instead of failing. With `heartbeat`
-    (seconds), a running trial beats; one silent for two beats (its study was killed) is failed on resume."""
-    import optuna
-
-    url = storage_url(url)
-    kwargs = {"engine_kwargs": {"connect_args": {"timeout": 60}}} if url.startswith("sqlite") else {}
-    if heartbeat:
-        kwargs.update(heartbeat_interval=max(1, int(heartbeat)), grace_period=max(2, int(2 * heartbeat)))
-    try:
-        return optuna.storages.RDBStorage(url, **kwargs)
-    except Exception as err:  # a bad URL, a missing driver, an unreachable server, an unwritable file
-        raise UserError(
-            f"--storage {_redact(url)} cannot be opened ({str(err).splitlines()[0][:200]}). Give a "
-            "SQLAlchemy URL that this machine can reach and write: sqlite:///path/optuna.db, or "
-            "postgresql://user@host/db (with its driver installed)."
-        ) from None
 
 
 def encode(choice):
@@ -65,18 +39,6 @@ def decode(value):
     if isinstance(value, str) and value[:1] in "[{":
         return json.loads(value)
     return value
-
-
-def make_pruner(name: str, max_epochs: int = 10):
-    import optuna
-
-    if name == "median":  # a few complete trials first, and never on the first epoch alone
-        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
-    if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(2, max_epochs))
-    if name == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner()
-    return optuna.pruners.NopPruner()
 
 
 # ---- the search space ------------------------------------------------------------------------------------
@@ -258,7 +220,7 @@ class Study:
             with contextlib.suppress(Exception):
                 store.client(self.tracking_uri).get_run(parent)
                 return store.run(run_id=parent, uri=self.tracking_uri)
-        tags = {"optuna.study": self.name, "optuna.storage": _redact(self.storage_url), "cnnlab.role": "study"}
+        tags = {"optuna.study": self.name, "optuna.storage": redact(self.storage_url), "cnnlab.role": "study"}
         return store.run(f"study-{self.name}", tags, self.experiment, uri=self.tracking_uri)
 
     def describe(self, run) -> None:
@@ -333,8 +295,6 @@ class Study:
                 "--checkpoint.save_last=false",
             ],
         )  # no checkpoints
-        from cnnlab.callbacks.tuning import PRUNED_AT
-
         study_id = self.storage.get_study_id_from_name(self.name)
         frozen = self.storage.get_trial(self.storage.get_trial_id_from_study_id_trial_number(study_id, trial.number))
         scores = frozen.intermediate_values  # what the trial's process reported, epoch by epoch
@@ -397,7 +357,7 @@ class Study:
             threads = best.user_attrs.get("threads")  # absent on trials of a study begun before it was recorded
             header = (
                 f"# Best trial ({best.number}) of the Optuna study '{self.name}': {self.metric} = {best.value:.4f}\n"
-                f"# (storage {_redact(self.storage_url)}). Drawn values: "
+                f"# (storage {redact(self.storage_url)}). Drawn values: "
                 f"{', '.join(f'{k}={_show(v)}' for k, v in best.params.items())}\n"
                 f"# Run:    {f'OMP_NUM_THREADS={threads} ' if threads else ''}cnnlab fit --config {written}\n"
                 f"# Expect: {self.metric} {best.value:.4f} on validation, as in the study (on a CPU, the "
@@ -406,13 +366,6 @@ class Study:
             written.write_text(header + yaml.safe_dump(json.loads(best.user_attrs["recipe"]), sort_keys=False))
             client.log_artifact(self.parent, str(written), "tuned")
         return written
-
-
-def _redact(url: str) -> str:
-    """A storage URL without its password."""
-    import re
-
-    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
 
 
 def _show(value) -> str:
@@ -484,7 +437,7 @@ def plots(study, folder: Path) -> list[Path]:
     return out
 
 
-def show(study_name: str, storage: str | None) -> int:
+def show_study(study_name: str, storage: str | None) -> int:
     import optuna
 
     try:
@@ -492,44 +445,62 @@ def show(study_name: str, storage: str | None) -> int:
     except KeyError:
         names = optuna.get_all_study_names(open_storage(storage))
         raise UserError(
-            f"no study '{study_name}' in {_redact(storage_url(storage))}. Studies: {', '.join(names) or 'none'}."
+            f"no study '{study_name}' in {redact(storage_url(storage))}. Studies: {', '.join(names) or 'none'}."
         ) from None
     print(leaderboard(study, study.user_attrs.get("metric", "value")), end="")
     return 0
 
 
 def tune(
-    config: str,
-    space: str,
+    config: str | None = None,
+    space: str | None = None,
     n_trials: int | None = None,
     timeout: float | None = None,
     study: str | None = None,
     storage: str | None = None,
     workers: int = 1,
-    sampler: str = "tpe",
-    pruner: str = "median",
+    sampler: Literal[SAMPLERS] = "tpe",
+    pruner: Literal[PRUNERS] = "median",
     metric: str = "val/acc",
-    direction: str = "maximize",
+    direction: Literal["maximize", "minimize"] = "maximize",
     seed: int | None = None,
     out_dir: str = "recipes/tuned",
     heartbeat: float = 60,
+    show: str | None = None,
 ) -> int:
+    """An Optuna study over a recipe: pruned trials, workers, one MLflow parent run with a nested run per trial.
+
+    Args:
+        config: the recipe to tune
+        space: YAML: dotted recipe keys to distributions (see recipes/spaces/)
+        n_trials: trials to run in this invocation (all workers together)
+        timeout: start no trial after this many seconds
+        study: study name (RECIPE-SPACE); an existing study resumes
+        storage: any SQLAlchemy URL (sqlite:///mlruns/optuna.db)
+        workers: trials run at once on this machine
+        sampler: Optuna's sampler
+        pruner: Optuna's pruner
+        metric: the validation metric to optimize
+        direction: of the metric
+        seed: sampler seed
+        out_dir: where the best recipe is written
+        heartbeat: seconds between a running trial's heartbeats; trials of a killed study that miss two are
+            failed when it resumes
+        show: print this study's leaderboard and exit
+    """
+    if show:
+        return show_study(show, storage)
+    if not config or not space:
+        raise UserError("cnnlab tune needs --config RECIPE and --space SPACE.yaml (or --show STUDY).")
     if workers < 1:
         raise UserError(f"--workers {workers} must be at least 1.")
     if n_trials is None and timeout is None:
         raise UserError("give --n-trials N or --timeout SECONDS (or both) so the study ends.")
     remove_stale_temp()
-    for flag, value, choices in (
-        ("--sampler", sampler, SAMPLERS),
-        ("--pruner", pruner, PRUNERS),
-        ("--direction", direction, ("maximize", "minimize")),
-    ):
-        if value not in choices:
-            raise UserError(f"{flag} {value}: choose one of {', '.join(choices)}.")
     runner = Study(config, space, study, storage, sampler, pruner, metric, direction, seed, heartbeat)
     runner.study.set_user_attr("metric", metric)
     print(
-        f"study '{runner.name}' in {_redact(runner.storage_url)}: {n_trials or 'unlimited'} trials, "
+        f"study '{runner.name}' in {redact(runner.storage_url)}: {n_trials or 'unlimited'} trials, "
         f"{workers} worker(s), {sampler} sampler, {pruner} pruner, {direction} {metric}",
         flush=True,
     )

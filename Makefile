@@ -5,7 +5,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
 
-.PHONY: quickstart test lint install ui clean
+.PHONY: quickstart test test-fast lint install ui clean
 
 # A virtual environment with torch (CPU/CUDA wheel from pip) and cnnlab in editable mode.
 $(BIN)/cnnlab: pyproject.toml
@@ -27,6 +27,10 @@ quickstart: install
 test: install
 	bash -c 'if bash .ci/services; then source /tmp/cnnlab-services/env; \
 	  else echo "services not started: their tests are skipped"; fi; $(BIN)/python -m pytest -n 2 --dist loadfile'
+
+# The tests not marked slow: every module's unit tests, no fit, no server, no study; the loop while working.
+test-fast: install
+	$(BIN)/python -m pytest -n 2 --dist loadfile -m "not slow"
 
 # ruff (lint and format) and the import-linter contract of the layers (pyproject.toml); CI runs it before the
 # tests. import-linter reads the package from a folder: it reads a view of it as installed, with cnnlab.callbacks

@@ -4,17 +4,19 @@ name besides, with an activation swap that reaches every family and a stem for 3
 from __future__ import annotations
 
 import re
+from functools import partial
 
 import timm
 import torch
 import torchvision
 from timm.layers import activations as timm_acts
 from timm.layers import create_act_layer
+from timm.models import register_model
 from torch import nn
 from torchvision.models.googlenet import BasicConv2d
 
 from cnnlab import UserError, did_you_mean
-from cnnlab.papers import PAPERS, auxiliary_heads
+from cnnlab.papers import AlexNetPaper, GoogLeNetPaper, auxiliary_heads
 
 # name: (family, native input px, paper ImageNet top-1 %, where the paper says so and its test protocol:
 #       10-crop, one crop, or dense evaluation; `model.tta: ten_crop` tests on the 10-crop protocol)
@@ -62,7 +64,6 @@ CLASSIC = {
     "inception_v4": ("Inception-v4", 299, 80.0, "Szegedy et al. 2017, Table 2: 20.0% error (1 crop)"),
     "inception_resnet_v2": ("Inception-ResNet-v2", 299, 80.1, "Szegedy et al. 2017, Table 2: 19.9% error (1 crop)"),
 }
-TORCHVISION = ("alexnet", "googlenet")
 SMALL_INPUT_FAMILIES = "resnet*, densenet*, vgg*, alexnet, googlenet (and their _paper variants)"
 NO_DROP_PATH = (
     "set drop_path_rate to 0 (every timm model that has stochastic depth takes it: resnet*, convnext*, "
@@ -110,38 +111,30 @@ def create_model(
     pretrained: bool = False,
     model_args: dict | None = None,
 ) -> nn.Module:
-    """Build any zoo model; `drop_rate=None` keeps the family's own dropout (AlexNet 0.5, GoogLeNet 0.2);
-    `model_args` go to the architecture's own constructor (e.g. DenseNet's growth_rate and block_config)."""
-    if name in PAPERS:
-        if drop_path_rate or pretrained:
-            what = "stochastic depth: set drop_path_rate to 0" if drop_path_rate else "weights: set pretrained to false"
-            raise UserError(f"model='{name}' has no {what} (it is built as its paper describes).")
-        kwargs = {**(model_args or {}), **({"dropout": drop_rate} if drop_rate is not None else {})}
-        try:
-            model = PAPERS[name](num_classes=num_classes, in_chans=in_chans, **kwargs)
-        except TypeError as err:
+    """Build any zoo model through timm's factory; `drop_rate=None` keeps the family's own dropout (AlexNet 0.5,
+    GoogLeNet 0.2); `model_args` go to the architecture's own constructor (e.g. DenseNet's growth_rate and
+    block_config)."""
+    _check_known(name)
+    try:
+        model = timm.create_model(
+            name,
+            pretrained=pretrained,
+            num_classes=num_classes,
+            in_chans=in_chans,
+            drop_rate=drop_rate,
+            drop_path_rate=drop_path_rate or None,  # unset for the families without stochastic depth
+            **(model_args or {}),
+        )
+    except TypeError as err:
+        if "drop_path_rate" in str(err):
+            raise UserError(f"model='{name}' has no stochastic depth: {NO_DROP_PATH}") from None
+        if "unexpected keyword" in str(err):
             raise UserError(f"model.model_args: model='{name}' {str(err).split(' ', 1)[-1]}.") from None
-    elif name in TORCHVISION:
-        if drop_path_rate:
-            raise UserError(f"model='{name}' has no stochastic depth: {NO_DROP_PATH}")
-        model = _torchvision_model(name, num_classes, drop_rate, in_chans, pretrained, model_args or {})
-    else:
-        _check_known(name)
-        kwargs = {**(model_args or {}), **({"drop_rate": drop_rate} if drop_rate is not None else {})}
-        if drop_path_rate:
-            kwargs["drop_path_rate"] = drop_path_rate
-        try:
-            model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
-        except TypeError as err:
-            if "drop_path_rate" in str(err):
-                raise UserError(f"model='{name}' has no stochastic depth: {NO_DROP_PATH}") from None
-            if "unexpected keyword" in str(err):
-                raise UserError(f"model.model_args: model='{name}' {str(err).split(' ', 1)[-1]}.") from None
+        raise
+    except (OSError, RuntimeError) as err:  # the hub unreachable (huggingface_hub's and urllib's errors are OSErrors)
+        if not pretrained:
             raise
-        except (OSError, RuntimeError) as err:  # the hub unreachable (huggingface_hub's errors are OSErrors)
-            if not pretrained:
-                raise
-            raise hub_error(name, err) from None
+        raise hub_error(name, err) from None
     if small_input:
         _small_input_stem(name, model)
     if act is not None:
@@ -150,17 +143,12 @@ def create_model(
 
 
 def hub_error(name: str, err: Exception) -> UserError:
-    if name in TORCHVISION:
-        import torchvision
+    from timm.models import get_pretrained_cfg
 
-        where = torchvision.models.get_model_weights(name).DEFAULT.url
-    else:
-        from timm.models import get_pretrained_cfg
-
-        config = get_pretrained_cfg(name)
-        where = f"https://huggingface.co/{config.hf_hub_id}" if config and config.hf_hub_id else "the timm hub"
+    config = get_pretrained_cfg(name)
+    where = f"https://huggingface.co/{config.hf_hub_id}" if config and config.hf_hub_id else config and config.url
     return UserError(
-        f"model.pretrained=true fetches the weights of model='{name}' from {where}, which is not reachable here "
+        f"model.pretrained=true fetches the weights of model='{name}' from {where or 'the timm hub'}, which is not reachable here "
         f"({str(err).splitlines()[0][:120]}). Download the weights on a connected machine and set "
         "model.pretrained to the local file (.safetensors, .pth or .bin)."
     )
@@ -185,18 +173,81 @@ def _check_known(name: str) -> None:
         raise UserError(f"model='{name}' is not a known model.{hint} `cnnlab zoo` lists the architectures.")
 
 
-def _torchvision_model(name, num_classes, drop_rate, in_chans, pretrained, model_args) -> nn.Module:
-    kwargs = {**model_args, **({"dropout": drop_rate} if drop_rate is not None else {})}
+# ---- the networks timm lacks, registered in timm's registry with a pretrained_cfg ----------------------------
+# torchvision's AlexNet and GoogLeNet (their weights and transforms), and papers.py's: so every network comes
+# from the one timm.create_model call, and its preprocessing from timm's resolve_model_data_config.
+
+
+def _torchvision_cfg(name: str, first_conv: str, classifier: str) -> dict:
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    transforms = weights.transforms()
+    size = transforms.crop_size[0]
+    return {
+        "url": weights.url,
+        "input_size": (3, size, size),
+        "crop_pct": round(size / transforms.resize_size[0], 4),
+        "interpolation": transforms.interpolation.value,
+        "mean": tuple(transforms.mean),
+        "std": tuple(transforms.std),
+        "first_conv": first_conv,
+        "classifier": classifier,
+    }
+
+
+def _paper_cfg(first_conv: str, classifier: str) -> dict:
+    return {
+        "url": "",
+        "input_size": (3, 224, 224),
+        "crop_pct": 0.875,
+        "first_conv": first_conv,
+        "classifier": classifier,
+    }
+
+
+default_cfgs = {  # timm's name for the pretrained_cfg of each entrypoint a module registers
+    "alexnet": _torchvision_cfg("alexnet", "features.0", "classifier.6"),
+    "googlenet": _torchvision_cfg("googlenet", "conv1.conv", "fc"),
+    "alexnet_paper": _paper_cfg("features.0", "classifier.6"),
+    "googlenet_paper": _paper_cfg("conv1.0", "fc"),
+}
+
+
+def _register(name: str, build) -> None:
+    """Register `build(pretrained, **constructor keywords)` in timm's registry as `name`, its network carrying the
+    pretrained_cfg of `default_cfgs` as timm's own do; timm's factory options are dropped, `drop_rate` becomes
+    the constructors' `dropout`."""
+    from timm.models import get_pretrained_cfg
+
+    def entrypoint(pretrained: bool = False, **kwargs) -> nn.Module:
+        for option in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+            kwargs.pop(option, None)
+        if "drop_rate" in kwargs:
+            kwargs["dropout"] = kwargs.pop("drop_rate")
+        model = build(pretrained, **kwargs)
+        model.pretrained_cfg = model.default_cfg = get_pretrained_cfg(name).to_dict()
+        return model
+
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    register_model(entrypoint)
+
+
+def _paper(name: str, network: type[nn.Module]):
+    def build(pretrained: bool, **kwargs) -> nn.Module:
+        if pretrained:
+            raise UserError(
+                f"model='{name}' has no weights: set pretrained to false (it is built as its paper describes)."
+            )
+        return network(**kwargs)
+
+    return build
+
+
+def _torchvision_model(name: str, pretrained: bool, num_classes: int = 1000, in_chans: int = 3, **kwargs) -> nn.Module:
     if name == "googlenet":
         kwargs.update(aux_logits=False, init_weights=not pretrained)
-    try:
-        model = getattr(torchvision.models, name)(
-            weights="DEFAULT" if pretrained else None, num_classes=1000 if pretrained else num_classes, **kwargs
-        )
-    except (OSError, RuntimeError) as err:  # the hub unreachable (urllib's errors are OSErrors)
-        if not pretrained:
-            raise
-        raise hub_error(name, err) from None
+    model = getattr(torchvision.models, name)(
+        weights="DEFAULT" if pretrained else None, num_classes=1000 if pretrained else num_classes, **kwargs
+    )
     if pretrained and num_classes != 1000:
         head = model.fc if name == "googlenet" else model.classifier[-1]
         new = nn.Linear(head.in_features, num_classes)
@@ -220,6 +271,15 @@ def _torchvision_model(name, num_classes, drop_rate, in_chans, pretrained, model
         else:
             model.conv1[0] = replacement
     return model
+
+
+for _name, _build in {
+    "alexnet": partial(_torchvision_model, "alexnet"),
+    "googlenet": partial(_torchvision_model, "googlenet"),
+    "alexnet_paper": _paper("alexnet_paper", AlexNetPaper),
+    "googlenet_paper": _paper("googlenet_paper", GoogLeNetPaper),
+}.items():
+    _register(_name, _build)
 
 
 # Each family's small-input stem: the first conv, replaced by a 3x3 stride-1 one (pretrained 7x7 weights do not

@@ -147,9 +147,6 @@ class GoogLeNetPaper(nn.Module):
         return (logits, aux1, aux2) if aux1 is not None else logits
 
 
-PAPERS = {"alexnet_paper": AlexNetPaper, "googlenet_paper": GoogLeNetPaper}
-
-
 def auxiliary_heads(model: nn.Module) -> dict[str, nn.Module]:
     """A network's training-only classifiers by attribute name (googlenet_paper's aux1, aux2; none elsewhere):
     what inference, the zoo's parameter count and a logged model leave out."""

@@ -73,12 +73,10 @@ def fetch(url: str) -> Path:
 def read_file(path: Path, spec: str) -> dict:
     if not path.is_file():
         raise UserError(f"model.pretrained='{spec}': no such file. Pass a weights file, a model URI, or true.")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    from timm.models import load_state_dict
 
-            return load_file(str(path))
-        return torch.load(path, map_location="cpu", weights_only=True)
+    try:  # timm's loader: safetensors or torch (tensors and plain data only), `state_dict` / `model` unwrapped
+        return load_state_dict(str(path), use_ema=False, weights_only=True)
     except Exception as err:
         raise UserError(
             f"model.pretrained='{spec}' is not a readable weights file ({str(err).splitlines()[0][:160]}); only "
@@ -145,28 +143,15 @@ def _within(key: str, layers) -> str:
 
 def preprocessing(name: str, pretrained: bool | str) -> dict:
     """Mean, std, image_size, crop_pct and interpolation the weights were trained with: a cnnlab model's own;
-    for hub weights or a weights file, the architecture's (timm's resolve_model_data_config, torchvision's
-    weight transforms)."""
+    for hub weights or a weights file, the architecture's pretrained_cfg (timm's resolve_model_data_config)."""
     if isinstance(pretrained, str) and not is_weights_file(pretrained):
         return read(pretrained)[1]
-    from cnnlab.models import TORCHVISION
-
-    if name in TORCHVISION:
-        import torchvision
-
-        transforms = torchvision.models.get_model_weights(name).DEFAULT.transforms()
-        return {
-            "mean": tuple(transforms.mean),
-            "std": tuple(transforms.std),
-            "image_size": transforms.crop_size[0],
-            "crop_pct": round(transforms.crop_size[0] / transforms.resize_size[0], 4),
-            "interpolation": transforms.interpolation.value,
-        }
-    import timm
     from timm.data import resolve_model_data_config
 
+    from cnnlab.models import create_model
+
     with torch.device("meta"):
-        config = resolve_model_data_config(timm.create_model(name))
+        config = resolve_model_data_config(create_model(name))
     return {
         "mean": tuple(config["mean"]),
         "std": tuple(config["std"]),

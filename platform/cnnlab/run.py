@@ -113,7 +113,7 @@ class CnnlabCLI(LightningCLI):
             "--log_model",
             type=bool,
             default=True,
-            help="after `fit`, log the best weights as an MLflow model (pytorch + raw-image pyfunc)",
+            help="after `fit`, log the best weights as a cnnlab model (a torch.export program in a self-contained pyfunc)",
         )
         parser.add_argument(
             "--register",

@@ -30,6 +30,13 @@ for _variable in STORE_VARIABLES:
     os.environ.pop(_variable, None)
 
 
+def pytest_collection_modifyitems(items):
+    """A test that needs the trained quick-start model (directly or through another fixture) is slow too."""
+    for item in items:
+        if "quickstart" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 def pytest_configure(config):
     if os.environ.get("PYTEST_XDIST_WORKER"):  # test processes share the cores: a torch thread each, set before
         os.environ.setdefault("OMP_NUM_THREADS", "1")  # torch is imported; their subprocesses inherit it

@@ -64,6 +64,7 @@ def mistakes(tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", CASES)
+@pytest.mark.slow
 def test_each_mistake_gets_one_line_that_says_the_fix(case, mistakes, quickstart):
     command, expected = CASES[case]
     cwd, _, run, _ = quickstart

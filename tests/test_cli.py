@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Literal
 
 import pytest
 import yaml
@@ -82,6 +83,7 @@ def weights_file(tmp_path_factory):
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(ROOT / "recipes")))
+@pytest.mark.slow
 def test_every_recipe_instantiates_and_runs_a_step(recipe, workdir, request):
     extra = []
     model = yaml.safe_load(recipe.read_text())["model"]
@@ -152,6 +154,7 @@ def test_recipe_typos_name_the_key_and_the_choices(change, expected, tmp_path, c
     assert expected in err and "usage:" not in err
 
 
+@pytest.mark.slow
 def test_bad_values_get_one_line_with_the_fix(workdir, capsys):
     assert main(["fit", "--config", str(QUICKSTART), "--model.model=resnet5"]) == 2
     assert "Did you mean 'resnet50'" in capsys.readouterr().err
@@ -173,3 +176,59 @@ def test_the_console_script_is_installed():
     script = Path(sys.executable).parent / "cnnlab"
     result = subprocess.run([str(script), "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.startswith("cnnlab ")
+
+
+def sample(
+    uri: str,
+    paths: list[str] = (),
+    /,
+    *,
+    out: str,
+    fmt: Literal["a", "b"] = "a",
+    int8: bool = False,
+    runs: list[str] | None = None,
+    threads: int | None = None,
+) -> dict:
+    """A command.
+
+    Args:
+        uri: the model
+        paths: the files
+        out: where to write
+        fmt: which format
+        int8: quantize
+        runs: the runs
+        threads: CPU threads
+    """
+    return {}
+
+
+def test_a_commands_flags_come_from_its_signature_and_docstring():
+    from cnnlab.cli import parser_for
+
+    parser = parser_for("sample", sample)
+    given = vars(
+        parser.parse_args(["m", "p1", "p2", "--out", "o", "--format", "b", "--int8", "--runs", "r1", "--runs", "r2"])
+    )
+    assert given == {"uri": "m", "paths": ["p1", "p2"], "out": "o", "fmt": "b", "int8": True, "runs": ["r1", "r2"]}
+    assert vars(parser.parse_args(["m", "--out", "o"])) == {"uri": "m", "out": "o"}  # the rest: the function's defaults
+    text = parser.format_help()
+    assert "the files" in text and "which format (default: a)" in text and "--threads THREADS" in text
+    with pytest.raises(SystemExit):
+        parser.parse_args(["m", "--out", "o", "--format", "c"])  # not a choice
+
+
+@pytest.mark.parametrize(
+    "command", ["serve", "tune", "export", "promote", "compress report", "predict", "data preview"]
+)
+def test_every_command_shows_its_defaults_from_the_signature(command, capsys):
+    with pytest.raises(SystemExit):
+        main([*command.split(), "--help"])
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: cnnlab {command}") and "(default: " in out
+
+
+def test_a_mistyped_command_names_the_closest():
+    from cnnlab.cli import main as cli
+
+    assert cli(["promot"]) == 2

@@ -1,5 +1,6 @@
 """The architecture study: compare runs, gradient flow, study files and the generated docs."""
 
+import pytest
 import yaml
 
 from cnnlab.compare import MARKERS, expand
@@ -16,6 +17,7 @@ def tiny(workdir, name, model, small_input=True):
     return path
 
 
+@pytest.mark.slow
 def test_compare_trains_nested_runs_and_logs_the_table_plots_and_gradient_flow(workdir):
     study = {
         "name": "tiny",

@@ -41,6 +41,7 @@ def quickstart_checkpoint(quickstart):
     return next(cwd.glob(f"mlruns/*/{run.info.run_id}/checkpoints/best.ckpt"))
 
 
+@pytest.mark.slow
 def test_a_student_learns_from_the_teacher_alone(quickstart, workdir):
     teacher = quickstart_checkpoint(quickstart)
     callbacks = [
@@ -66,6 +67,7 @@ def test_a_student_learns_from_the_teacher_alone(quickstart, workdir):
     assert all(k.startswith("net.") for k in state)  # the student alone
 
 
+@pytest.mark.slow
 def test_unstructured_pruning_follows_its_schedule_and_spares_norms_and_biases(workdir):
     callbacks = [
         {"class_path": "cnnlab.callbacks.Pruning", "init_args": {"amount": 0.6, "start_epoch": 0, "end_epoch": 1}}
@@ -106,6 +108,7 @@ def test_pretrained_starts_from_a_trained_model(quickstart):
     assert all(torch.equal(saved[k], v) for k, v in module.state_dict().items() if k.startswith("net."))
 
 
+@pytest.mark.slow
 def test_structured_pruning_makes_a_smaller_network_with_the_same_outputs(quickstart, workdir):
     callbacks = [
         {"class_path": "cnnlab.callbacks.Pruning", "init_args": {"mode": "structured", "amount": 0.5, "scope": "layer"}}
@@ -153,6 +156,7 @@ def meta_of(folder):
     return json.loads(next(folder.glob("**/cnnlab.json")).read_text())
 
 
+@pytest.mark.slow
 def test_onnx_export_is_a_cnnlab_model_that_agrees_with_torch(exports, quickstart):
     cwd, folder = exports
     meta = meta_of(folder / "fp32")
@@ -213,6 +217,7 @@ def test_an_onnx_model_runs_on_openvino_or_cuda_and_a_torch_one_says_why_not(exp
         load.model("models:/digits/1", runtime="openvino")
 
 
+@pytest.mark.slow
 def test_serve_runs_an_onnx_model_on_openvino(exports):
     cwd, folder = exports
     env = {k: v for k, v in os.environ.items() if k not in STORE_VARIABLES}
@@ -230,6 +235,7 @@ def test_serve_runs_an_onnx_model_on_openvino(exports):
         assert info["runtime"] == "onnx" and info["engine"] == "openvino"
 
 
+@pytest.mark.slow
 def test_compress_report_prints_and_logs_the_table(exports):
     cwd, folder = exports
     variants = [folder / name for name in ("fp32", "int8", "openvino", "openvino-int8")]
@@ -247,11 +253,13 @@ def test_compress_report_prints_and_logs_the_table(exports):
     assert report and "variant4/agreement" in report[0].data.metrics
 
 
+@pytest.mark.slow
 def test_export_explains_a_bad_model_uri(workdir, capsys):
     assert main(["export", "models:/nope/1", "--out", str(workdir / "x")]) == 2
     assert "'models:/nope/1' is not a model in" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_compress_report_converts_for_every_runtime_installed(quickstart):
     cwd = quickstart[0]
     result = cnnlab_here("compress", "report", "models:/digits/1", "--all-runtimes", "--runs", 3, cwd=cwd)

@@ -78,6 +78,7 @@ def test_streamed_shards_give_every_worker_an_equal_share_in_a_new_order_each_ep
 
 
 @pytest.mark.skipif(not CIFAR10.exists(), reason="the shared CIFAR-10 shards are not on this machine")
+@pytest.mark.slow
 def test_cifar10_shards_read_whole_and_balanced():
     dm = DataModule(str(CIFAR10), num_workers=0)
     assert dm.classes[:2] == ["airplane", "automobile"]
@@ -180,6 +181,7 @@ FIT = [
 ]
 
 
+@pytest.mark.slow
 def test_training_on_a_bad_file_names_it(bad_folder, workdir, capsys):
     assert main([*FIT, f"--data.source={bad_folder}"]) == 2
     err = capsys.readouterr().err
@@ -187,6 +189,7 @@ def test_training_on_a_bad_file_names_it(bad_folder, workdir, capsys):
     assert "data.on_bad_image: skip" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_skip_bad_images_counts_them_in_mlflow(bad_folder, workdir):
     assert main([*FIT, f"--data.source={bad_folder}", "--data.on_bad_image=skip", "--data.max_pixels=100000"]) == 0
     run = only_run(mlflow_client())

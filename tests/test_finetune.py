@@ -185,6 +185,7 @@ def test_predict_classifies_a_folder_and_lists_what_it_skips(quickstart, workdir
     assert result.returncode == 2 and "no images found in nowhere/" in result.stderr
 
 
+@pytest.mark.slow
 def test_one_command_fine_tunes_a_weights_file_on_an_image_folder_and_registers_it(weights, workdir):
     make_image_folder(workdir / "photos", classes=("ant", "bee", "wasp"), per_class=12, size=24)
     freeze = {"class_path": "cnnlab.callbacks.FreezeBackbone", "init_args": {"epochs": 1}}

@@ -141,6 +141,7 @@ def test_auxiliary_losses_join_the_training_loss_with_weight_0_3_and_vanish_in_e
     ).shape == (2, 10)
 
 
+@pytest.mark.slow
 def test_a_googlenet_paper_fit_logs_its_auxiliary_loss_and_a_model_without_them(workdir):
     import numpy as np
 

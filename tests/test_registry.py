@@ -105,6 +105,7 @@ def plain_python(uri: str, model_uri: str, data: Path) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_logged_model_needs_no_cnnlab_and_takes_raw_images_at_batch_1_and_8(quickstart, tmp_path):
     cwd, client, run, _ = quickstart
     data, labels = digits_test_split(tmp_path)
@@ -115,6 +116,7 @@ def test_logged_model_needs_no_cnnlab_and_takes_raw_images_at_batch_1_and_8(quic
     assert accuracy == pytest.approx(run.data.metrics["test/acc"], abs=1e-6)  # same pixels as cnnlab's own test
 
 
+@pytest.mark.slow
 def test_promoted_quickstart_champion_scores_95_percent_in_plain_python(quickstart, tmp_path):
     cwd, _, _, _ = quickstart
     assert cnnlab_here("promote", "digits", cwd=cwd).returncode == 0
@@ -123,6 +125,7 @@ def test_promoted_quickstart_champion_scores_95_percent_in_plain_python(quicksta
     assert np.mean(np.array(out["all"]).astype(int) == labels) >= 0.95
 
 
+@pytest.mark.slow
 def test_promotion_gate_refuses_a_worse_model_and_records_every_decision(backend, workdir):
     env, uri = backend
     name, experiment = f"digits-{uuid.uuid4().hex[:8]}", f"gate-{uuid.uuid4().hex[:8]}"
@@ -175,6 +178,7 @@ def test_register_and_promote_explain_bad_names(workdir):
     assert result.returncode == 2 and "no version (latest) of a registered model 'nope'" in result.stderr
 
 
+@pytest.mark.slow
 def test_ui_shows_the_quickstart_run_and_the_champion_in_a_real_browser(quickstart):
     executable = require("CNNLAB_TEST_CHROMIUM", "Chromium")
     from playwright.sync_api import sync_playwright

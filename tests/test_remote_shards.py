@@ -71,6 +71,7 @@ def serve():
         server.close()
 
 
+@pytest.mark.slow
 def test_a_recipe_trains_from_shards_served_over_http_with_a_flaky_shard(serve, workdir):
     server = serve(CIFAR10.parent)
     server.plan["/cifar10/train-00001.tar.gz"] = ["503", "cut"]  # fails twice, then answers
@@ -90,6 +91,7 @@ def test_a_recipe_trains_from_shards_served_over_http_with_a_flaky_shard(serve, 
     assert local.describe()["sizes"] == {"train": 17_000, "val": 3_000, "test": 10_000}
 
 
+@pytest.mark.slow
 def test_a_shard_that_never_answers_stops_with_its_name_or_is_left_out(serve):
     server = serve(CIFAR10.parent)
     server.plan["/cifar10/test-00000.tar.gz"] = ["hang"] * 4
@@ -102,6 +104,7 @@ def test_a_shard_that_never_answers_stops_with_its_name_or_is_left_out(serve):
     assert dm.describe()["left_out_shards"] == dm.left_out
 
 
+@pytest.mark.slow
 def test_a_shard_gone_while_streaming_stops_the_fit_or_is_skipped_and_counted(serve, tmp_path):
     for k in range(2):
         write_shard(tmp_path / f"train-{k:05d}.tar.gz", 40 * k, 40)

@@ -51,6 +51,7 @@ def digits():
     return [samples.raw(i) for i in range(len(samples))], samples.labels
 
 
+@pytest.mark.slow
 def test_served_predictions_agree_with_the_offline_model(server, digits, quickstart):
     import mlflow
     import pandas as pd
@@ -96,6 +97,7 @@ def test_the_server_loads_the_very_artifact_the_gate_evaluated(server):
     assert "image/*" in schema["paths"]["/predict"]["post"]["requestBody"]["content"]
 
 
+@pytest.mark.slow
 def test_concurrent_requests_are_batched(server, digits):
     before = requests.get(f"{server['url']}/info", headers=AUTH, timeout=10).json()
 
@@ -249,6 +251,7 @@ def server_rss_mb(process) -> float:
     return total / 1e6
 
 
+@pytest.mark.slow
 def test_fuzzed_bodies_get_4xx_and_valid_neighbours_200_within_a_memory_bound(server, digits):
     """The malformed list and 60 random mutations of valid bodies, each beside a valid request."""
     rng = np.random.default_rng(0)
@@ -282,6 +285,7 @@ def test_fuzzed_bodies_get_4xx_and_valid_neighbours_200_within_a_memory_bound(se
     assert server_rss_mb(server["process"]) - before < 300  # stated bound: +300 MB under this load
 
 
+@pytest.mark.slow
 def test_alias_swap_under_load_fails_no_request(server, digits):
     cwd, url = server["cwd"], server["url"]
     results, stop = [], threading.Event()

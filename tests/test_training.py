@@ -67,6 +67,7 @@ def stop_in_second_epoch(args: list, workdir: Path, signum: int) -> tuple[int, s
     return first.returncode, stderr
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_continues_the_same_mlflow_run(workdir):
     args = [
         "fit",
@@ -96,6 +97,7 @@ def test_resume_after_a_kill_continues_the_same_mlflow_run(workdir):
     assert "test/acc" in run.data.metrics
 
 
+@pytest.mark.slow
 def test_sigterm_saves_marks_the_run_killed_and_resume_keeps_every_learning_rate(workdir):
     args = [
         "fit",
@@ -142,6 +144,7 @@ def test_a_scheduler_class_path_leaves_total_steps_for_the_module_to_fill():
     assert scheduler.keywords["total_steps"] is None
 
 
+@pytest.mark.slow
 def test_onecycle_on_a_very_short_fit_is_refused_or_works(workdir):
     short = cnnlab(
         "fit",
@@ -158,6 +161,7 @@ def test_onecycle_on_a_very_short_fit_is_refused_or_works(workdir):
     assert short.returncode == 0, short.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_ddp_on_two_cpu_processes_makes_one_run_with_synced_metrics(workdir):
     result = cnnlab(
         "fit",
@@ -248,6 +252,7 @@ def test_ema_averages_a_fit_through_lightning(workdir):
     assert ema.updates == 3  # 12 training images, batches of 4: the first step copies, the next two average
 
 
+@pytest.mark.slow
 def test_test_time_augmentation_follows_the_papers_ten_crop_protocol(workdir):
     import torch
     from torchvision.transforms.v2.functional import ten_crop
@@ -274,6 +279,7 @@ def test_test_time_augmentation_follows_the_papers_ten_crop_protocol(workdir):
     assert main([*fit, "--model.tta=ten_crop", "--trainer.fast_dev_run=1", "--trainer.enable_progress_bar=false"]) == 0
 
 
+@pytest.mark.slow
 def test_two_torchrun_nodes_train_as_two_processes_on_one_node(workdir):
     """Two torchrun agents as two nodes (c10d rendezvous on a loopback port): one MLflow run, one checkpoint,
     the metrics of two processes on one node."""

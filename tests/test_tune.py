@@ -53,6 +53,7 @@ def nested_runs(client, parent_id):
     return parent, runs
 
 
+@pytest.mark.slow
 def test_six_trials_with_two_workers_all_accounted_for_and_nested_in_mlflow(small, stores, workdir):
     storage, tracking, env = stores
     name = f"six-{uuid.uuid4().hex[:8]}"
@@ -124,6 +125,7 @@ def test_six_trials_with_two_workers_all_accounted_for_and_nested_in_mlflow(smal
         assert best >= study.best_value - 0.005
 
 
+@pytest.mark.slow
 def test_median_pruner_stops_clearly_bad_learning_rates_and_the_study_resumes_by_name(small, workdir):
     name, storage = "prune", f"sqlite:///{workdir}/mlruns/optuna.db"
     good = cnnlab(
@@ -152,6 +154,7 @@ def test_median_pruner_stops_clearly_bad_learning_rates_and_the_study_resumes_by
     assert "pruned after epoch" in resumed.stdout
 
 
+@pytest.mark.slow
 def test_failed_trials_keep_their_reason_and_the_study_goes_on(small, workdir):
     space = write_space(
         workdir,
@@ -185,6 +188,7 @@ def test_failed_trials_keep_their_reason_and_the_study_goes_on(small, workdir):
     assert diverged.state.name == "FAIL" and "diverged" in diverged.user_attrs["fail_reason"]
 
 
+@pytest.mark.slow
 def test_a_killed_study_leaves_no_trial_running_and_its_trials_fail_on_resume(small, workdir):
     storage, space = f"sqlite:///{workdir}/mlruns/optuna.db", write_space(workdir, SPACE)
     args = ["--config", small, "--space", space, "--study", "killed", "--storage", storage, "--heartbeat", 1]
@@ -238,6 +242,7 @@ def test_a_bad_space_is_rejected_before_any_trial_runs(space, message, small, wo
     )
 
 
+@pytest.mark.slow
 def test_a_ddp_trial_draws_its_values_once_for_every_rank(small, workdir):
     recipe = yaml.safe_load(small.read_text())
     recipe["trainer"].update(devices=2, strategy="ddp", accelerator="cpu", max_epochs=2)
@@ -267,7 +272,7 @@ def test_a_ddp_trial_draws_its_values_once_for_every_rank(small, workdir):
 
 def test_a_fit_ended_by_a_signal_is_said_so():
     """A trial's fit that crashes or is killed (no Python error of its own) names the signal in its fail reason."""
-    from cnnlab.run import why_failed
+    from cnnlab.supervisor import why_failed
 
     script = "import os, signal, sys; print('Warning: last words', file=sys.stderr, flush=True); os.abort()"
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)

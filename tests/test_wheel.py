@@ -92,6 +92,7 @@ def installed(tmp_path_factory):
     return run, outside, env, venv
 
 
+@pytest.mark.slow
 def test_the_lifecycle_from_a_wheel_with_the_training_data_gone(installed, tmp_path):
     run, outside, env, venv = installed
     shutil.copytree(digits_folder(), outside / "imgs")

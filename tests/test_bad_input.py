@@ -42,7 +42,7 @@ CASES = {  # name: (command, what the message must say); {ckpt} is a 10-class ch
     ),
     "missing --config file": (["fit", "--config", "{here}/nope.yaml"], "nope.yaml: no such file"),
     "serve a missing .ckpt": (["serve", "/missing.ckpt"], "'/missing.ckpt': no such file"),
-    "promote --metric bogus": (["promote", "digits", "--metric", "bogus"], "--metric bogus is not computed"),
+    "promote --metric bogus": (["promote", "digits", "--metric", "bogus"], "--metric: invalid choice: 'bogus'"),
 }
 
 

@@ -9,6 +9,7 @@ from typing import Literal
 import pytest
 import yaml
 
+from cnnlab import UserError
 from cnnlab.cli import main
 from conftest import QUICKSTART, ROOT
 
@@ -214,8 +215,8 @@ def test_a_commands_flags_come_from_its_signature_and_docstring():
     assert vars(parser.parse_args(["m", "--out", "o"])) == {"uri": "m", "out": "o"}  # the rest: the function's defaults
     text = parser.format_help()
     assert "the files" in text and "which format (default: a)" in text and "--threads THREADS" in text
-    with pytest.raises(SystemExit):
-        parser.parse_args(["m", "--out", "o", "--format", "c"])  # not a choice
+    with pytest.raises(UserError, match="sample: argument --format: invalid choice: 'c'"):
+        parser.parse_args(["m", "--out", "o", "--format", "c"])  # not a choice: one line, no usage dump
 
 
 @pytest.mark.parametrize(

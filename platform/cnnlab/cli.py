@@ -106,6 +106,13 @@ def arg_help(doc: str) -> dict[str, str]:
     return helps
 
 
+class Parser(argparse.ArgumentParser):
+    """A command's parser: a mistake in its flags is the user's, one line naming the flag (never a usage dump)."""
+
+    def error(self, message: str):
+        raise UserError(f"{self.prog.removeprefix('cnnlab ')}: {message}. `{self.prog} --help` lists its flags.")
+
+
 def parser_for(command: str, function) -> argparse.ArgumentParser:
     """An argparse parser derived from a function: a parameter without a default (or before `/`) is positional, one
     with a default (or after `*`) is `--its-name`, with the docstring's help and the signature's default; bool is
@@ -113,7 +120,7 @@ def parser_for(command: str, function) -> argparse.ArgumentParser:
     function's default applies."""
     doc = inspect.getdoc(function) or ""
     helps, hints = arg_help(doc), typing.get_type_hints(function)
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog=f"cnnlab {command}",
         description=doc.split("\n\n")[0],
         argument_default=argparse.SUPPRESS,

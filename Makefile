@@ -33,14 +33,12 @@ test-fast: install
 	$(BIN)/python -m pytest -n 2 --dist loadfile -m "not slow"
 
 # ruff (lint and format) and the import-linter contract of the layers (pyproject.toml); CI runs it before the
-# tests. import-linter reads the package from a folder: it reads a view of it as installed, with cnnlab.callbacks
-# inside cnnlab.
+# tests. platform/cnnlab/callbacks links to callbacks/, so tools that read the package from its folder see
+# cnnlab.callbacks where it is installed.
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	rm -rf build/layers && mkdir -p build/layers/cnnlab
-	ln -s $(CURDIR)/platform/cnnlab/* $(CURDIR)/callbacks build/layers/cnnlab/
-	cd build/layers && PYTHONPATH=. $(abspath $(BIN))/lint-imports --config $(CURDIR)/pyproject.toml
+	$(BIN)/lint-imports
 
 ui: install
 	$(BIN)/cnnlab ui

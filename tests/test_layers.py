@@ -14,7 +14,7 @@ LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 
 
 def lint(package: Path) -> subprocess.CompletedProcess:
-    """lint-imports on a copy of the package (cnnlab.callbacks inside cnnlab, as installed)."""
+    """lint-imports on a copy of the package."""
     return subprocess.run(
         [str(LINT_IMPORTS), "--config", str(ROOT / "pyproject.toml"), "--no-cache"],
         cwd=package.parent,
@@ -28,8 +28,8 @@ def lint(package: Path) -> subprocess.CompletedProcess:
 @pytest.fixture
 def package(tmp_path) -> Path:
     copy = tmp_path / "cnnlab"
+    # the package as lint-imports reads it: callbacks/ through its link
     shutil.copytree(ROOT / "platform" / "cnnlab", copy, ignore=shutil.ignore_patterns("__pycache__", "presets"))
-    shutil.copytree(ROOT / "callbacks", copy / "callbacks", ignore=shutil.ignore_patterns("__pycache__"))
     return copy
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from cnnlab import UserError, load, store
-from cnnlab.evaluate import logits, scores
+from cnnlab.evaluate import agreement, logits, scores
 
 
 def latency_ms(predict, image_size: int, batch: int, runs: int) -> float:
@@ -101,7 +101,7 @@ def time_and_score(variants: list, samples, runs: int) -> list[dict]:
                 "ms_b1": latency_ms(network.predict, size, 1, runs),
                 "ms_b32": latency_ms(network.predict, size, 32, max(3, runs // 4)),
                 "top1": scores(answers, samples.labels, len(network.classes))["test/acc"],
-                "agreement": float((answers.argmax(1) == first.argmax(1)).mean()),
+                "agreement": agreement(first, answers)["top1_agreement"],
             }
         )
     for row in rows:

@@ -14,7 +14,7 @@ def model(uri: str, threads: int | None = None, device: str = "cpu", runtime: st
     """The model a URI names (see store.URI_FORMS), on its own runtime or on `runtime`."""
     ref = store.resolve(uri)
     if ref.kind != "checkpoint":
-        return store.load(uri, threads, device, runtime)
+        return store.load(ref, threads, device, runtime)
     if runtime:
         raise UserError(f"'{uri}' is a checkpoint, which runs on torch: export it to run it on {runtime}.")
     network = from_checkpoint(Path(ref.artifact), device)

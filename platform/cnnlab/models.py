@@ -224,7 +224,7 @@ def _register(name: str, build) -> None:
         if "drop_rate" in kwargs:
             kwargs["dropout"] = kwargs.pop("drop_rate")
         model = build(pretrained, **kwargs)
-        model.pretrained_cfg = model.default_cfg = get_pretrained_cfg(name).to_dict()
+        model.pretrained_cfg = get_pretrained_cfg(name).to_dict()
         return model
 
     entrypoint.__name__ = entrypoint.__qualname__ = name

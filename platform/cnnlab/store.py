@@ -68,11 +68,11 @@ def experiment_id(store, name: str = "cnnlab") -> str:
 
 @dataclass
 class Run:
-    """A run opened by `run`: its client and id, and the status it ends with unless an exception decides."""
+    """A run opened by `run`: its client and id, and the status the body gives it (else the way it ended decides)."""
 
     client: object
     id: str
-    status: str = "FINISHED"
+    status: str | None = None
 
 
 @contextlib.contextmanager
@@ -83,8 +83,8 @@ def run(
     run_id: str | None = None,
     uri: str | None = None,
 ) -> Iterator[Run]:
-    """An MLflow run for the body (a new one, or `run_id` continued), ended FINISHED (or the status the body
-    set), FAILED on an error, KILLED on Ctrl-C, SIGTERM or exit: the runs of export, compress, compare, tune."""
+    """An MLflow run for the body (a new one, or `run_id` continued), ended with the status the body set, else
+    FINISHED, FAILED on an error, KILLED on Ctrl-C, SIGTERM or exit: the runs of export, compress, compare, tune."""
     store = client(uri)
     if run_id:
         store.update_run(run_id, status="RUNNING")
@@ -94,13 +94,13 @@ def run(
     try:
         yield handle
     except (KeyboardInterrupt, SystemExit):
-        handle.status = "KILLED"
+        handle.status = handle.status or "KILLED"
         raise
     except BaseException:
-        handle.status = "FAILED"
+        handle.status = handle.status or "FAILED"
         raise
     finally:
-        store.set_terminated(run_id, handle.status)
+        store.set_terminated(run_id, handle.status or "FINISHED")
 
 
 @dataclass
@@ -161,8 +161,8 @@ def resolve(uri: str) -> ModelRef:
     return ModelRef(uri, "run", logged, run.info.run_name, run_id=run_id)
 
 
-def download(ref: ModelRef, into: str) -> Path:
-    """The model's folder on this machine (a local folder as it is)."""
+def download(ref: ModelRef, into: str, only: tuple[str, ...] = ()) -> Path:
+    """The model's folder on this machine (a local folder as it is); with `only`, just those files of it."""
     import mlflow.artifacts
 
     if ref.kind == "folder":
@@ -170,18 +170,31 @@ def download(ref: ModelRef, into: str) -> Path:
     location = ref.artifact
     if location.startswith("models:/m-"):  # a logged model: its artifacts' own location, read with our client
         location = client().get_logged_model(location[len("models:/") :]).artifact_location
+    for name in only:
+        (Path(into) / name).parent.mkdir(parents=True, exist_ok=True)
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=f"{location.rstrip('/')}/{name}",
+            dst_path=str((Path(into) / name).parent),
+            tracking_uri=default_tracking_uri(),
+        )
+    if only:
+        return Path(into)
     return Path(
         mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=into, tracking_uri=default_tracking_uri())
     )
 
 
 def read_meta(uri: str) -> dict:
-    """What a model URI names, described (its cnnlab.json, or a checkpoint's equivalent), without loading it."""
+    """What a model URI names, described (its cnnlab.json, or a checkpoint's equivalent), without loading it: of
+    an artifact, only its MLmodel and cnnlab.json are read."""
     ref = resolve(uri)
     if ref.kind == "checkpoint":
         return checkpoint_meta(read_checkpoint(ref.artifact))
     with tempfile.TemporaryDirectory(prefix="cnnlab-model-") as tmp:
-        return json.loads(_meta_file(uri, data_folder(download(ref, tmp))).read_text())
+        folder = download(ref, tmp, ("MLmodel",))
+        data = data_folder(folder)
+        download(ref, tmp, (f"{data.relative_to(folder)}/{META_FILE}",))
+        return json.loads(_meta_file(uri, data).read_text())
 
 
 def _meta_file(uri: str, folder: Path) -> Path:
@@ -190,19 +203,20 @@ def _meta_file(uri: str, folder: Path) -> Path:
     return folder / META_FILE
 
 
-def load(uri: str, threads: int | None = None, device: str = "cpu", runtime: str | None = None) -> Network:
-    """The model artifact a URI names, on its own runtime (or `runtime`, see load_network), from the artifact
-    alone (no recipe, no training data). A checkpoint is no artifact: cnnlab.load.model takes those too."""
-    ref = resolve(uri)
+def load(uri: str | ModelRef, threads: int | None = None, device: str = "cpu", runtime: str | None = None) -> Network:
+    """The model artifact a URI (or its resolved ModelRef) names, on its own runtime (or `runtime`, see
+    load_network), from the artifact alone (no recipe, no training data). A checkpoint is no artifact:
+    cnnlab.load.model takes those too."""
+    ref = uri if isinstance(uri, ModelRef) else resolve(uri)
     if ref.kind == "checkpoint":
-        raise UserError(f"'{uri}' is a checkpoint, not a model artifact: load it with cnnlab.load.model.")
+        raise UserError(f"'{ref.uri}' is a checkpoint, not a model artifact: load it with cnnlab.load.model.")
     with tempfile.TemporaryDirectory(prefix="cnnlab-model-") as tmp:
-        folder = _meta_file(uri, data_folder(download(ref, tmp))).parent
+        folder = _meta_file(ref.uri, data_folder(download(ref, tmp))).parent
         try:
             network = load_network(folder, threads, device, runtime)
         except ValueError as err:
-            raise UserError(f"'{uri}': {err}.") from None
-    network.source, network.name, network.version, network.alias = uri, ref.name, ref.version, ref.alias
+            raise UserError(f"'{ref.uri}': {err}.") from None
+    network.source, network.name, network.version, network.alias = ref.uri, ref.name, ref.version, ref.alias
     return network
 
 

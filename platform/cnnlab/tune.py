@@ -22,7 +22,7 @@ from typing import Literal
 import yaml
 
 from cnnlab import UserError
-from cnnlab.callbacks.tuning import PRUNED_AT, PRUNERS, make_pruner, open_storage, redact, storage_url
+from cnnlab.studies import PRUNED_AT, PRUNERS, make_pruner, open_storage, redact, storage_url
 from cnnlab.supervisor import apply, end_all, remove_stale_temp, why_failed
 from cnnlab.supervisor import fit as fit_process
 
@@ -251,14 +251,11 @@ class Study:
         tags = {"mlflow.parentRunId": self.parent, "optuna.study": self.name, "optuna.trial": str(trial.number)}
         with store.run(f"trial-{trial.number}", tags, self.experiment, uri=self.tracking_uri) as run:
             trial.set_user_attr("mlflow_run_id", run.id)
-            outcome = self.run_trial(trial, recipe, run)
-        if isinstance(outcome, Exception):  # raised once its run has ended with the status the trial decided
-            raise outcome
-        return outcome
+            return self.run_trial(trial, recipe, run)
 
-    def run_trial(self, trial, recipe: dict, run) -> float | Exception:
-        """One trial's fit in its own process, logging into `run`; its outcome recorded on both: the best score,
-        or the exception that tells Optuna it failed or was pruned."""
+    def run_trial(self, trial, recipe: dict, run) -> float:
+        """One trial's fit in its own process, logging into `run`; its outcome recorded on both (the run's status
+        set before TrialFailed or TrialPruned tells Optuna)."""
         import optuna
 
         runnable = apply(
@@ -303,10 +300,10 @@ class Study:
         if proc.returncode != 0 or not scores:
             reason = why_failed(proc) if proc.returncode else f"the fit never logged {self.metric} (no val split?)"
             self._finish(trial, run, "FAIL", reason)
-            return TrialFailed(reason)
+            raise TrialFailed(reason)
         if PRUNED_AT in frozen.user_attrs:
             self._finish(trial, run, "PRUNED", f"pruned after epoch {frozen.user_attrs[PRUNED_AT]}")
-            return optuna.TrialPruned(f"pruned after epoch {frozen.user_attrs[PRUNED_AT]}")
+            raise optuna.TrialPruned(f"pruned after epoch {frozen.user_attrs[PRUNED_AT]}")
         best = (max if self.direction == "maximize" else min)(scores.values())
         self._finish(trial, run, "COMPLETE", f"{self.metric} {best:.4f}")
         return best

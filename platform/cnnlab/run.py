@@ -16,7 +16,8 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, Th
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-from cnnlab import UserError, did_you_mean
+from cnnlab import UserError, did_you_mean, store
+from cnnlab.callbacks.checkpoints import LastCheckpoint
 from cnnlab.data import DEFAULT_IMAGE_SIZE, DataModule
 from cnnlab.module import ClassifierModule
 from cnnlab.pretrained import follow_weights
@@ -36,6 +37,7 @@ def trainer_defaults() -> dict:
         "benchmark": cuda,
         "enable_progress_bar": sys.stderr.isatty(),  # elsewhere Tracking prints one line per epoch
         "callbacks": [Tracking()],
+        "plugins": [{"class_path": "cnnlab.callbacks.checkpoints.AtomicCheckpointIO"}],
     }
 
 
@@ -76,6 +78,11 @@ class CnnlabCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
+        checkpoint = trainer.checkpoint_callback
+        if checkpoint is not None and checkpoint.save_last:  # Lightning's own last.ckpt skips epochs with no best
+            checkpoint.save_last = False
+            config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+            trainer.callbacks.append(LastCheckpoint(config.get("last_every_n_steps")))
         if trainer.loggers:  # the LR of each parameter group and images/s (both refuse a trainer without a logger)
             trainer.callbacks.append(LearningRateMonitor(logging_interval="step"))
             trainer.callbacks.append(ThroughputMonitor(batch_size_fn=batch_size, window_size=10))
@@ -104,6 +111,13 @@ class CnnlabCLI(LightningCLI):
             }
         )
         parser.add_argument(
+            "--last_every_n_steps",
+            type=int | None,
+            default=None,
+            metavar="N",
+            help="besides every epoch, write last.ckpt every N optimizer steps (with checkpoint.save_last)",
+        )
+        parser.add_argument(
             "--test_after_fit",
             type=bool,
             default=True,
@@ -124,7 +138,8 @@ class CnnlabCLI(LightningCLI):
         )
 
     checkpoint_classes: list[str] | None = None  # the classes the --ckpt_path checkpoint was trained on
-    resumed: str | None = None  # the MLflow run a fit continues
+    resumed: str | None = None  # the MLflow run a fit continues (or a test logs into)
+    status: str | None = None  # that run's status before
 
     def before_instantiate_classes(self) -> None:
         """Name the run after the recipe; with --ckpt_path, continue the MLflow run that wrote the checkpoint."""
@@ -140,6 +155,16 @@ class CnnlabCLI(LightningCLI):
         if not ckpt_path or logger.init_args.run_id:
             return
         found = resumable_run(str(ckpt_path), logger.init_args, config.trainer.default_root_dir)
+        if found and self.subcommand == "fit":
+            status = store.client(logger.init_args.tracking_uri).get_run(found[0]).info.status
+            if status == "FINISHED":
+                print(
+                    f"cnnlab: run {found[0]} already FINISHED (its test and model are logged); nothing to resume. "
+                    "Run the command without --ckpt_path for a new fit, or fine-tune from it with "
+                    f"--model.pretrained=runs:/{found[0]}/model.",
+                    file=sys.stderr,
+                )
+                raise SystemExit(0)
         if found:
             (self.resumed, config.ckpt_path), logger.init_args.run_id = found, found[0]
             rank_zero_info(f"cnnlab: continuing MLflow run {found[0]} from {found[1]}")
@@ -159,7 +184,8 @@ class CnnlabCLI(LightningCLI):
                 "checkpoint's classes, or start a new fit (model.pretrained fine-tunes from it)."
             )
         if self.resumed and logger is not None and self.trainer.is_global_zero:
-            logger.experiment.update_run(self.resumed, status="RUNNING")  # not FAILED or KILLED while it trains
+            self.status = logger.experiment.get_run(self.resumed).info.status
+            logger.experiment.update_run(self.resumed, status="RUNNING")  # not FAILED or KILLED while it runs
             history = logger.experiment.get_metric_history
             logger.logged_through = {
                 key: max((m.step for m in history(self.resumed, key)), default=-1)
@@ -172,10 +198,16 @@ class CnnlabCLI(LightningCLI):
         checkpoint = self.trainer.checkpoint_callback
         if "val" not in self.datamodule.splits and checkpoint.monitor and checkpoint.monitor.startswith("val/"):
             checkpoint.monitor = None  # nothing to rank by: keep the latest
-        if self.trainer.fast_dev_run:
-            checkpoint.save_last = False  # Lightning's on_train_end would still write last.ckpt (a GB for VGG)
 
     before_validate = before_test = before_predict = _resume_run
+
+    def _keep_status(self) -> None:
+        """A test, validation or prediction logs into a fit's run without changing how that fit ended."""
+        logger = mlflow_logger(self.trainer)
+        if self.resumed and self.status and logger is not None and self.trainer.is_global_zero:
+            logger.experiment.update_run(self.resumed, status=self.status)
+
+    after_validate = after_test = after_predict = _keep_status
 
     def fit(self, model, datamodule, **kwargs) -> None:
         """Fit; then test the best checkpoint, log it as an MLflow model and register it, in the same run.
@@ -186,7 +218,8 @@ class CnnlabCLI(LightningCLI):
         except SystemExit:
             if tracking.stopped is None:
                 raise
-            signum, saved = tracking.stopped
+            signum = tracking.stopped
+            saved = next((c.saved for c in self.trainer.callbacks if isinstance(c, LastCheckpoint)), None)
             if self.trainer.is_global_zero:
                 recipe = self.config_init.fit.get("config")
                 again = f"cnnlab fit --config {recipe[-1]}" if recipe else "the same cnnlab fit command"

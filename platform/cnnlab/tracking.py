@@ -133,19 +133,15 @@ class Tracking(Callback):
 
     def __init__(self) -> None:
         self._epoch_start = 0.0
-        self.stopped: tuple[int, str] | None = None  # (signal, checkpoint saved) when SIGTERM or Ctrl-C stopped a fit
+        self.stopped: int | None = None  # the signal (SIGTERM or SIGINT) that stopped a fit
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        """SIGTERM (what schedulers send) or Ctrl-C during a fit: save where it stands, so it resumes there."""
+        """SIGTERM (what schedulers send) or Ctrl-C during a fit: the run ends KILLED (resumable), not FAILED."""
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
         if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)) or trainer.state.fn != "fit":
             return
-        checkpoint, saved = trainer.checkpoint_callback, None
-        if checkpoint is not None and checkpoint.dirpath and checkpoint.save_last:  # a fit meant to resume
-            saved = str(Path(checkpoint.dirpath) / "last.ckpt")
-            trainer.save_checkpoint(saved, weights_only=False)  # the whole state, to resume from
-        self.stopped = (signal.SIGINT if isinstance(exception, KeyboardInterrupt) else signal.SIGTERM, saved)
+        self.stopped = signal.SIGINT if isinstance(exception, KeyboardInterrupt) else signal.SIGTERM
         logger = mlflow_logger(trainer)
         if logger is not None:
             logger.stopped = True  # finalize marks the run KILLED, not FAILED
@@ -341,12 +337,12 @@ def log_model(logger: MLFlowLogger, module, datamodule, samples: int = 16) -> st
             program = torch.export.export(module, (example,), dynamic_shapes={"images": {0: torch.export.Dim("batch")}})
             torch.export.save(program, folder / cnnlab_model.NETWORK_FILES["torch"])
             meta = cnnlab_model.write_meta(folder, folder / cnnlab_model.NETWORK_FILES["torch"], meta, examples)
-            cnnlab_model.save_model(Path(tmp) / "model", folder, meta)
+            digest = cnnlab_model.save_model(Path(tmp) / "model", folder, meta)
             return store.log_model(
                 logger.experiment,
                 logger.run_id,
                 Path(tmp) / "model",
-                tags={"cnnlab.runtime": "torch", "cnnlab.sha256": meta["sha256"]},
+                tags={"cnnlab.runtime": "torch", "cnnlab.sha256": digest},
             )
     finally:
         module.compiled = compiled

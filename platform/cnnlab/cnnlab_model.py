@@ -5,9 +5,13 @@ inference needs, described by `cnnlab.json` (schema below, versioned by SCHEMA):
                                               (it normalizes itself): a torch.export program, an ONNX
                                               model (fp32 or int8) or TorchScript
     cnnlab.json   schema, classes, image_size, crop_pct, mean, std, preprocess, input, output, runtime,
-                  format, network, sha256 (of the network file), samples, data (the source it was trained
-                  on), source (what an export was made from), checks (an export's parity)
+                  format, network, files (the sha256 of each network file), samples, data (the source it
+                  was trained on), source (what an export was made from), checks (an export's parity)
     samples/      a few encoded images with their labels (`samples` in cnnlab.json), for parity checks
+
+The model's digest is the sha256 of its cnnlab.json (which holds the sha256 of every network file), recorded
+in the MLmodel's metadata (`cnnlab.sha256`) and in the model's tags; every load checks both before the
+network is read, so a changed or damaged file is refused in one line naming it.
 
 A fit logs one (runtime torch); `cnnlab export` writes the same kind with another network. This file is
 copied into every model (its `code/` folder) and is its pyfunc loader, so it imports nothing of cnnlab:
@@ -32,7 +36,7 @@ import numpy as np
 from PIL import Image
 
 META_FILE = "cnnlab.json"
-SCHEMA = 1
+SCHEMA = 2  # 2: `files` holds each network file's sha256, the digest is cnnlab.json's (1: `sha256` of the network)
 NETWORK_FILES = {"torch": "network.pt2", "onnx": "network.onnx", "torchscript": "network.ts", "openvino": "network.xml"}
 RUNTIMES = ("onnxruntime", "openvino")  # the runtimes that may run another's network file (--runtime)
 PREPROCESS = (
@@ -112,15 +116,49 @@ def network_files(network: Path) -> list[Path]:
     return [network, network.with_suffix(".bin")] if network.suffix == ".xml" else [network]
 
 
-def sha256(network: Path) -> str:
+def sha256(*paths: Path) -> str:
     import hashlib
 
     digest = hashlib.sha256()
-    for path in network_files(network):
+    for path in paths:
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+def recorded_digest(model_folder) -> str | None:
+    """The digest an MLflow model folder's MLmodel recorded for it (None when it has no MLmodel)."""
+    import yaml
+
+    mlmodel = Path(model_folder) / "MLmodel"
+    if not mlmodel.is_file():
+        return None
+    return ((yaml.safe_load(mlmodel.read_text()).get("metadata") or {}).get("cnnlab") or {}).get("sha256")
+
+
+def verify(folder: Path, recorded: str | None = None) -> str:
+    """The digest of the model in `folder` (sha256 of its cnnlab.json), once cnnlab.json matches `recorded` and
+    every network file the sha256 cnnlab.json holds for it; otherwise a ValueError naming the file."""
+    import hashlib
+
+    meta_file = folder / META_FILE
+    raw = meta_file.read_bytes()
+    digest, meta = hashlib.sha256(raw).hexdigest(), json.loads(raw)
+    legacy = meta.get("schema", 0) < 2  # its digest was the network file's
+    if recorded and not legacy and digest != recorded:
+        raise ValueError(f"{meta_file} was changed after the model was saved: sha256 {digest}, recorded {recorded}")
+    files = {meta["network"]: meta.get("sha256")} if legacy else meta.get("files", {})
+    for name, expected in files.items():
+        path = folder / name
+        if not path.is_file():
+            raise ValueError(f"{path} is missing (recorded sha256 {expected})")
+        actual = sha256(*network_files(path)) if legacy else sha256(path)
+        if expected and actual != expected:
+            raise ValueError(
+                f"{path} is damaged or was changed ({path.stat().st_size:,} bytes): sha256 {actual}, recorded {expected}"
+            )
+    return meta["sha256"] if legacy else digest
 
 
 @dataclass
@@ -137,6 +175,7 @@ class Network:
     params: int = 0
     samples: list[tuple[bytes, int]] = field(default_factory=list)  # encoded sample images and their labels
     engine: str = "torch"  # what runs it: torch, torchscript, onnxruntime or openvino
+    digest: str = ""  # sha256 of the cnnlab.json it was loaded from, checked with every file it lists
 
     @property
     def classes(self) -> list[str]:
@@ -149,10 +188,6 @@ class Network:
     @property
     def runtime(self) -> str:
         return self.meta["runtime"]
-
-    @property
-    def digest(self) -> str:
-        return self.meta.get("sha256", "")
 
     def preprocess(self, item) -> np.ndarray:
         """Encoded bytes or an H x W [x C] uint8 array to the H x W x 3 input the network takes."""
@@ -195,24 +230,28 @@ def engine_of(meta: dict, runtime: str | None = None) -> str:
     return runtime
 
 
-def load_network(folder, threads: int | None = None, device: str = "cpu", runtime: str | None = None) -> Network:
+def load_network(
+    folder, threads: int | None = None, device: str = "cpu", runtime: str | None = None, recorded: str | None = None
+) -> Network:
     """The network of a model's data folder (where cnnlab.json lies), on its own runtime, or on `runtime`:
-    `openvino` runs an ONNX or OpenVINO network with OpenVINO, `onnxruntime` an ONNX one with ONNX Runtime."""
+    `openvino` runs an ONNX or OpenVINO network with OpenVINO, `onnxruntime` an ONNX one with ONNX Runtime.
+    Its files are checked first (`verify`, against the `recorded` digest when given)."""
     folder = Path(folder)
     meta = json.loads((folder / META_FILE).read_text())
     if meta.get("schema", 0) > SCHEMA:
         raise ValueError(
             f"{folder / META_FILE} has schema {meta['schema']}; this code reads up to {SCHEMA}: upgrade cnnlab"
         )
+    digest = verify(folder, recorded)
     file = folder / meta["network"]
     runtime = engine_of(meta, runtime)
     samples = [((folder / s["file"]).read_bytes(), s["label"]) for s in meta.get("samples", [])]
     if runtime == "onnxruntime":
         predict, params = _onnxruntime(file, threads, device)
-        return Network(predict, meta, params=params, samples=samples, engine=runtime)
+        return Network(predict, meta, params=params, samples=samples, engine=runtime, digest=digest)
     if runtime == "openvino":
         predict, params = _openvino(file, threads, device)
-        return Network(predict, meta, params=params, samples=samples, engine=runtime)
+        return Network(predict, meta, params=params, samples=samples, engine=runtime, digest=digest)
     import torch
 
     if threads:
@@ -231,6 +270,7 @@ def load_network(folder, threads: int | None = None, device: str = "cpu", runtim
         params=sum(p.numel() for p in module.parameters()),
         samples=samples,
         engine=runtime,
+        digest=digest,
     )
 
 
@@ -321,8 +361,8 @@ class ImageClassifier:
 
 
 def _load_pyfunc(data_path: str, model_config=None) -> ImageClassifier:
-    """MLflow's entry point for the python_function flavor."""
-    return ImageClassifier(load_network(data_path))
+    """MLflow's entry point for the python_function flavor (MLflow keeps the data in MODEL/data/NAME)."""
+    return ImageClassifier(load_network(data_path, recorded=recorded_digest(Path(data_path).parents[1])))
 
 
 def data_folder(model_folder) -> Path:
@@ -347,7 +387,7 @@ def write_meta(folder: Path, network: Path, meta: dict, samples: list[tuple[byte
         "schema": SCHEMA,
         **meta,
         "network": network.name,
-        "sha256": sha256(network),
+        "files": {path.name: sha256(path) for path in network_files(network)},
         "bytes": sum(path.stat().st_size for path in network_files(network)),
         "samples": rows,
         "preprocess": PREPROCESS,
@@ -363,8 +403,9 @@ def write_meta(folder: Path, network: Path, meta: dict, samples: list[tuple[byte
     return meta
 
 
-def save_model(path, folder: Path, meta: dict) -> None:
-    """An MLflow model at `path` whose pyfunc is this module, loading `folder` (network, cnnlab.json, samples)."""
+def save_model(path, folder: Path, meta: dict) -> str:
+    """An MLflow model at `path` whose pyfunc is this module, loading `folder` (network, cnnlab.json, samples);
+    returns its digest (recorded in the MLmodel)."""
     from importlib.metadata import version
 
     import mlflow.pyfunc
@@ -387,6 +428,7 @@ def save_model(path, folder: Path, meta: dict) -> None:
         ),
     )
     examples = [(folder / s["file"]).read_bytes() for s in meta["samples"][:2]]
+    digest = verify(folder)
     mlflow.pyfunc.save_model(
         str(path),
         loader_module="cnnlab_model",
@@ -395,5 +437,11 @@ def save_model(path, folder: Path, meta: dict) -> None:
         signature=signature,
         input_example=pd.DataFrame({"image": examples}) if examples else None,
         pip_requirements=[*runtime, "numpy", "pandas", "pillow", "opencv-python-headless", "pyyaml"],
-        metadata={"cnnlab": {k: meta[k] for k in ("schema", "runtime", "format", "sha256", "image_size", "classes")}},
+        metadata={
+            "cnnlab": {
+                "sha256": digest,
+                **{k: meta[k] for k in ("schema", "runtime", "format", "image_size", "classes")},
+            }
+        },
     )
+    return digest

@@ -210,7 +210,7 @@ def export(
         (folder / META_FILE).write_text(json.dumps(meta, indent=2))
         if target.exists():
             shutil.rmtree(target)
-        save_model(target, folder, meta)
+        meta["sha256"] = save_model(target, folder, meta)  # the export's digest, for its tags
     checks = meta["checks"]
     print(
         f"exported {uri} -> {target} ({form}, {meta['bytes'] / 1e6:.1f} MB)\n"

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cnnlab import UserError
-from cnnlab.cnnlab_model import META_FILE, Network, data_folder, default_crop_pct, load_network
+from cnnlab.cnnlab_model import META_FILE, Network, data_folder, default_crop_pct, load_network, recorded_digest
 from cnnlab.sources import recorded_data
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
@@ -211,10 +211,11 @@ def load(uri: str | ModelRef, threads: int | None = None, device: str = "cpu", r
     if ref.kind == "checkpoint":
         raise UserError(f"'{ref.uri}' is a checkpoint, not a model artifact: load it with cnnlab.load.model.")
     with tempfile.TemporaryDirectory(prefix="cnnlab-model-") as tmp:
-        folder = _meta_file(ref.uri, data_folder(download(ref, tmp))).parent
+        model = download(ref, tmp)
+        folder = _meta_file(ref.uri, data_folder(model)).parent
         try:
-            network = load_network(folder, threads, device, runtime)
-        except ValueError as err:
+            network = load_network(folder, threads, device, runtime, recorded_digest(model))
+        except (ValueError, OSError) as err:
             raise UserError(f"'{ref.uri}': {err}.") from None
     network.source, network.name, network.version, network.alias = ref.uri, ref.name, ref.version, ref.alias
     return network

@@ -1,5 +1,6 @@
 """Optuna studies through `cnnlab tune`: workers, both storages, pruning, failures, nesting, the best recipe."""
 
+import signal
 import subprocess
 import sys
 import tempfile
@@ -279,3 +280,47 @@ def test_a_fit_ended_by_a_signal_is_said_so():
     assert why_failed(proc) == "the fit was ended by SIGABRT; its last line: Warning: last words"
     proc = subprocess.run([sys.executable, "-c", "raise ValueError('bad value')"], capture_output=True, text=True)
     assert why_failed(proc) == "ValueError: bad value"
+
+
+@pytest.mark.slow
+def test_one_sigterm_ends_the_running_trials_at_once_and_the_study_resumes(small, workdir):
+    recipe = yaml.safe_load(small.read_text())
+    recipe["trainer"]["max_epochs"] = 40  # trials that would run for minutes
+    (workdir / "long.yaml").write_text(yaml.safe_dump(recipe))
+    storage, space = f"sqlite:///{workdir}/mlruns/optuna.db", write_space(workdir, SPACE)
+    args = ["--config", workdir / "long.yaml", "--space", space, "--study", "stopped", "--storage", storage]
+    tune = subprocess.Popen(
+        [sys.executable, "-m", "cnnlab", "tune", *map(str, args), "--n-trials", "6", "--workers", "2"],
+        cwd=workdir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline, trials = time.time() + 180, []
+    while time.time() < deadline and len(trials) < 2:
+        assert tune.poll() is None, tune.communicate()[1][-3000:]
+        time.sleep(0.5)
+        trials = processes(1, tune.pid)
+    time.sleep(8)  # into their epochs
+    tune.send_signal(signal.SIGTERM)
+    stopped_at = time.time()
+    while any(Path(f"/proc/{pid}").exists() for pid in trials) and time.time() < stopped_at + 60:
+        time.sleep(0.2)
+    ended_in = time.time() - stopped_at
+    stdout, stderr = tune.communicate(timeout=120)
+    assert ended_in < 10, f"the trials ran {ended_in:.1f} s after SIGTERM"
+    assert tune.returncode == 143 and "Traceback" not in stderr, stderr[-3000:]
+    assert "stopped by SIGTERM" in stdout and "--study resumes" in stdout, stdout
+    study = optuna.load_study(study_name="stopped", storage=open_storage(storage))
+    assert [t.state.name for t in study.trials] == ["FAIL", "FAIL"]  # the two that ran; none started after
+    assert all("stopped by SIGTERM" in t.user_attrs["fail_reason"] for t in study.trials)
+    client = mlflow_client()
+    experiment = client.get_experiment_by_name("cnnlab").experiment_id
+    runs = {r.data.tags.get("optuna.trial"): r.info.status for r in client.search_runs([experiment])}
+    assert runs == {"0": "KILLED", "1": "KILLED", None: "KILLED"}, runs  # both trials and the study's parent
+
+    resumed = cnnlab("tune", *args, "--n-trials", "1", cwd=workdir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    states = [t.state.name for t in optuna.load_study(study_name="stopped", storage=open_storage(storage)).trials]
+    assert states == ["FAIL", "FAIL", "COMPLETE"]

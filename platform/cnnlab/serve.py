@@ -386,9 +386,14 @@ def serve(
 
     signal.signal(signal.SIGTERM, stop)
     print(
-        f"cnnlab serve: {uri} ({engine} on {device}, sha256 {meta.get('sha256', '')[:12]}) at "
-        f"http://{host}:{port}/predict",
+        f"cnnlab serve: {uri} ({engine} on {device}) at http://{host}:{port}/predict",
         flush=True,
     )
-    server.run(host=host, port=port, generate_client_file=False, log_level="warning", timeout_keep_alive=idle_timeout)
+    try:
+        server.run(
+            host=host, port=port, generate_client_file=False, log_level="warning", timeout_keep_alive=idle_timeout
+        )
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM above: the workers are ended; a stop is no error
+        pass
+    print("cnnlab serve: stopped", flush=True)
     return 0

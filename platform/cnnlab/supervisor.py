@@ -124,6 +124,13 @@ def _end_with_parent() -> None:
         pass
 
 
+def signal_all(signum: int) -> None:
+    """Send a signal to every fit process this process started (not to their workers: each fit ends its own)."""
+    for child in list(_CHILDREN):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child.pid, signum)
+
+
 def end_all(grace: float = 30) -> None:
     """SIGTERM every fit process this process started (and their workers), SIGKILL what is left after `grace`."""
     for child in list(_CHILDREN):

@@ -23,7 +23,7 @@ import yaml
 
 from cnnlab import UserError
 from cnnlab.studies import PRUNED_AT, PRUNERS, make_pruner, open_storage, redact, storage_url
-from cnnlab.supervisor import apply, end_all, remove_stale_temp, why_failed
+from cnnlab.supervisor import apply, end_all, remove_stale_temp, signal_all, why_failed
 from cnnlab.supervisor import fit as fit_process
 
 SAMPLERS = ("tpe", "random", "cmaes", "qmc", "grid")
@@ -164,6 +164,8 @@ def make_sampler(name: str, space: dict, grids: dict, seed: int | None):
 class Study:
     """One `cnnlab tune` invocation: the Optuna study, its MLflow parent run, and the trial runner."""
 
+    stopped: str | None = None  # the signal that stopped this invocation (SIGTERM, SIGINT)
+
     def __init__(
         self,
         config: str,
@@ -297,6 +299,11 @@ class Study:
         scores = frozen.intermediate_values  # what the trial's process reported, epoch by epoch
         trial.set_user_attr("epochs", len(scores))
         trial.set_user_attr("seconds", round(time.time() - started, 1))
+        if self.stopped and proc.returncode != 0:
+            reason = f"stopped by {self.stopped} after {len(scores)} epoch(s); the study resumes with the same command"
+            self._finish(trial, run, "FAIL", reason)
+            run.status = "KILLED"
+            raise TrialFailed(reason)
         if proc.returncode != 0 or not scores:
             reason = why_failed(proc) if proc.returncode else f"the fit never logged {self.metric} (no val split?)"
             self._finish(trial, run, "FAIL", reason)
@@ -330,6 +337,7 @@ class Study:
             n_jobs=workers,
             catch=(TrialFailed,),
             gc_after_trial=False,
+            callbacks=[lambda study, trial: study.stop() if self.stopped else None],  # no new trial after a stop
         )
 
     def finish(self, client, out_dir: str = "recipes/tuned") -> Path | None:
@@ -502,10 +510,12 @@ def tune(
         flush=True,
     )
 
-    def stop(signum, frame):  # unwind, so the trials' processes end and temporary files go
-        raise SystemExit(128 + signum)
+    def stop(signum, frame):  # the running trials end now (each recorded as stopped); no new one starts
+        runner.stopped = signal.Signals(signum).name
+        print(f"cnnlab tune: {runner.stopped}: ending the running trials", flush=True)
+        signal_all(signal.SIGTERM)
 
-    previous = signal.signal(signal.SIGTERM, stop)
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGINT)}
     with runner.parent_run() as parent:
         runner.describe(parent)
         runner.parent = parent.id
@@ -513,8 +523,14 @@ def tune(
             runner.optimize(n_trials, timeout, workers)
         finally:
             end_all()
-            signal.signal(signal.SIGTERM, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
         written = runner.finish(parent.client, out_dir)
+        if runner.stopped:
+            print(leaderboard(runner.study, metric), end="")
+            print(f"cnnlab tune: stopped by {runner.stopped}; `cnnlab tune` with the same --study resumes the study")
+            parent.status = "KILLED"
+            return 128 + getattr(signal, runner.stopped)
     print(leaderboard(runner.study, metric), end="")
     if written:
         print(f"best recipe: {written} (fit it with `cnnlab fit --config {written}`)")

@@ -210,7 +210,9 @@ WHICH_FILE = {
 
 
 @pytest.mark.slow
-def test_every_consumer_refuses_a_changed_model_in_one_line_and_loads_the_untouched_one(model_copies, tmp_path, workdir):
+def test_every_consumer_refuses_a_changed_model_in_one_line_and_loads_the_untouched_one(
+    model_copies, tmp_path, workdir
+):
     import mlflow.pyfunc
     from PIL import Image
 
@@ -251,3 +253,34 @@ def test_the_gate_refuses_a_changed_registered_model(model_copies):
     refused = cnnlab_here("promote", name, cwd=cwd, env=env)
     assert refused.returncode != 0 and "network.pt2 is damaged" in refused.stderr, refused.stdout + refused.stderr
     assert "champion" not in mlflow_client(env["MLFLOW_TRACKING_URI"]).get_registered_model(name).aliases
+
+
+@pytest.mark.slow
+def test_two_promotions_at_once_end_with_one_champion_that_beat_the_other(quickstart):
+    from cnnlab.registry import register_model
+
+    cwd, client, run, _ = quickstart
+    name = f"race-{uuid.uuid4().hex[:8]}"
+    for _ in range(2):  # two versions of one model: equal scores, so the second must beat the first by min-delta
+        register_model(client, name, run.data.tags["cnnlab.model_uri"], run.info.run_id, {}, alias=None)
+    promotions = [
+        subprocess.Popen(
+            [sys.executable, "-m", "cnnlab", "promote", name, "--version", version, "--min-delta", "0.001"],
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for version in ("1", "2")
+    ]
+    outputs = [p.communicate(timeout=300) for p in promotions]
+    codes = sorted(p.returncode for p in promotions)
+    assert codes == [0, 1], outputs
+    winner = str(client.get_model_version_by_alias(name, "champion").version)
+    loser = "2" if winner == "1" else "1"
+    assert client.get_model_version(name, winner).tags["promotion.decision"] == "promoted"
+    lost = client.get_model_version(name, loser).tags
+    assert lost["promotion.decision"] == "refused" and lost["promotion.champion_version"] == winner  # it saw the winner
+    out = outputs[int(loser) - 1][0]
+    assert f"refused: v{loser} does not beat the champion v{winner}" in out, out
+    assert "promotion.lease" not in client.get_registered_model(name).tags  # released

@@ -7,7 +7,12 @@ onto the candidate version as tags and a line of its description.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import socket
+import time
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
@@ -152,58 +157,96 @@ def promote(
 
     client = store.client()
     candidate = _version(client, name, version)
-    champion = _champion(client, name)
     network = load.model(f"models:/{name}/{candidate.version}")
     datamodule, split = labelled(network.meta, data)
-    fingerprint = datamodule.splits[split].fingerprint(datamodule.describe()["root"])
-    print(
-        f"evaluating {name} v{candidate.version} ({network.runtime}, sha256 {network.digest[:12]})"
-        + (f" and champion v{champion.version}" if champion and str(champion.version) != str(candidate.version) else "")
-        + f" on {datamodule.source} {split} ({len(datamodule.splits[split])} images, fingerprint "
-        f"{fingerprint})"
-    )
     samples = datamodule.splits[split]
+    fingerprint = samples.fingerprint(datamodule.describe()["root"])
+    print(
+        f"evaluating {name} v{candidate.version} ({network.runtime}, sha256 {network.digest[:12]}) on "
+        f"{datamodule.source} {split} ({len(samples)} images, fingerprint {fingerprint})"
+    )
     scores = {"candidate": evaluate(network, samples)}
-    if champion and str(champion.version) != str(candidate.version):
-        scores["champion"] = evaluate(load.model(f"models:/{name}/{champion.version}"), samples)
-    sign = -1 if metric in LOWER_IS_BETTER else 1
-    ours, theirs = scores["candidate"][metric], scores.get("champion", {}).get(metric, math.nan)
-    better = math.isnan(theirs) or sign * (ours - theirs) >= min_delta
-    decision = "promoted" if better else ("forced" if force else "refused")
-    _print_table(scores, str(candidate.version), str(champion.version) if "champion" in scores else None, metric)
-    when = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    record = {
-        "promotion.decision": decision,
-        "promotion.metric": metric,
-        "promotion.min_delta": str(min_delta),
-        "promotion.candidate_score": f"{ours:.6g}",
-        "promotion.champion_score": f"{theirs:.6g}",
-        "promotion.champion_version": str(champion.version) if champion else "none",
-        "promotion.data_source": datamodule.source,
-        "promotion.data_fingerprint": fingerprint,
-        "promotion.runtime": network.runtime,
-        "promotion.sha256": network.digest,
-        "promotion.time": when,
-    }
-    for key, value in record.items():
-        client.set_model_version_tag(name, candidate.version, key, value)
-    line = (
-        f"{when} {decision}: {metric} {ours:.4f} vs champion "
-        f"{f'v{champion.version} {theirs:.4f}' if champion else 'none'} (min delta {min_delta}) "
-        f"on {datamodule.source} {split}, fingerprint {fingerprint}"
-    )
-    client.update_model_version(
-        name, candidate.version, description=f"{candidate.description or ''}\n- {line}".lstrip("\n")
-    )
-    if decision == "refused":
-        print(
-            f"refused: v{candidate.version} does not beat the champion by {min_delta} on {metric}. "
-            f"`--force` promotes it anyway (and records that)."
+    with lease(client, name):  # one promotion of NAME at a time: each compares with the champion it would replace
+        champion = _champion(client, name)
+        while True:
+            if champion and str(champion.version) != str(candidate.version):
+                print(f"evaluating champion v{champion.version} on the same images")
+                scores["champion"] = evaluate(load.model(f"models:/{name}/{champion.version}"), samples)
+            moved = _champion(client, name)  # compare-and-set: the champion just before the alias moves
+            if getattr(moved, "version", None) == getattr(champion, "version", None):
+                break
+            print(f"the champion moved to v{moved.version} meanwhile: comparing with it instead")
+            champion = moved
+            scores.pop("champion", None)
+        sign = -1 if metric in LOWER_IS_BETTER else 1
+        ours, theirs = scores["candidate"][metric], scores.get("champion", {}).get(metric, math.nan)
+        better = math.isnan(theirs) or sign * (ours - theirs) >= min_delta
+        decision = "promoted" if better else ("forced" if force else "refused")
+        _print_table(scores, str(candidate.version), str(champion.version) if "champion" in scores else None, metric)
+        when = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        record = {
+            "promotion.decision": decision,
+            "promotion.metric": metric,
+            "promotion.min_delta": str(min_delta),
+            "promotion.candidate_score": f"{ours:.6g}",
+            "promotion.champion_score": f"{theirs:.6g}",
+            "promotion.champion_version": str(champion.version) if champion else "none",
+            "promotion.data_source": datamodule.source,
+            "promotion.data_fingerprint": fingerprint,
+            "promotion.runtime": network.runtime,
+            "promotion.sha256": network.digest,
+            "promotion.time": when,
+        }
+        for key, value in record.items():
+            client.set_model_version_tag(name, candidate.version, key, value)
+        line = (
+            f"{when} {decision}: {metric} {ours:.4f} vs champion "
+            f"{f'v{champion.version} {theirs:.4f}' if champion else 'none'} (min delta {min_delta}) "
+            f"on {datamodule.source} {split}, fingerprint {fingerprint}"
         )
-        return 1
-    client.set_registered_model_alias(name, CHAMPION, candidate.version)
-    print(f"{decision}: {name}@{CHAMPION} is now v{candidate.version}")
-    return 0
+        client.update_model_version(
+            name, candidate.version, description=f"{candidate.description or ''}\n- {line}".lstrip("\n")
+        )
+        if decision == "refused":
+            print(
+                f"refused: v{candidate.version} does not beat the champion v{champion.version} by {min_delta} on "
+                f"{metric}. `--force` promotes it anyway (and records that)."
+            )
+            return 1
+        client.set_registered_model_alias(name, CHAMPION, candidate.version)
+        print(f"{decision}: {name}@{CHAMPION} is now v{candidate.version}")
+        return 0
+
+
+LEASE = "promotion.lease"  # the registered model's tag naming the promotion under way: "HOST:PID:TOKEN UNTIL"
+
+
+@contextlib.contextmanager
+def lease(client, name: str, seconds: float = 1800, settle: float = 1.0):
+    """Hold NAME's promotion lease for the body, across processes and machines sharing the registry: set the tag,
+    wait `settle` seconds and read it back (a writer that raced us and wrote last holds it; we wait for it). A
+    lease past its deadline, or held by a process of this host that is gone, is taken over."""
+    token, said = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}", False
+    while True:
+        held = client.get_registered_model(name).tags.get(LEASE, "")
+        holder, _, until = held.partition(" ")
+        host, _, pid = holder.partition(":")
+        alive = host != socket.gethostname() or Path(f"/proc/{pid.partition(':')[0]}").exists()
+        if held and not held.startswith(token) and float(until or 0) > time.time() and alive:
+            if not said:
+                print(f"waiting for the promotion of {name} under way ({holder})", flush=True)
+                said = True
+            time.sleep(settle)
+            continue
+        client.set_registered_model_tag(name, LEASE, f"{token} {time.time() + seconds:.0f}")
+        time.sleep(settle)
+        if client.get_registered_model(name).tags.get(LEASE, "").startswith(token):
+            break
+    try:
+        yield
+    finally:
+        if client.get_registered_model(name).tags.get(LEASE, "").startswith(token):
+            client.delete_registered_model_tag(name, LEASE)
 
 
 def _print_table(scores: dict, candidate: str, champion: str | None, metric: str) -> None:

@@ -2,6 +2,7 @@
 alias hot swap under load, and a shutdown that leaves nothing behind."""
 
 import base64
+import hashlib
 import io
 import json
 import os
@@ -92,6 +93,8 @@ def test_the_server_loads_the_very_artifact_the_gate_evaluated(server):
     info = requests.get(f"{server['url']}/info", headers=AUTH, timeout=10).json()
     assert version.tags["promotion.runtime"] == info["runtime"] == "torch"
     assert len(info["sha256"]) == 64 and version.tags["promotion.sha256"] == info["sha256"]
+    served = next(Path(version.source.removeprefix("file://")).rglob("cnnlab.json"))
+    assert info["sha256"] == hashlib.sha256(served.read_bytes()).hexdigest()  # the digest of the file it loaded
     assert requests.get(f"{server['url']}/health", timeout=10).status_code == 200  # no key needed
     schema = requests.get(f"{server['url']}/openapi.json", headers=AUTH, timeout=10).json()
     assert "image/*" in schema["paths"]["/predict"]["post"]["requestBody"]["content"]
@@ -321,7 +324,9 @@ def test_shutdown_leaves_no_process_behind(server):
     process = server["process"]
     assert len(session_processes(process.pid)) >= 2  # the server and its workers
     process.send_signal(signal.SIGTERM)
-    process.wait(timeout=60)
+    assert process.wait(timeout=60) == 0  # a stop is no error
+    log = (server["cwd"] / "serve.log").read_text()
+    assert "Traceback" not in log and "KeyboardInterrupt" not in log and "cnnlab serve: stopped" in log, log[-3000:]
     deadline = time.time() + 30
     while session_processes(process.pid) and time.time() < deadline:
         time.sleep(0.5)

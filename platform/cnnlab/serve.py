@@ -381,7 +381,11 @@ def serve(
         if getattr(route, "path", None) == "/predict":
             route.openapi_extra = PREDICT_OPENAPI
 
+    main = os.getpid()
+
     def stop(signum, frame):  # LitServe shuts its workers down cleanly on KeyboardInterrupt, not on SIGTERM
+        if os.getpid() != main:  # a server process forked by LitServe: uvicorn has closed it, it ends quietly
+            raise SystemExit(0)
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)

@@ -23,10 +23,11 @@ quickstart: install
 
 # The whole test suite (what .ci/run runs), two test processes at once (a torch thread each). It first starts
 # PostgreSQL, an MLflow server and Chromium (.ci/services; installing them needs root); without them their
-# tests are skipped, except in CI.
+# tests are skipped, except in CI. Afterwards it stops what it started and leaves alone what was already running.
 test: install
 	bash -c 'if bash .ci/services; then source /tmp/cnnlab-services/env; \
-	  else echo "services not started: their tests are skipped"; fi; $(BIN)/python -m pytest -n 2 --dist loadfile'
+	  else echo "services not started: their tests are skipped"; fi; \
+	  $(BIN)/python -m pytest -n 2 --dist loadfile; code=$$?; bash .ci/services stop; exit $$code'
 
 # The tests not marked slow: every module's unit tests, no fit, no server, no study; the loop while working.
 test-fast: install

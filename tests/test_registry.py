@@ -233,3 +233,69 @@ def test_ui_shows_the_quickstart_run_and_the_champion_in_a_real_browser(quicksta
         os.killpg(ui.pid, 15)
         ui.wait(timeout=30)
     assert (shots / "ui_quickstart_run.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_a_tracking_server_outage_during_a_fit_loses_no_metric(workdir):
+    import requests
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+
+    def start_server() -> subprocess.Popen:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+            + [
+                "--backend-store-uri",
+                f"sqlite:///{workdir}/server.db",
+                "--artifacts-destination",
+                str(workdir / "art"),
+            ],
+            cwd=workdir,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                    return server
+            except requests.ConnectionError:
+                time.sleep(0.5)
+        raise AssertionError("the MLflow server did not start")
+
+    server = start_server()
+    env = {k: v for k, v in os.environ.items() if k not in STORE_VARIABLES}
+    env["MLFLOW_TRACKING_URI"] = url
+    fit = subprocess.Popen(
+        [sys.executable, "-m", "cnnlab", "fit", "--config", str(QUICKSTART), "--trainer.max_epochs=4", *FAST]
+        + ["--log_model=false"],
+        cwd=workdir,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    client = mlflow_client(url)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            assert fit.poll() is None, fit.communicate()[1][-3000:]
+            runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+            if runs and client.get_metric_history(runs[0].info.run_id, "val/acc"):
+                break
+            time.sleep(1)
+        os.killpg(server.pid, 9)  # the tracking server goes away for 20 s in the middle of the fit
+        server.wait()
+        time.sleep(20)
+        server = start_server()
+        _, stderr = fit.communicate(timeout=600)
+        assert fit.returncode == 0, stderr[-3000:]
+        run = client.get_run(runs[0].info.run_id)
+        assert run.info.status == "FINISHED" and "test/acc" in run.data.metrics
+        for key in ("val/acc", "train/loss_epoch"):
+            assert len(client.get_metric_history(run.info.run_id, key)) == 4, key
+    finally:
+        fit.kill()
+        os.killpg(server.pid, 9)

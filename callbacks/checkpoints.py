@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from cnnlab import UserError
@@ -57,9 +57,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             ) from None
 
 
-class LastCheckpoint(Callback):
-    """`last.ckpt` beside the best checkpoint at the end of every training epoch (after its validation), and
-    every `every_n_steps` optimizer steps when given: the whole state, to resume from where a fit stopped."""
+class LastCheckpoint(Checkpoint):
+    """`last.ckpt` beside the best checkpoint at the end of every training epoch (after its validation, and after
+    the best checkpoint's own update, as Lightning runs checkpoint callbacks last), and every `every_n_steps`
+    optimizer steps when given: the whole state, to resume from where a fit stopped."""
 
     def __init__(self, every_n_steps: int | None = None) -> None:
         self.every_n_steps = every_n_steps

@@ -187,11 +187,15 @@ class Tracking(Callback):
         datamodule = trainer.datamodule
         if getattr(datamodule, "hparams", {}).get("on_bad_image") == "skip":
             pl_module.log("data/skipped_images", float(datamodule.skipped), reduce_fx="sum", sync_dist=True)
-        if trainer.progress_bar_callback is None and trainer.is_global_zero and not trainer.sanity_checking:
-            # No progress bar (a log file, CI, a batch job): one line per epoch instead of redrawn frames.
+        if trainer.progress_bar_callback is None and not trainer.sanity_checking:
+            # No progress bar (a log file, CI, a batch job): one line per epoch instead of redrawn frames. Every
+            # rank reads the metrics (with DDP, a collective: one rank alone would wait for the others forever).
+            metrics = trainer.callback_metrics
+            if not trainer.is_global_zero:
+                return
             shown = {
                 k.removesuffix("_epoch"): float(v)
-                for k, v in sorted(trainer.callback_metrics.items())
+                for k, v in sorted(metrics.items())
                 if k.count("/") == 1 and not k.endswith("_step") and v.numel() == 1
             }
             print(

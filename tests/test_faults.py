@@ -226,7 +226,11 @@ def test_every_consumer_refuses_a_changed_model_in_one_line_and_loads_the_untouc
     assert load.model(str(model)).digest == hashlib.sha256(next(model.rglob("cnnlab.json")).read_bytes()).hexdigest()
     assert mlflow.pyfunc.load_model(str(model)) is not None
     for fault, folder in copies.items():
-        for command in (["predict", folder, image], ["export", folder, "--format", "onnx", "--out", tmp_path / "x"]):
+        for command in (
+            ["predict", folder, image],
+            ["export", folder, "--format", "onnx", "--out", tmp_path / "x"],
+            ["serve", folder],  # refused before a worker starts
+        ):
             refused = cnnlab_here(*command, cwd=tmp_path)
             lines = refused.stderr.strip().splitlines()
             assert refused.returncode != 0 and len(lines) == 1 and WHICH_FILE[fault] in lines[0], (

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 import multiprocessing
 import os
 import signal
@@ -313,6 +314,7 @@ def serve(
     if follow_alias and "@" not in uri:
         raise UserError(f"--follow-alias needs a models:/NAME@ALIAS URI, got {uri}.")
     meta = store.read_meta(uri)  # a bad URI or runtime fails here, not in a worker; the model loads there alone
+    store.check(uri)  # so does a changed or damaged file
     try:
         engine = engine_of(meta, runtime)
     except ValueError as err:
@@ -386,6 +388,9 @@ def serve(
     def stop(signum, frame):  # LitServe shuts its workers down cleanly on KeyboardInterrupt, not on SIGTERM
         if os.getpid() != main:  # a server process forked by LitServe: uvicorn has closed it, it ends quietly
             raise SystemExit(0)
+        # LitServe's monitor thread may log its manager's closed pipe as a crash while it shuts down: a stop
+        # asked for is no error, so its shutdown is not logged
+        logging.getLogger("litserve").setLevel(logging.CRITICAL + 1)
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
@@ -399,5 +404,7 @@ def serve(
         )
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM above: the workers are ended; a stop is no error
         pass
+    except RuntimeError as err:  # LitServe's "One or more workers failed to start": their error is logged above
+        raise UserError(f"cnnlab serve: {err} (the workers' error is above); nothing is served.") from None
     print("cnnlab serve: stopped", flush=True)
     return 0

@@ -19,7 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cnnlab import UserError
-from cnnlab.cnnlab_model import META_FILE, Network, data_folder, default_crop_pct, load_network, recorded_digest
+from cnnlab.cnnlab_model import (
+    META_FILE,
+    Network,
+    data_folder,
+    default_crop_pct,
+    load_network,
+    recorded_digest,
+    verify,
+)
 from cnnlab.sources import recorded_data
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
@@ -195,6 +203,20 @@ def read_meta(uri: str) -> dict:
         data = data_folder(folder)
         download(ref, tmp, (f"{data.relative_to(folder)}/{META_FILE}",))
         return json.loads(_meta_file(uri, data).read_text())
+
+
+def check(uri: str) -> str:
+    """The digest of the model artifact a URI names, once every file of it is checked (`verify`); a changed or
+    damaged file is a UserError naming it. What a server checks before its workers load the model."""
+    ref = resolve(uri)
+    if ref.kind == "checkpoint":
+        return ""
+    with tempfile.TemporaryDirectory(prefix="cnnlab-model-") as tmp:
+        model = download(ref, tmp)
+        try:
+            return verify(_meta_file(uri, data_folder(model)).parent, recorded_digest(model))
+        except (ValueError, OSError) as err:
+            raise UserError(f"'{uri}': {err}.") from None
 
 
 def _meta_file(uri: str, folder: Path) -> Path:

@@ -64,6 +64,7 @@ class LastCheckpoint(Checkpoint):
 
     def __init__(self, every_n_steps: int | None = None) -> None:
         self.every_n_steps = every_n_steps
+        self.step = 0  # the optimizer step last saved by every_n_steps
         self.saved: str | None = None  # the file written when a signal stopped the fit
 
     def path(self, trainer) -> Path | None:
@@ -79,7 +80,7 @@ class LastCheckpoint(Checkpoint):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if self.every_n_steps and step and step % self.every_n_steps == 0 and step != getattr(self, "step", 0):
+        if self.every_n_steps and step and step % self.every_n_steps == 0 and step != self.step:
             self.step = step  # once per optimizer step, however many batches it accumulates
             self.save(trainer)
 

@@ -189,22 +189,29 @@ def test_failed_trials_keep_their_reason_and_the_study_goes_on(small, workdir):
     assert diverged.state.name == "FAIL" and "diverged" in diverged.user_attrs["fail_reason"]
 
 
-@pytest.mark.slow
-def test_a_killed_study_leaves_no_trial_running_and_its_trials_fail_on_resume(small, workdir):
-    storage, space = f"sqlite:///{workdir}/mlruns/optuna.db", write_space(workdir, SPACE)
-    args = ["--config", small, "--space", space, "--study", "killed", "--storage", storage, "--heartbeat", 1]
+def study_running_two_trials(args: list, n_trials: int, workdir) -> tuple[subprocess.Popen, list[int]]:
+    """`cnnlab tune ARGS --workers 2` in its own session, once two trial processes run: (the study, their pids)."""
     tune = subprocess.Popen(
-        [sys.executable, "-m", "cnnlab", "tune", *map(str, args), "--n-trials", "4", "--workers", "2"],
+        [sys.executable, "-m", "cnnlab", "tune", *map(str, args), "--n-trials", str(n_trials), "--workers", "2"],
         cwd=workdir,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         start_new_session=True,
     )
     deadline, trials = time.time() + 180, []
     while time.time() < deadline and len(trials) < 2:
-        assert tune.poll() is None, "the study ended before it could be killed"
+        assert tune.poll() is None, tune.communicate()[1][-3000:]
         time.sleep(0.5)
         trials = processes(1, tune.pid)
+    return tune, trials
+
+
+@pytest.mark.slow
+def test_a_killed_study_leaves_no_trial_running_and_its_trials_fail_on_resume(small, workdir):
+    storage, space = f"sqlite:///{workdir}/mlruns/optuna.db", write_space(workdir, SPACE)
+    args = ["--config", small, "--space", space, "--study", "killed", "--storage", storage, "--heartbeat", 1]
+    tune, trials = study_running_two_trials(args, 4, workdir)
     time.sleep(2)
     tune.kill()  # SIGKILL: nothing in cnnlab tune runs after this
     tune.wait()
@@ -289,19 +296,7 @@ def test_one_sigterm_ends_the_running_trials_at_once_and_the_study_resumes(small
     (workdir / "long.yaml").write_text(yaml.safe_dump(recipe))
     storage, space = f"sqlite:///{workdir}/mlruns/optuna.db", write_space(workdir, SPACE)
     args = ["--config", workdir / "long.yaml", "--space", space, "--study", "stopped", "--storage", storage]
-    tune = subprocess.Popen(
-        [sys.executable, "-m", "cnnlab", "tune", *map(str, args), "--n-trials", "6", "--workers", "2"],
-        cwd=workdir,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    deadline, trials = time.time() + 180, []
-    while time.time() < deadline and len(trials) < 2:
-        assert tune.poll() is None, tune.communicate()[1][-3000:]
-        time.sleep(0.5)
-        trials = processes(1, tune.pid)
+    tune, trials = study_running_two_trials(args, 6, workdir)
     time.sleep(8)  # into their epochs
     tune.send_signal(signal.SIGTERM)
     stopped_at = time.time()

@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, Th
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-from cnnlab import UserError, did_you_mean, store
+from cnnlab import UserError, did_you_mean
 from cnnlab.callbacks.checkpoints import LastCheckpoint
 from cnnlab.data import DEFAULT_IMAGE_SIZE, DataModule
 from cnnlab.module import ClassifierModule
@@ -139,7 +139,7 @@ class CnnlabCLI(LightningCLI):
 
     checkpoint_classes: list[str] | None = None  # the classes the --ckpt_path checkpoint was trained on
     resumed: str | None = None  # the MLflow run a fit continues (or a test logs into)
-    status: str | None = None  # that run's status before
+    status: str | None = None  # that run's status when this command began
 
     def before_instantiate_classes(self) -> None:
         """Name the run after the recipe; with --ckpt_path, continue the MLflow run that wrote the checkpoint."""
@@ -155,18 +155,16 @@ class CnnlabCLI(LightningCLI):
         if not ckpt_path or logger.init_args.run_id:
             return
         found = resumable_run(str(ckpt_path), logger.init_args, config.trainer.default_root_dir)
-        if found and self.subcommand == "fit":
-            status = store.client(logger.init_args.tracking_uri).get_run(found[0]).info.status
-            if status == "FINISHED":
-                print(
-                    f"cnnlab: run {found[0]} already FINISHED (its test and model are logged); nothing to resume. "
-                    "Run the command without --ckpt_path for a new fit, or fine-tune from it with "
-                    f"--model.pretrained=runs:/{found[0]}/model.",
-                    file=sys.stderr,
-                )
-                raise SystemExit(0)
+        if found and self.subcommand == "fit" and found[2] == "FINISHED":
+            print(
+                f"cnnlab: run {found[0]} already FINISHED (its test and model are logged); nothing to resume. "
+                "Run the command without --ckpt_path for a new fit, or fine-tune from it with "
+                f"--model.pretrained=runs:/{found[0]}/model.",
+                file=sys.stderr,
+            )
+            raise SystemExit(0)
         if found:
-            (self.resumed, config.ckpt_path), logger.init_args.run_id = found, found[0]
+            (self.resumed, config.ckpt_path, self.status), logger.init_args.run_id = found, found[0]
             rank_zero_info(f"cnnlab: continuing MLflow run {found[0]} from {found[1]}")
         elif ckpt_path == "last":
             config.ckpt_path = None
@@ -184,7 +182,6 @@ class CnnlabCLI(LightningCLI):
                 "checkpoint's classes, or start a new fit (model.pretrained fine-tunes from it)."
             )
         if self.resumed and logger is not None and self.trainer.is_global_zero:
-            self.status = logger.experiment.get_run(self.resumed).info.status
             logger.experiment.update_run(self.resumed, status="RUNNING")  # not FAILED or KILLED while it runs
             history = logger.experiment.get_metric_history
             logger.logged_through = {

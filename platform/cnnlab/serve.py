@@ -313,8 +313,8 @@ def serve(
             raise UserError(f"--api-key-env {api_key_env}: that environment variable is empty. Export the key in it.")
     if follow_alias and "@" not in uri:
         raise UserError(f"--follow-alias needs a models:/NAME@ALIAS URI, got {uri}.")
-    meta = store.read_meta(uri)  # a bad URI or runtime fails here, not in a worker; the model loads there alone
-    store.check(uri)  # so does a changed or damaged file
+    # a bad URI, runtime or a changed file fails here, not in a worker; the model loads there alone
+    meta = store.check(uri)
     try:
         engine = engine_of(meta, runtime)
     except ValueError as err:

@@ -169,8 +169,8 @@ def resolve(uri: str) -> ModelRef:
     return ModelRef(uri, "run", logged, run.info.run_name, run_id=run_id)
 
 
-def download(ref: ModelRef, into: str, only: tuple[str, ...] = ()) -> Path:
-    """The model's folder on this machine (a local folder as it is); with `only`, just those files of it."""
+def download(ref: ModelRef, into: str) -> Path:
+    """The model's folder on this machine (a local folder as it is)."""
     import mlflow.artifacts
 
     if ref.kind == "folder":
@@ -178,45 +178,26 @@ def download(ref: ModelRef, into: str, only: tuple[str, ...] = ()) -> Path:
     location = ref.artifact
     if location.startswith("models:/m-"):  # a logged model: its artifacts' own location, read with our client
         location = client().get_logged_model(location[len("models:/") :]).artifact_location
-    for name in only:
-        (Path(into) / name).parent.mkdir(parents=True, exist_ok=True)
-        mlflow.artifacts.download_artifacts(
-            artifact_uri=f"{location.rstrip('/')}/{name}",
-            dst_path=str((Path(into) / name).parent),
-            tracking_uri=default_tracking_uri(),
-        )
-    if only:
-        return Path(into)
     return Path(
         mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=into, tracking_uri=default_tracking_uri())
     )
 
 
-def read_meta(uri: str) -> dict:
-    """What a model URI names, described (its cnnlab.json, or a checkpoint's equivalent), without loading it: of
-    an artifact, only its MLmodel and cnnlab.json are read."""
+def check(uri: str) -> dict:
+    """What a model URI names, described (its cnnlab.json, or a checkpoint's equivalent) once every file of the
+    artifact is checked (`verify`), without loading it: a changed or damaged file is a UserError naming it. What a
+    server reads before its workers load the model."""
     ref = resolve(uri)
     if ref.kind == "checkpoint":
         return checkpoint_meta(read_checkpoint(ref.artifact))
     with tempfile.TemporaryDirectory(prefix="cnnlab-model-") as tmp:
-        folder = download(ref, tmp, ("MLmodel",))
-        data = data_folder(folder)
-        download(ref, tmp, (f"{data.relative_to(folder)}/{META_FILE}",))
-        return json.loads(_meta_file(uri, data).read_text())
-
-
-def check(uri: str) -> str:
-    """The digest of the model artifact a URI names, once every file of it is checked (`verify`); a changed or
-    damaged file is a UserError naming it. What a server checks before its workers load the model."""
-    ref = resolve(uri)
-    if ref.kind == "checkpoint":
-        return ""
-    with tempfile.TemporaryDirectory(prefix="cnnlab-model-") as tmp:
         model = download(ref, tmp)
+        meta_file = _meta_file(uri, data_folder(model))
         try:
-            return verify(_meta_file(uri, data_folder(model)).parent, recorded_digest(model))
+            verify(meta_file.parent, recorded_digest(model))
         except (ValueError, OSError) as err:
             raise UserError(f"'{uri}': {err}.") from None
+        return json.loads(meta_file.read_text())
 
 
 def _meta_file(uri: str, folder: Path) -> Path:

@@ -124,18 +124,18 @@ def _end_with_parent() -> None:
         pass
 
 
-def signal_all(signum: int) -> None:
-    """Send a signal to every fit process this process started (not to their workers: each fit ends its own)."""
+def signal_all(signum: int, group: bool = False) -> None:
+    """Send a signal to every fit process this process started; with `group`, to their workers too (else each
+    fit ends its own)."""
+    send = os.killpg if group else os.kill
     for child in list(_CHILDREN):
         with contextlib.suppress(ProcessLookupError):
-            os.kill(child.pid, signum)
+            send(child.pid, signum)
 
 
 def end_all(grace: float = 30) -> None:
     """SIGTERM every fit process this process started (and their workers), SIGKILL what is left after `grace`."""
-    for child in list(_CHILDREN):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(child.pid, signal.SIGTERM)
+    signal_all(signal.SIGTERM, group=True)
     for child in list(_CHILDREN):
         try:
             child.wait(timeout=grace)

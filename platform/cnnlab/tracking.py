@@ -354,10 +354,10 @@ def log_model(logger: MLFlowLogger, module, datamodule, samples: int = 16) -> st
             setattr(module.net, name, head)
 
 
-def resumable_run(ckpt_path: str, logger_args, root: str) -> tuple[str, str] | None:
-    """(run_id, checkpoint file) to continue, for a logger's init args (experiment_name, run_name, tracking_uri).
-    Checkpoints live in ROOT/EXPERIMENT_ID/RUN_ID/checkpoints/, so a file names its run; `last` takes the newest
-    run of this name that left a last.ckpt."""
+def resumable_run(ckpt_path: str, logger_args, root: str) -> tuple[str, str, str] | None:
+    """(run_id, checkpoint file, the run's status) to continue, for a logger's init args (experiment_name,
+    run_name, tracking_uri). Checkpoints live in ROOT/EXPERIMENT_ID/RUN_ID/checkpoints/, so a file names its run;
+    `last` takes the newest run of this name that left a last.ckpt."""
     from mlflow.exceptions import MlflowException
 
     from cnnlab import store
@@ -374,13 +374,13 @@ def resumable_run(ckpt_path: str, logger_args, root: str) -> tuple[str, str] | N
         ):
             last = Path(root) / experiment.experiment_id / run.info.run_id / "checkpoints" / "last.ckpt"
             if last.exists():
-                return run.info.run_id, str(last)
+                return run.info.run_id, str(last), run.info.status
         return None
     path = Path(ckpt_path)
     if path.parent.name != "checkpoints":
         return None
     try:
-        client.get_run(path.parent.parent.name)
+        run = client.get_run(path.parent.parent.name)
     except MlflowException:
         return None
-    return path.parent.parent.name, ckpt_path
+    return run.info.run_id, ckpt_path, run.info.status

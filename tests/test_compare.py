@@ -59,9 +59,9 @@ def test_compare_trains_nested_runs_and_logs_the_table_plots_and_gradient_flow(w
 
 def test_study_files_cross_recipes_with_their_grid():
     name, entries, budget = expand([str(ROOT / "recipes" / "studies" / "activations.yaml")], None)
-    assert name == "activations" and budget == 5 and len(entries) == 18
+    assert name == "activations" and budget == 5 and len(entries) == 24
     names = [n for n, _ in entries]
-    assert "vgg19_plain_32_cifar10-act=mish" in names and "resnet18_32_onecycle30-act=relu" in names
+    assert "vgg19_plain_32_cifar10-act=sigmoid" in names and "resnet18_32_onecycle30-act=tanh" in names
     recipe = dict(entries)["resnet18_32_onecycle30-act=gelu"]
     assert recipe["model"]["act"] == "gelu" and recipe["trainer"]["max_epochs"] == 5
     assert recipe["trainer"]["callbacks"][-1]["class_path"] == "cnnlab.callbacks.GradientFlow"

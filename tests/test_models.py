@@ -55,15 +55,20 @@ def test_every_family_trains_a_step_at_a_small_input(name):
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
-@pytest.mark.parametrize("act", ["gelu", "mish"])
+@pytest.mark.parametrize("act", ["mish", "sigmoid", "tanh"])
 @pytest.mark.parametrize("name", FAMILIES)
 def test_act_swaps_every_activation_of_every_family(name, act, monkeypatch):
     size, small = FAMILIES[name]
     before = sum(isinstance(m, ACTIVATIONS) for m in create_model(name, 10, small_input=small).modules())
-    model = create_model(name, 10, small_input=small, act=act).eval()
+    model = create_model(name, 10, small_input=small, act=act)
     wanted = type(create_model("resnet18", 10, act=act).act1)
-    acts = [m for m in model.modules() if isinstance(m, ACTIVATIONS)]
-    assert before > 0 and len(acts) == before and all(type(m) is wanted for m in acts)
+    swapped = [m for m in model.modules() if type(m) is wanted]
+    others = [m for m in model.modules() if isinstance(m, ACTIVATIONS) and type(m) is not wanted]
+    assert before > 0 and len(swapped) == before and not others
+    out = model(torch.randn(2, 3, size, size))  # and it trains: a gradient reaches every parameter
+    sum(o.logsumexp(1).mean() for o in (out if isinstance(out, tuple) else (out,))).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    model.eval()
 
     def forbidden(*args, **kwargs):
         raise AssertionError("a functional relu survived the swap")

@@ -91,6 +91,7 @@ ACTIVATIONS = (
     ),
 )
 ACT_CHOICES = ("relu", "relu6", "leaky_relu", "elu", "selu", "celu", "gelu", "silu", "mish", "prelu", "hard_swish")
+ACT_CHOICES += ("sigmoid", "tanh")  # the saturating ones, whose vanishing gradients made ReLU the default
 
 
 def family_of(name: str) -> str:

@@ -43,6 +43,20 @@ CASES = {  # name: (command, what the message must say); {ckpt} is a 10-class ch
     "missing --config file": (["fit", "--config", "{here}/nope.yaml"], "nope.yaml: no such file"),
     "serve a missing .ckpt": (["serve", "/missing.ckpt"], "'/missing.ckpt': no such file"),
     "promote --metric bogus": (["promote", "digits", "--metric", "bogus"], "--metric: invalid choice: 'bogus'"),
+    "promote --max-class-drop 2": (["promote", "digits", "--max-class-drop", "2"], "give a recall drop from 0 to 1"),
+    "predict --min-confidence 1.5": (
+        ["predict", "{ckpt}", "{here}/two", "--min-confidence", "1.5"],
+        "--min-confidence 1.5: give a probability from 0 to 1",
+    ),
+    "predict with both thresholds": (
+        ["predict", "{ckpt}", "{here}/two", "--min-confidence", "0.5", "--target-precision", "0.9"],
+        "both choose the threshold: give one",
+    ),
+    "serve --target-precision without a recorded curve": (
+        ["serve", "{ckpt}", "--target-precision", "0.99"],
+        "records no confidence curve (it was not calibrated): pass --min-confidence",
+    ),
+    "reproduce a .ckpt": (["reproduce", "{ckpt}"], "names no run to reproduce"),
 }
 
 

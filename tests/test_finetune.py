@@ -163,6 +163,8 @@ def test_predict_classifies_a_folder_and_lists_what_it_skips(quickstart, workdir
     rows = list(csv.DictReader(open(workdir / "predictions.csv")))
     assert len(rows) == 6 and list(rows[0]) == [
         "path",
+        "label",
+        "unsure",
         "label_1",
         "probability_1",
         "label_2",

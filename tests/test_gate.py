@@ -46,7 +46,12 @@ def call(body: bytes, content_type: str = "image/png", path: str = "/predict", k
 def test_a_raw_image_reaches_the_workers_as_json_base64():
     status, answer, bodies = call(b"PNGBYTES")
     assert status == 200 and answer == {"predictions": []}
-    assert bodies == [{"images": [base64.b64encode(b"PNGBYTES").decode()], "top_k": None}]
+    assert bodies == [{"images": [base64.b64encode(b"PNGBYTES").decode()], "top_k": None, "min_confidence": None}]
+
+
+def test_a_json_request_may_ask_its_own_min_confidence():
+    status, _, bodies = call(b'{"images": ["a"], "min_confidence": 0.75}', "application/json")
+    assert status == 200 and bodies[0]["min_confidence"] == 0.75
 
 
 @pytest.mark.parametrize(
@@ -58,6 +63,8 @@ def test_a_raw_image_reaches_the_workers_as_json_base64():
         (b"{not json", "application/json", "k", 400, "does not parse"),
         (b'{"images": ["a", "b", "c"]}', "application/json", "k", 413, "--max-images"),
         (b'{"images": ["a"], "top_k": 0}', "application/json", "k", 400, "top_k"),
+        (b'{"images": ["a"], "min_confidence": 1.5}', "application/json", "k", 400, "min_confidence"),
+        (b'{"images": ["a"], "min_confidence": "high"}', "application/json", "k", 400, "min_confidence"),
         (b"x", "text/plain", "k", 415, "not accepted"),
     ],
 )

@@ -60,7 +60,8 @@ def test_served_predictions_agree_with_the_offline_model(server, digits, quickst
     images, labels = digits
     mlflow.set_tracking_uri(f"sqlite:///{server['cwd']}/mlruns/mlflow.db")
     mlflow.set_registry_uri(f"sqlite:///{server['cwd']}/mlruns/mlflow.db")
-    offline = mlflow.pyfunc.load_model("models:/swap/1").predict(pd.DataFrame({"image": images}))["label"].tolist()
+    answers = mlflow.pyfunc.load_model("models:/swap/1").predict(pd.DataFrame({"image": images}))
+    offline, scores = answers["label"].tolist(), answers["score"].to_numpy()
     batch = requests.post(
         f"{server['url']}/predict",
         headers=AUTH,
@@ -70,6 +71,18 @@ def test_served_predictions_agree_with_the_offline_model(server, digits, quickst
     assert batch.status_code == 200, batch.text
     served = [p["label"] for p in batch.json()["predictions"]]
     assert served == offline  # 100% agreement
+    served_scores = np.array([p["probability"] for p in batch.json()["predictions"]])
+    assert np.allclose(served_scores, scores, atol=1e-5)  # the same calibrated probabilities
+    low, high = sorted(set(scores.round(5)))[:2]
+    threshold = (low + high) / 2  # between the two least confident images: only the least is unsure
+    unsure = requests.post(
+        f"{server['url']}/predict?min_confidence={threshold}",
+        headers=AUTH,
+        timeout=60,
+        json={"images": [base64.b64encode(i).decode() for i in images]},
+    ).json()["predictions"]
+    assert [p["unsure"] for p in unsure] == list(scores < threshold) and sum(scores < threshold) >= 1
+    assert all(p["label"] is None and len(p["top_k"]) == 5 for p in unsure if p["unsure"])
     raw = requests.post(
         f"{server['url']}/predict?top_k=3", data=images[0], timeout=30, headers={**AUTH, "Content-Type": "image/png"}
     ).json()

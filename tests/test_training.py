@@ -1,5 +1,6 @@
 """Whole fits through the real command: quick-start accuracy and its MLflow run, resume, DDP."""
 
+import json
 import signal
 import subprocess
 import sys
@@ -98,11 +99,16 @@ def test_resume_after_a_kill_continues_the_same_mlflow_run(workdir):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_marks_the_run_killed_and_resume_keeps_every_learning_rate(workdir):
+def test_sigterm_saves_marks_the_run_killed_and_resume_keeps_every_learning_rate_of_a_timm_scheduler(workdir):
+    timm_cosine = {  # stepped per update (t_in_epochs false) over the fit's 54 updates, with its own warmup
+        "class_path": "timm.scheduler.CosineLRScheduler",
+        "init_args": {"t_initial": 54, "t_in_epochs": False, "warmup_t": 5, "warmup_lr_init": 0.001},
+    }
     args = [
         "fit",
         "--config",
         QUICKSTART,
+        f"--model.lr_scheduler={json.dumps(timm_cosine)}",
         "--trainer.max_epochs=3",
         "--data.num_workers=0",
         "--trainer.enable_progress_bar=false",
@@ -128,6 +134,8 @@ def test_sigterm_saves_marks_the_run_killed_and_resume_keeps_every_learning_rate
         ours = {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
         theirs = {m.step: m.value for m in reference_client.get_metric_history(reference.info.run_id, key)}
         assert ours == pytest.approx(theirs, rel=1e-9) and len(ours) == 3 * 18 // 10  # the same LR at every step
+        values = [theirs[step] for step in sorted(theirs)]  # the cosine, stepped per update, after the warmup
+        assert values == sorted(values, reverse=True) and values[-1] < 0.1 * values[0] and values[0] < 0.1
     assert run.data.metrics["test/acc"] == pytest.approx(reference.data.metrics["test/acc"], abs=0.03)
 
 

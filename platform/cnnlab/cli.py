@@ -76,6 +76,10 @@ COMMANDS = {
     "data preview": ("cnnlab.datacheck:preview_recipe", "write a PNG grid of augmented training samples of a recipe"),
     "register": ("cnnlab.registry:register_run", "register a run's model as a new version (alias challenger)"),
     "promote": ("cnnlab.registry:promote", "move the `champion` alias to a version, if it beats the champion"),
+    "reproduce": (
+        "cnnlab.reproduce:reproduce",
+        "train a registered version again from its record, compare its metrics",
+    ),
     "models": ("cnnlab.registry:models_table", "list registered models, versions, aliases and key metrics"),
     "tune": ("cnnlab.tune:tune", "an Optuna study over a recipe: pruned trials, workers, MLflow nesting"),
     "export": ("cnnlab.export:export", "export a model to ONNX or OpenVINO (fp32 or int8) or TorchScript, checked"),

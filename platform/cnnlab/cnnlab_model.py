@@ -176,6 +176,7 @@ class Network:
     samples: list[tuple[bytes, int]] = field(default_factory=list)  # encoded sample images and their labels
     engine: str = "torch"  # what runs it: torch, torchscript, onnxruntime or openvino
     digest: str = ""  # sha256 of the cnnlab.json it was loaded from, checked with every file it lists
+    min_confidence: float = 0.0  # below this top probability the answer is "unsure" (a version's tag sets it)
 
     @property
     def classes(self) -> list[str]:

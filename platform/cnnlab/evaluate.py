@@ -1,5 +1,6 @@
 """Scoring a loaded model on labelled images: the one evaluator of the promotion gate, export parity and
-`compress report`. Every image goes through the model's own preprocessing (as served), in batches."""
+`compress report` (overall scores, per-class recall drops, coverage and accuracy above a confidence threshold).
+Every image goes through the model's own preprocessing (as served), in batches."""
 
 from __future__ import annotations
 
@@ -29,9 +30,41 @@ def scores(logits: np.ndarray, labels, num_classes: int) -> dict[str, float]:
     }
 
 
-def evaluate(network, samples, batch: int = 256) -> dict[str, float]:
-    """`scores` of a loaded model on a labelled split."""
-    return scores(logits(network, samples, batch), samples.labels, len(network.classes))
+def selective(logits: np.ndarray, labels, threshold: float) -> tuple[float, float]:
+    """(coverage, accuracy) when answering only where the top probability reaches `threshold`: the share of images
+    answered, and the accuracy on those (1.0 when none is)."""
+    from cnnlab.cnnlab_model import softmax
+
+    probs = softmax(np.asarray(logits, np.float32))
+    answered = probs.max(1) >= threshold
+    right = probs.argmax(1) == np.asarray(labels)
+    return float(answered.mean()) if len(right) else 0.0, float(right[answered].mean()) if answered.any() else 1.0
+
+
+Z = 1.645  # one-sided 95%: how many standard errors of a class's recall drop are put down to chance
+
+
+def class_drops(reference: np.ndarray, other: np.ndarray, labels, classes: list[str], max_drop: float) -> list[dict]:
+    """The classes whose recall fell from `reference`'s logits to `other`'s (on the same images) by more than
+    max_drop beyond chance: drop - Z x se > max_drop, with se = sqrt(b + c + 1) / n, the paired standard error of
+    the drop (b, c: the class's images only one of the two gets right, n its images; the +1 keeps one image
+    on a tiny class from counting as certain). Each as {class, images, reference, other, drop}."""
+    labels = np.asarray(labels)
+    ours, theirs = np.asarray(reference).argmax(1) == labels, np.asarray(other).argmax(1) == labels
+    found = []
+    for index, name in enumerate(classes):
+        mine = labels == index
+        n = int(mine.sum())
+        if not n:
+            continue
+        a, b = ours[mine], theirs[mine]
+        drop = float(a.mean() - b.mean())
+        se = np.sqrt((a & ~b).sum() + (~a & b).sum() + 1) / n
+        if drop - Z * se > max_drop:
+            found.append(
+                {"class": name, "images": n, "reference": float(a.mean()), "other": float(b.mean()), "drop": drop}
+            )
+    return found
 
 
 def agreement(reference: np.ndarray, other: np.ndarray) -> dict[str, float]:

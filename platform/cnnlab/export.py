@@ -23,6 +23,9 @@ from cnnlab.evaluate import agreement, scores
 
 FORMATS = ("onnx", "openvino", "torchscript")
 INT8_FILE = "network.int8.onnx"
+# what an export takes over from its source's cnnlab.json (its network already divides by the temperature)
+KEPT = ("classes", "image_size", "crop_pct", "interpolation", "mean", "std", "model", "data", "run_id")
+KEPT += ("temperature", "calibration")
 
 
 def to_onnx(module, image_size: int, path: Path) -> Path:
@@ -138,11 +141,7 @@ def convert(source: Network, folder: Path, fmt: str, int8: bool = False, train=N
         else:
             path = onnx.rename(folder / NETWORK_FILES["onnx"])
         onnx.unlink(missing_ok=True)
-    keep = {
-        k: v
-        for k, v in source.meta.items()
-        if k in ("classes", "image_size", "crop_pct", "interpolation", "mean", "std", "model", "data", "run_id")
-    }
+    keep = {k: v for k, v in source.meta.items() if k in KEPT}
     lineage = {
         "uri": source.source,
         "sha256": source.digest,

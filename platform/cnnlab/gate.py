@@ -21,7 +21,15 @@ ERRORS = {
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
 PREDICT_OPENAPI = {  # LitServe registers /predict without a body schema; this describes what it takes
     "summary": "Classify images: raw bytes, multipart files or JSON base64",
-    "parameters": [{"name": "top_k", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1}}],
+    "parameters": [
+        {"name": "top_k", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1}},
+        {
+            "name": "min_confidence",
+            "in": "query",
+            "required": False,
+            "schema": {"type": "number", "minimum": 0, "maximum": 1},
+        },
+    ],
     "requestBody": {
         "required": True,
         "content": {
@@ -34,6 +42,7 @@ PREDICT_OPENAPI = {  # LitServe registers /predict without a body schema; this d
                     "properties": {
                         "images": {"type": "array", "items": {"type": "string", "format": "byte"}},
                         "top_k": {"type": "integer"},
+                        "min_confidence": {"type": "number"},
                     },
                 }
             },
@@ -121,8 +130,9 @@ class Gate:
                 )
             try:
                 payload = await self._payload(headers.get("content-type", ""), body, scope)
-                query = _query_top_k(scope)
-                payload["top_k"] = query if query is not None else _top_k(payload.get("top_k"))
+                query = _query(scope)
+                payload["top_k"] = _top_k(query.get("top_k", payload.get("top_k")))
+                payload["min_confidence"] = _probability(query.get("min_confidence", payload.get("min_confidence")))
             except LookupError as err:
                 return await self._reply(send, 415, str(err))
             except ValueError as err:
@@ -205,7 +215,7 @@ class Gate:
             )
             if not isinstance(images, list) or not images or not all(isinstance(i, str) for i in images):
                 raise ValueError('JSON bodies are {"images": [base64, ...]} (or {"image": base64})')
-            return {"images": images, "top_k": payload.get("top_k")}
+            return {"images": images, "top_k": payload.get("top_k"), "min_confidence": payload.get("min_confidence")}
         raise LookupError(
             f"Content-Type '{kind or 'none'}' is not accepted: send image/*, multipart/form-data or application/json"
         )
@@ -235,12 +245,25 @@ def _top_k(value) -> int | None:
     return value
 
 
-def _query_top_k(scope) -> int | None:
+def _probability(value) -> float | None:
+    """min_confidence as given (JSON or the query string): a number from 0 to 1, or absent."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value) if len(value) <= 32 else None
+        except ValueError:
+            value = None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ValueError("min_confidence must be a number from 0 to 1")
+    return float(value)
+
+
+def _query(scope) -> dict[str, str]:
+    """The query string's first value of each parameter."""
     from urllib.parse import parse_qs
 
-    query = scope.get("query_string", b"").decode("latin-1")
-    values = parse_qs(query).get("top_k")
-    return _top_k(values[0]) if values else None
+    return {k: v[0] for k, v in parse_qs(scope.get("query_string", b"").decode("latin-1")).items()}
 
 
 async def _multipart_files(params: str, body: bytes, scope) -> list[bytes]:

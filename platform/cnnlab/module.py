@@ -4,28 +4,33 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.accelerators import CUDAAccelerator
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.cli import LRSchedulerTypeUnion, OptimizerCallable
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup
 from timm.loss import SoftTargetCrossEntropy
+from timm.scheduler.scheduler import Scheduler as TimmScheduler
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
-    MulticlassCalibrationError,
     MulticlassConfusionMatrix,
     MulticlassF1Score,
 )
 
 from cnnlab import UserError
+from cnnlab.calibration import Reliability
 from cnnlab.data import DEFAULT_IMAGE_SIZE
 from cnnlab.models import MIN_INPUT, SMALL_INPUT_FAMILIES, create_model, new_layers
 from cnnlab.pretrained import load_into, match_shapes, preprocessing
+
+# A scheduler class_path: torch's, cnnlab.schedules' or timm's (timm.scheduler.CosineLRScheduler ...)
+SchedulerCallable = Callable[[torch.optim.Optimizer], LRSchedulerTypeUnion | TimmScheduler]
 
 
 class ClassifierModule(L.LightningModule):
@@ -34,7 +39,7 @@ class ClassifierModule(L.LightningModule):
     Args:
         model: a zoo name (`cnnlab zoo`) or any timm model name.
         classes, num_classes, image_size: come from the data (linked by the CLI).
-        act: replace every activation (relu, leaky_relu, elu, gelu, silu, mish, ...).
+        act: replace every activation (relu, leaky_relu, elu, gelu, silu, mish, ... and the saturating sigmoid, tanh).
         drop_rate, drop_path_rate: dropout before the classifier; stochastic depth (every timm model with it:
             resnet*, convnext*, efficientnet*, vit* ...).
         small_input: CIFAR-style stem for 32 px inputs.
@@ -55,7 +60,8 @@ class ClassifierModule(L.LightningModule):
         lr_scheduler: any torch, timm or cnnlab.schedules scheduler by class_path (`cnnlab.schedules.OneCycle`,
             `cnnlab.schedules.Cosine`, `torch.optim.lr_scheduler.MultiStepLR` ...); a `total_steps` it leaves
             unset is the fit's length in `lr_interval`s. Unset, a constant LR. Logged per step as `lr/GROUP`.
-        lr_interval: step the scheduler every optimizer `step` or every `epoch`.
+        lr_interval: step the scheduler every optimizer `step` or every `epoch` (a timm scheduler steps as its own
+            t_in_epochs says: per epoch, or per update with t_in_epochs false; its t_initial counts those).
         warmup_epochs: linear warmup before the scheduler (torch's LinearLR then the scheduler, SequentialLR).
         lr_monitor: the metric a ReduceLROnPlateau scheduler watches.
         layer_decay: layer-wise LR decay (timm's param_groups_layer_decay): each layer's LR is this factor
@@ -68,6 +74,9 @@ class ClassifierModule(L.LightningModule):
             with its mirror's; `ten_crop` is the AlexNet/ResNet papers' protocol (the four corner crops and the
             centre crop of the image resized to image_size / crop_pct, and their mirrors: torchvision's
             ten_crop). The logged model still predicts one centre crop.
+        calibrate: before a test (and so before the model is logged), fit a temperature on the val split's
+            logits (cnnlab.calibration); the network divides its logits by it, so every runtime gives
+            calibrated probabilities. Logs test/ece (calibrated) and test/ece_uncalibrated.
     """
 
     def __init__(
@@ -90,7 +99,7 @@ class ClassifierModule(L.LightningModule):
         mixup: float = 0.0,
         cutmix: float = 0.0,
         optimizer: OptimizerCallable | None = None,
-        lr_scheduler: LRSchedulerCallable | None = None,
+        lr_scheduler: SchedulerCallable | None = None,
         lr_interval: Literal["step", "epoch"] = "step",
         warmup_epochs: float = 0.0,
         lr_monitor: str = "val/loss",
@@ -101,6 +110,7 @@ class ClassifierModule(L.LightningModule):
         compile: bool = False,
         compile_mode: str | None = None,
         tta: Literal["flip", "ten_crop"] | None = None,
+        calibrate: bool = True,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"], logger=False)
@@ -162,10 +172,13 @@ class ClassifierModule(L.LightningModule):
             metrics["top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_metrics = MetricCollection(metrics, prefix="val/", compute_groups=False)
-        calibration = {"ece": MulticlassCalibrationError(num_classes, n_bins=15, norm="l1")}  # of the softmax
-        self.test_metrics = MetricCollection({**metrics, **calibration}, prefix="test/", compute_groups=False).clone()
+        self.test_metrics = MetricCollection(metrics, prefix="test/", compute_groups=False).clone()
+        self.temperature = 1.0  # logits / temperature: fitted by `calibrate`, part of the logged network
+        self.calibration: dict | None = None  # what `calibrate` found, recorded in the model's cnnlab.json
+        self.reliability = nn.ModuleDict({"ece": Reliability(), "ece_uncalibrated": Reliability()})  # test split
         self.confusion = MulticlassConfusionMatrix(num_classes)
         self.test_confusion: torch.Tensor | None = None  # the last test's matrix
+        self.test_reliability: dict = {}  # and its reliability tables (cnnlab.calibration.Reliability.table)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """0..255 pixels (uint8 or float, N x 3 x H x W) to the network's normalized float input."""
@@ -173,6 +186,10 @@ class ClassifierModule(L.LightningModule):
         return x.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else x
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Calibrated logits (divided by the temperature) of 0..255 images: what the logged model computes."""
+        return self.raw_logits(images) / self.temperature
+
+    def raw_logits(self, images: torch.Tensor) -> torch.Tensor:
         return self.run_net(self.normalize(images))
 
     def run_net(self, x: torch.Tensor) -> torch.Tensor:
@@ -262,7 +279,7 @@ class ClassifierModule(L.LightningModule):
         self.log("train/loss", loss, on_step=True, on_epoch=True)
         return loss
 
-    def augmented(self, images: torch.Tensor) -> torch.Tensor:
+    def augmented(self, images: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
         """Log of the probabilities averaged over the test-time views (usable as logits by every metric)."""
         if self.hparams.tta == "ten_crop":
             from torchvision.transforms.v2.functional import ten_crop
@@ -270,16 +287,23 @@ class ClassifierModule(L.LightningModule):
             views = ten_crop(images, [self.hparams.image_size] * 2)
         else:
             views = [images, images.flip(-1)]
-        return torch.stack([self(view).float().softmax(-1) for view in views]).mean(0).log()
+        t = self.temperature if temperature is None else temperature
+        return torch.stack([(self.raw_logits(view).float() / t).softmax(-1) for view in views]).mean(0).log()
 
     def _evaluate(self, batch, metrics: MetricCollection, stage: str):
         if batch is None:
             return None
         images, targets = batch
-        logits = self.augmented(images) if stage == "test" and self.hparams.tta else self(images)
-        self.log(f"{stage}/loss", self.eval_loss(logits.float(), targets), prog_bar=stage == "val", sync_dist=True)
+        tta = stage == "test" and self.hparams.tta
+        raw = self.augmented(images, 1.0) if tta else self.raw_logits(images).float()
+        logits = self.augmented(images) if tta else raw / self.temperature
+        self.log(f"{stage}/loss", self.eval_loss(logits, targets), prog_bar=stage == "val", sync_dist=True)
         metrics.update(logits, targets)
         self.log_dict(metrics, prog_bar=stage == "val")
+        if stage == "test":
+            for name, seen in (("ece", logits), ("ece_uncalibrated", raw)):
+                self.reliability[name].update(seen, targets)
+                self.log(f"test/{name}", self.reliability[name])
         return logits
 
     def validation_step(self, batch, batch_idx):
@@ -290,6 +314,41 @@ class ClassifierModule(L.LightningModule):
         if logits is not None:
             self.confusion.update(logits, batch[1])
 
+    def on_test_start(self) -> None:
+        if self.hparams.calibrate:
+            self.calibrate(self.trainer.datamodule)
+
+    @torch.no_grad()
+    def calibrate(self, datamodule) -> None:
+        """Fit the temperature on the val split's logits (a plain pass, every rank alike), and record it with the
+        split's ECE before and after and its confidence curve. Without a val split the temperature stays."""
+        from cnnlab.calibration import confidence_curve, fit_temperature
+
+        if "val" not in getattr(datamodule, "splits", {}):
+            return
+        training, outputs, labels = self.training, [], []
+        self.eval()
+        for batch in datamodule.val_dataloader():
+            if batch is not None:
+                outputs.append(self.raw_logits(batch[0].to(self.device)).float().cpu())
+                labels.append(batch[1])
+        self.train(training)
+        if not outputs:
+            return
+        logits, labels = torch.cat(outputs), torch.cat(labels)
+        self.temperature = fit_temperature(logits, labels)
+        before, after = Reliability(), Reliability()
+        before.update(logits, labels)
+        after.update(logits / self.temperature, labels)
+        self.calibration = {
+            "temperature": round(self.temperature, 6),
+            "split": "val",
+            "images": len(labels),
+            "ece_before": round(float(before.compute()), 6),
+            "ece_after": round(float(after.compute()), 6),
+            "curve": confidence_curve(logits / self.temperature, labels),
+        }
+
     def on_test_epoch_end(self) -> None:
         matrix = self.confusion.compute().cpu()  # collective under DDP: every rank computes
         self.confusion.reset()
@@ -298,7 +357,8 @@ class ClassifierModule(L.LightningModule):
         for name, acc, prec in zip(self.classes, recall, precision):
             self.log(f"test/acc_class/{name}", acc.item(), rank_zero_only=True)
             self.log(f"test/precision_class/{name}", prec.item(), rank_zero_only=True)
-        self.test_confusion = matrix  # drawn and logged by the tracking callback
+        self.test_confusion = matrix  # drawn and logged by the tracking callback, with the reliability tables
+        self.test_reliability = {name: metric.table() for name, metric in self.reliability.items()}
 
     def predict_step(self, batch, batch_idx):
         return self.augmented(batch[0]).exp() if self.hparams.tta else self(batch[0]).float().softmax(-1)
@@ -363,6 +423,13 @@ class ClassifierModule(L.LightningModule):
             # unset (None) is the fit's. (test_training checks this still holds.)
             unset = getattr(self.lr_scheduler, "keywords", {}).get("total_steps", 0) is None
             scheduler = self.lr_scheduler(optimizer, **({"total_steps": length - warmup} if unset else {}))
+        if isinstance(scheduler, TimmScheduler):  # its own warmup (warmup_t) and its own interval
+            if warmup:
+                raise UserError(
+                    "model.warmup_epochs does not combine with a timm scheduler: set it to 0 and give the "
+                    "scheduler's own warmup_t (and warmup_lr_init)."
+                )
+            return {"scheduler": scheduler, "interval": "epoch" if scheduler.t_in_epochs else "step", "name": "lr"}
         if isinstance(scheduler, ReduceLROnPlateau):
             if warmup:
                 raise UserError("model.warmup_epochs does not combine with ReduceLROnPlateau: set it to 0.")
@@ -373,6 +440,15 @@ class ClassifierModule(L.LightningModule):
             warm = LinearLR(optimizer, start_factor=1 / (warmup + 1), end_factor=1.0, total_iters=warmup)
             scheduler = SequentialLR(optimizer, [warm, scheduler], milestones=[warmup])
         return {"scheduler": scheduler, "interval": hp.lr_interval, "name": "lr"}
+
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        """timm's schedulers are told the count itself: the epochs done (at an epoch's end) or the updates done."""
+        if not isinstance(scheduler, TimmScheduler):
+            return super().lr_scheduler_step(scheduler, metric)
+        if scheduler.t_in_epochs:
+            scheduler.step(epoch=self.current_epoch + 1, metric=metric)
+        else:
+            scheduler.step_update(num_updates=self.global_step, metric=metric)
 
 
 class FocalLoss(nn.Module):

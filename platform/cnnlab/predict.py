@@ -1,8 +1,9 @@
 """`cnnlab predict MODEL_URI PATH ...`: classify new, unlabelled images with a model, from the model alone.
 
 PATH is an image file, a folder (its images, recursively), a glob (`photos/**/*.jpg`) or a CSV whose `path`
-column (else its first column) lists images, relative to the CSV. Writes one row per image: its path and
-the top-k labels with their probabilities, as CSV or JSON. A file that cannot be read or decoded is
+column (else its first column) lists images, relative to the CSV. Writes one row per image: its path, the
+answer (empty and `unsure` below the model's confidence threshold) and the top-k labels with their
+probabilities, as CSV or JSON. A file that cannot be read or decoded is
 listed and skipped, never fatal.
 """
 
@@ -93,6 +94,8 @@ def predict(
     tta: Literal["flip"] | None = None,
     threads: int | None = None,
     runtime: Literal[RUNTIMES] | None = None,
+    min_confidence: float | None = None,
+    target_precision: float | None = None,
 ) -> int:
     """Classify images with a model: cnnlab predict MODEL_URI PATH ... (a recipe's test split:
     cnnlab predict --config RECIPE --ckpt_path CKPT).
@@ -107,6 +110,10 @@ def predict(
         tta: flip: average with the mirrored image
         threads: CPU threads of the runtime
         runtime: run an ONNX model on this runtime (the artifact's own by default)
+        min_confidence: answer unsure (label empty, unsure true; the top-k still listed) below this top
+            probability (default: the registered version's min_confidence tag, else always answer)
+        target_precision: choose min_confidence as the lowest threshold whose answers were this precise on the
+            model's validation split (recorded in the model)
     """
     if top_k < 1 or batch_size < 1:
         raise UserError("--top-k and --batch-size must be 1 or more.")
@@ -121,8 +128,12 @@ def predict(
             f"Pass image files, folders of images ({', '.join(IMAGE_EXTENSIONS[:4])} ...), globs or a CSV of paths."
         )
     from cnnlab import load
+    from cnnlab.calibration import answer_threshold
 
     network = load.model(model, threads=threads, runtime=runtime)
+    threshold, why = answer_threshold(network.meta, network.min_confidence, min_confidence, target_precision)
+    if threshold:
+        print(f"cnnlab: unsure below a top probability of {threshold} ({why})", file=sys.stderr)
     classes = network.classes
     k = min(top_k, len(classes))
     rows = []
@@ -131,10 +142,11 @@ def predict(
             skipped.append((path, result))
             continue
         top = np.argsort(-result)[:k]
-        rows.append((path, [(classes[i], float(result[i])) for i in top]))
+        rows.append((path, float(result[top[0]]) < threshold, [(classes[i], float(result[i])) for i in top]))
     write(rows, skipped, output, fmt, k, model)
     where = "stdout" if output == "-" else output
-    print(f"cnnlab: {len(rows)} images classified with {model} -> {where}", file=sys.stderr)
+    unsure = f", {sum(r[1] for r in rows)} unsure (below {threshold})" if threshold else ""
+    print(f"cnnlab: {len(rows)} images classified with {model}{unsure} -> {where}", file=sys.stderr)
     if skipped:
         print(f"cnnlab: {len(skipped)} skipped:", file=sys.stderr)
         for path, why in skipped:
@@ -150,8 +162,13 @@ def write(rows, skipped, output: str, fmt: str, k: int, model: str) -> None:
                 {
                     "model": model,
                     "predictions": [
-                        {"path": path, "top": [{"label": label, "probability": round(p, 6)} for label, p in top]}
-                        for path, top in rows
+                        {
+                            "path": path,
+                            "label": None if unsure else top[0][0],
+                            "unsure": unsure,
+                            "top": [{"label": label, "probability": round(p, 6)} for label, p in top],
+                        }
+                        for path, unsure, top in rows
                     ],
                     "skipped": [{"path": path, "error": why} for path, why in skipped],
                 },
@@ -161,9 +178,11 @@ def write(rows, skipped, output: str, fmt: str, k: int, model: str) -> None:
             out.write("\n")
             return
         writer = csv.writer(out)
-        writer.writerow(["path", *[f"{field}_{i}" for i in range(1, k + 1) for field in ("label", "probability")]])
-        for path, top in rows:
-            writer.writerow([path, *[value for label, p in top for value in (label, f"{p:.6f}")]])
+        top_k = [f"{field}_{i}" for i in range(1, k + 1) for field in ("label", "probability")]
+        writer.writerow(["path", "label", "unsure", *top_k])
+        for path, unsure, top in rows:
+            answer = "" if unsure else top[0][0]
+            writer.writerow([path, answer, str(unsure).lower(), *[v for label, p in top for v in (label, f"{p:.6f}")]])
     finally:
         if out is not sys.stdout:
             out.close()

@@ -8,6 +8,7 @@ onto the candidate version as tags and a line of its description.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import socket
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 from cnnlab import UserError, load, store
-from cnnlab.evaluate import METRICS, evaluate
+from cnnlab.evaluate import METRICS, class_drops, logits, scores, selective
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 LOWER_IS_BETTER = {"test/loss"}
@@ -119,14 +120,28 @@ def _champion(client, name: str):
         return None
 
 
-def register_run(run_id: str, *, name: str) -> int:
+def register_run(
+    run_id: str, *, name: str, min_confidence: float | None = None, target_precision: float | None = None
+) -> int:
     """Register a run's model as a new version of NAME (alias challenger).
 
     Args:
         run_id: the MLflow run id of a finished fit
         name: the registered model's name
+        min_confidence: the version's default threshold (its min_confidence tag): `serve` and `predict` answer
+            unsure below this top probability
+        target_precision: set min_confidence to the lowest threshold whose answers were this precise on the
+            model's validation split (recorded in the model)
     """
+    from cnnlab.calibration import answer_threshold
+
+    threshold = None
+    if min_confidence is not None or target_precision is not None:
+        threshold, why = answer_threshold(store.check(run_id), 0.0, min_confidence, target_precision)
     version = register(run_id, name)
+    if threshold is not None:
+        store.client().set_model_version_tag(name, version.version, store.MIN_CONFIDENCE, str(threshold))
+        print(f"v{version.version} answers unsure below a top probability of {threshold} ({why})")
     print(
         f"registered {name} v{version.version} from run {run_id} (alias challenger); "
         f"promote it with `cnnlab promote {name}`"
@@ -139,22 +154,31 @@ def promote(
     version: str | None = None,
     metric: Literal[METRICS] = "test/acc",
     min_delta: float = 0.0,
+    max_class_drop: float = 0.05,
+    min_confidence: float | None = None,
     data: str | None = None,
     force: bool = False,
 ) -> int:
-    """Move the `champion` alias to a version only if it beats the champion by min_delta; 0 when promoted.
-    The gate loads each version exactly as `cnnlab serve` does (same file, same runtime) and records which.
+    """Move the `champion` alias to a version only if it beats the champion by min_delta and no class's recall falls
+    by more than max_class_drop; 0 when promoted. The gate loads each version exactly as `cnnlab serve` does (same
+    file, same runtime) and records which.
 
     Args:
         name: the registered model's name
         version: the candidate (the `challenger` alias, else the latest)
         metric: the gate's metric
         min_delta: how much better the candidate must be
+        max_class_drop: refuse when any class's recall falls more than this below the champion's, beyond what
+            chance on that class's images explains (1.645 paired standard errors; 1 turns it off)
+        min_confidence: print both versions' coverage and accuracy when answering only at or above this top
+            probability (default: the candidate's min_confidence tag)
         data: evaluate on this source's test split (the data the model records)
         force: promote even if worse (recorded); also for a rollback
     """
     from cnnlab.data import labelled
 
+    if not 0.0 <= max_class_drop <= 1.0:
+        raise UserError(f"--max-class-drop {max_class_drop}: give a recall drop from 0 to 1 (1 turns the check off).")
     client = store.client()
     candidate = _version(client, name, version)
     network = load.model(f"models:/{name}/{candidate.version}")
@@ -165,24 +189,35 @@ def promote(
         f"evaluating {name} v{candidate.version} ({network.runtime}, sha256 {network.digest[:12]}) on "
         f"{datamodule.source} {split} ({len(samples)} images, fingerprint {fingerprint})"
     )
-    scores = {"candidate": evaluate(network, samples)}
+    outputs = {"candidate": logits(network, samples)}
     with lease(client, name):  # one promotion of NAME at a time: each compares with the champion it would replace
         champion = _champion(client, name)
         while True:
             if champion and str(champion.version) != str(candidate.version):
                 print(f"evaluating champion v{champion.version} on the same images")
-                scores["champion"] = evaluate(load.model(f"models:/{name}/{champion.version}"), samples)
+                outputs["champion"] = logits(load.model(f"models:/{name}/{champion.version}"), samples)
             moved = _champion(client, name)  # compare-and-set: the champion just before the alias moves
             if getattr(moved, "version", None) == getattr(champion, "version", None):
                 break
             print(f"the champion moved to v{moved.version} meanwhile: comparing with it instead")
             champion = moved
-            scores.pop("champion", None)
+            outputs.pop("champion", None)
+        labels, classes = samples.labels, network.classes
+        results = {who: scores(out, labels, len(classes)) for who, out in outputs.items()}
         sign = -1 if metric in LOWER_IS_BETTER else 1
-        ours, theirs = scores["candidate"][metric], scores.get("champion", {}).get(metric, math.nan)
+        ours, theirs = results["candidate"][metric], results.get("champion", {}).get(metric, math.nan)
         better = math.isnan(theirs) or sign * (ours - theirs) >= min_delta
-        decision = "promoted" if better else ("forced" if force else "refused")
-        _print_table(scores, str(candidate.version), str(champion.version) if "champion" in scores else None, metric)
+        drops = (
+            class_drops(outputs["champion"], outputs["candidate"], labels, classes, max_class_drop)
+            if ("champion" in outputs)
+            else []
+        )
+        decision = "promoted" if better and not drops else ("forced" if force else "refused")
+        _print_table(results, str(candidate.version), str(champion.version) if "champion" in results else None, metric)
+        threshold = network.min_confidence if min_confidence is None else min_confidence
+        selected = {who: selective(out, labels, threshold) for who, out in outputs.items()} if threshold else {}
+        for who, (coverage, accuracy) in selected.items():
+            print(f"{who:<10} at min confidence {threshold}: {coverage:.1%} answered, accuracy {accuracy:.4f}")
         when = datetime.now(timezone.utc).isoformat(timespec="seconds")
         record = {
             "promotion.decision": decision,
@@ -191,26 +226,39 @@ def promote(
             "promotion.candidate_score": f"{ours:.6g}",
             "promotion.champion_score": f"{theirs:.6g}",
             "promotion.champion_version": str(champion.version) if champion else "none",
+            "promotion.max_class_drop": str(max_class_drop),
+            "promotion.class_drops": json.dumps(drops),
             "promotion.data_source": datamodule.source,
             "promotion.data_fingerprint": fingerprint,
             "promotion.runtime": network.runtime,
             "promotion.sha256": network.digest,
             "promotion.time": when,
+            **({"promotion.min_confidence": str(threshold)} if threshold else {}),
+            **{f"promotion.{who}_coverage": f"{cov:.6g}" for who, (cov, _) in selected.items()},
+            **{f"promotion.{who}_selective_acc": f"{acc:.6g}" for who, (_, acc) in selected.items()},
         }
         for key, value in record.items():
-            client.set_model_version_tag(name, candidate.version, key, value)
+            client.set_model_version_tag(name, candidate.version, key, value[:5000])
+        fallen = "; ".join(
+            f"class {d['class']} recall {d['reference']:.3f} -> {d['other']:.3f} ({d['images']} images)" for d in drops
+        )
         line = (
             f"{when} {decision}: {metric} {ours:.4f} vs champion "
             f"{f'v{champion.version} {theirs:.4f}' if champion else 'none'} (min delta {min_delta}) "
-            f"on {datamodule.source} {split}, fingerprint {fingerprint}"
+            f"on {datamodule.source} {split}, fingerprint {fingerprint}" + (f"; {fallen}" if drops else "")
         )
         client.update_model_version(
             name, candidate.version, description=f"{candidate.description or ''}\n- {line}".lstrip("\n")
         )
         if decision == "refused":
+            why = (
+                f"does not beat the champion v{champion.version} by {min_delta} on {metric}"
+                if not better
+                else f"loses more than {max_class_drop} of a class's recall against the champion v{champion.version}"
+            )
             print(
-                f"refused: v{candidate.version} does not beat the champion v{champion.version} by {min_delta} on "
-                f"{metric}. `--force` promotes it anyway (and records that)."
+                f"refused: v{candidate.version} {why}" + (f": {fallen}" if drops else "") + ". `--force` promotes "
+                "it anyway (and records that)."
             )
             return 1
         client.set_registered_model_alias(name, CHAMPION, candidate.version)
@@ -249,15 +297,15 @@ def lease(client, name: str, seconds: float = 1800, settle: float = 1.0):
             client.delete_registered_model_tag(name, LEASE)
 
 
-def _print_table(scores: dict, candidate: str, champion: str | None, metric: str) -> None:
+def _print_table(results: dict, candidate: str, champion: str | None, metric: str) -> None:
     header = f"{'metric':<12} {'candidate v' + candidate:>14}" + (
         f" {'champion v' + champion:>14} {'delta':>9}" if champion else ""
     )
     print(header)
-    for key, value in scores["candidate"].items():
+    for key, value in results["candidate"].items():
         row = f"{key:<12} {value:>14.4f}"
         if champion:
-            row += f" {scores['champion'][key]:>14.4f} {value - scores['champion'][key]:>+9.4f}"
+            row += f" {results['champion'][key]:>14.4f} {value - results['champion'][key]:>+9.4f}"
         print(row + ("   <- gate" if key == metric else ""))
 
 

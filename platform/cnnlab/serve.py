@@ -2,7 +2,8 @@
 hardened inputs.
 
     POST /predict   an image as raw bytes (Content-Type image/*), as multipart file(s), or JSON
-                    {"images": [base64, ...]} for a batch; ?top_k=N. Answers the top-k labels with probabilities.
+                    {"images": [base64, ...]} for a batch; ?top_k=N, ?min_confidence=P. Answers the label (null
+                    and "unsure": true below the confidence threshold) and the top-k labels with probabilities.
     GET  /health    200 once the workers are ready.
     GET  /info      model name, version, alias, classes, input size, backend, and per-worker counters.
     GET  /docs, /openapi.json
@@ -80,8 +81,10 @@ class ImageClassifierAPI(ls.LitAPI):
         batch_timeout: float,
         runtime: str | None = None,
         device: str = "cpu",
+        thresholds: tuple[float | None, float | None] = (None, None),
     ):
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout)
+        self.thresholds = thresholds  # --min-confidence, --target-precision
         self.uri, self.max_pixels, self.max_decode_seconds = uri, max_pixels, max_decode_seconds
         self.runtime, self.requested_device = runtime, device
         self.follow_alias, self.state_dir, self.threads, self.counters = follow_alias, state_dir, threads, counters
@@ -100,8 +103,10 @@ class ImageClassifierAPI(ls.LitAPI):
     def _load(self, uri: str):
         """The registered artifact itself, on its own runtime: what the promotion gate evaluated."""
         from cnnlab import load
+        from cnnlab.calibration import answer_threshold
 
         loaded = load.model(uri, self.threads, self.device, self.runtime)
+        loaded.min_confidence = answer_threshold(loaded.meta, loaded.min_confidence, *self.thresholds)[0]
         if uri != self.uri:  # a pinned version loaded for the alias: keep the alias's name
             loaded.alias, loaded.source = self.uri.partition("@")[2], self.uri
         self._write_state(loaded)
@@ -133,6 +138,7 @@ class ImageClassifierAPI(ls.LitAPI):
             "engine": loaded.engine,
             "sha256": loaded.digest,
             "params": loaded.params,
+            "min_confidence": loaded.min_confidence,
             "device": self.device,
         }
         path = Path(self.state_dir) / f"worker-{self.slot}.json"
@@ -149,6 +155,7 @@ class ImageClassifierAPI(ls.LitAPI):
             return {
                 "arrays": np.stack([self._image(i, text, budget) for i, text in enumerate(request["images"])]),
                 "top_k": max(1, min(int(request.get("top_k") or 5), len(self.current.classes))),
+                "min_confidence": request.get("min_confidence"),
             }
         except HTTPException as err:
             return {"error": err.status_code, "detail": err.detail}
@@ -193,7 +200,12 @@ class ImageClassifierAPI(ls.LitAPI):
                 continue
             count = len(item["arrays"])
             out.append(
-                {"probs": output["probs"][start : start + count], "top_k": item["top_k"], "model": output["model"]}
+                {
+                    "probs": output["probs"][start : start + count],
+                    "top_k": item["top_k"],
+                    "min_confidence": item.get("min_confidence"),
+                    "model": output["model"],
+                }
             )
             start += count
         return out
@@ -210,21 +222,29 @@ class ImageClassifierAPI(ls.LitAPI):
         output = {
             **batch,
             "probs": probs,
-            "model": {"name": current.name, "version": current.version, "classes": current.classes},
+            "model": {
+                "name": current.name,
+                "version": current.version,
+                "classes": current.classes,
+                "min_confidence": current.min_confidence,
+            },
         }
         return self.unbatch(output)[0] if single else output
 
     def encode_response(self, output):
         if "error" in output:  # the Gate turns this into the request's own status
             return {ERROR_KEY: {"status": output["error"], "detail": output["detail"]}}
-        classes = output["model"]["classes"]
+        classes, threshold = output["model"]["classes"], output.get("min_confidence")
+        threshold = output["model"]["min_confidence"] if threshold is None else threshold
         predictions = []
         for row in output["probs"]:
             order = np.argsort(-row)[: output["top_k"]]
+            unsure = bool(row[order[0]] < threshold)
             predictions.append(
                 {
-                    "label": classes[order[0]],
+                    "label": None if unsure else classes[order[0]],
                     "probability": float(row[order[0]]),
+                    "unsure": unsure,
                     "top_k": [{"label": classes[i], "probability": float(row[i])} for i in order],
                 }
             )
@@ -249,7 +269,7 @@ async def info(state_dir: str, counters: Counters, static: dict):
     return JSONResponse(
         {
             **static,
-            **{k: current.get(k) for k in ("name", "version", "alias", "sha256", "params")},
+            **{k: current.get(k) for k in ("name", "version", "alias", "sha256", "params", "min_confidence")},
             "workers": workers,
             **{field: sum(w[field] for w in workers) for field in Counters.FIELDS},
         }
@@ -276,6 +296,8 @@ def serve(
     body_timeout: float = 30.0,
     idle_timeout: float = 5.0,
     runtime: Literal[RUNTIMES] | None = None,
+    min_confidence: float | None = None,
+    target_precision: float | None = None,
 ) -> int:
     """A prediction service (LitServe) for the model a URI names, on the runtime its artifact holds (torch program,
     ONNX, TorchScript, OpenVINO), or an ONNX one on `runtime`: batching, alias hot swap, hardened inputs.
@@ -300,8 +322,13 @@ def serve(
         body_timeout: seconds a body may pause before 408
         idle_timeout: seconds an idle keep-alive connection stays open
         runtime: run an ONNX model on this runtime (the artifact's own by default)
+        min_confidence: answer unsure (label null, unsure true, the top-k still listed) below this top probability;
+            a request may ask its own (?min_confidence=P). Default: the version's min_confidence tag, else 0
+        target_precision: choose min_confidence as the lowest threshold whose answers were this precise on the
+            model's validation split (recorded in the model; for each version loaded)
     """
     from cnnlab import store
+    from cnnlab.calibration import answer_threshold
     from cnnlab.cnnlab_model import engine_of
 
     if device != "cpu" and not device.startswith("cuda"):
@@ -319,6 +346,7 @@ def serve(
         engine = engine_of(meta, runtime)
     except ValueError as err:
         raise UserError(f"'{uri}': {err}.") from None
+    threshold, why = answer_threshold(meta, 0.0, min_confidence, target_precision)  # checks the flags here
     accelerator = "cpu"
     # ONNX Runtime needs no torch GPU: the workers ask for its CUDA / TensorRT providers (or say in one line why not)
     if device.startswith("cuda") and engine != "onnxruntime":
@@ -345,6 +373,7 @@ def serve(
         batch_timeout_ms / 1000,
         runtime,
         device,
+        (min_confidence, target_precision),
     )
     server = ls.LitServer(
         api,
@@ -394,10 +423,8 @@ def serve(
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
-    print(
-        f"cnnlab serve: {uri} ({engine} on {device}) at http://{host}:{port}/predict",
-        flush=True,
-    )
+    unsure = f"; unsure below {threshold} ({why})" if threshold else ""
+    print(f"cnnlab serve: {uri} ({engine} on {device}) at http://{host}:{port}/predict{unsure}", flush=True)
     try:
         server.run(
             host=host, port=port, generate_client_file=False, log_level="warning", timeout_keep_alive=idle_timeout

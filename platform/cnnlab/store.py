@@ -15,7 +15,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cnnlab import UserError
@@ -122,6 +122,7 @@ class ModelRef:
     version: str | None = None
     alias: str | None = None
     run_id: str | None = None
+    tags: dict = field(default_factory=dict)  # a registered version's tags
 
 
 def resolve(uri: str) -> ModelRef:
@@ -147,7 +148,9 @@ def resolve(uri: str) -> ModelRef:
                     raise UserError(f"'{uri}': write models:/NAME/VERSION (a number) or models:/NAME@ALIAS.")
                 version = store.get_model_version(name, number)
             artifact = f"models:/{version.model_id}" if getattr(version, "model_id", None) else version.source
-            return ModelRef(uri, "version", artifact, name, str(version.version), alias or None, version.run_id)
+            return ModelRef(
+                uri, "version", artifact, name, str(version.version), alias or None, version.run_id, version.tags or {}
+            )
         model_id = uri.removeprefix("models:/")
         if model_id.startswith("m-"):
             logged = store.get_logged_model(model_id)
@@ -221,7 +224,28 @@ def load(uri: str | ModelRef, threads: int | None = None, device: str = "cpu", r
         except (ValueError, OSError) as err:
             raise UserError(f"'{ref.uri}': {err}.") from None
     network.source, network.name, network.version, network.alias = ref.uri, ref.name, ref.version, ref.alias
+    network.min_confidence = min_confidence(ref)
     return network
+
+
+MIN_CONFIDENCE = "min_confidence"  # a registered version's tag: the top probability below which it answers unsure
+
+
+def min_confidence(ref: ModelRef) -> float:
+    """The threshold a registered version carries (its `min_confidence` tag), 0 when it carries none."""
+    value = ref.tags.get(MIN_CONFIDENCE)
+    if value is None:
+        return 0.0
+    try:
+        threshold = float(value)
+    except ValueError:
+        threshold = -1.0
+    if not 0.0 <= threshold <= 1.0:
+        raise UserError(
+            f"{ref.name} v{ref.version}: its tag {MIN_CONFIDENCE}={value!r} is not a probability from 0 to 1. "
+            f"Set it again (`cnnlab register ... --min-confidence P`, or the version's tags in the MLflow UI)."
+        )
+    return threshold
 
 
 def read_checkpoint(path, what: str = "checkpoint") -> dict:

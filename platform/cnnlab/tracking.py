@@ -206,10 +206,21 @@ class Tracking(Callback):
             )
 
     def on_test_end(self, trainer, pl_module) -> None:
-        """The test confusion matrix, drawn by torchmetrics, as a PNG on the run (rank 0)."""
+        """The test confusion matrix, drawn by torchmetrics, and the reliability diagram, as PNGs on the run, with
+        the temperature and the val split's ECE before and after it (rank 0)."""
         logger, matrix = mlflow_logger(trainer), getattr(pl_module, "test_confusion", None)
         if logger is None or matrix is None or not trainer.is_global_zero:
             return
+        calibration, client = pl_module.calibration, logger.experiment
+        if calibration:
+            for key in ("temperature", "ece_before", "ece_after"):
+                client.log_metric(logger.run_id, f"calibration/{key}", calibration[key])
+        with tempfile.TemporaryDirectory() as tmp:
+            from cnnlab.calibration import plot
+
+            tables = pl_module.test_reliability
+            plot(tables["ece_uncalibrated"], tables["ece"], pl_module.temperature, Path(tmp) / "reliability.png")
+            client.log_artifact(logger.run_id, str(Path(tmp) / "reliability.png"), "plots")
         import matplotlib
 
         matplotlib.use("Agg")
@@ -262,6 +273,7 @@ def system_info() -> dict[str, str]:
         "sys.torch": torch.__version__,
         "sys.cuda": torch.version.cuda or "none",
         "sys.host_cpus": str(os.cpu_count()),
+        "sys.torch_threads": str(torch.get_num_threads()),
         "sys.gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
     }
     try:
@@ -332,6 +344,8 @@ def log_model(logger: MLFlowLogger, module, datamodule, samples: int = 16) -> st
         "model": module.hparams.model,
         "data": recorded_data(datamodule),
         "run_id": logger.run_id,
+        "temperature": module.temperature,  # already applied: the network's logits are divided by it
+        **({"calibration": module.calibration} if module.calibration else {}),
     }
     try:
         with tempfile.TemporaryDirectory(prefix="cnnlab-model-") as tmp:

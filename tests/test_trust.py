@@ -194,3 +194,25 @@ def test_reproduce_refuses_in_one_line_when_the_data_changed(workdir):
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "is not the data the run trained on" in result.stderr and "images recorded" in result.stderr
     assert "reproduce.status" not in mlflow_client().get_run(run.info.run_id).data.tags
+
+
+@pytest.mark.slow
+def test_a_serving_worker_answers_unsure_below_its_min_confidence_flag(quickstart, monkeypatch):
+    import base64
+
+    from cnnlab.serve import Counters, ImageClassifierAPI
+
+    cwd, _, run, _ = quickstart
+    monkeypatch.chdir(cwd)  # the quick start's store
+    api = ImageClassifierAPI(
+        run.info.run_id, 10**7, 5.0, 0, str(cwd), Counters(1), 1, 8, 0.01, thresholds=(0.999999, None)
+    )
+    api.setup("cpu")  # what `cnnlab serve RUN --min-confidence 0.999999` runs in each worker
+    images = [base64.b64encode(raw).decode() for raw, _ in api.current.samples]
+    answer = api.encode_response(api.predict(api.decode_request({"images": images})))
+    predictions = answer["predictions"]
+    unsure = [p for p in predictions if p["unsure"]]
+    assert unsure and all(p["label"] is None and p["probability"] < 0.999999 for p in unsure)
+    assert all(p["label"] == p["top_k"][0]["label"] for p in predictions if not p["unsure"])
+    own = api.decode_request({"images": images, "min_confidence": 0.0})  # a request's own threshold wins
+    assert not any(p["unsure"] for p in api.encode_response(api.predict(own))["predictions"])

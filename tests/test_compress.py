@@ -165,9 +165,11 @@ def test_onnx_export_is_a_cnnlab_model_that_agrees_with_torch(exports, quickstar
     assert meta["checks"]["max_abs_diff"] < 1e-3 and meta["checks"]["top1_agreement"] == 1.0
     assert meta["checks"]["images"] == 16 and meta["source"]["uri"] == "models:/digits/1"  # its own samples, no data
     source, exported = load.model(str(quickstart_checkpoint(quickstart))), load.model(str(folder / "fp32"))
-    for batch in (1, 7):  # the batch axis is dynamic
+    temperature = meta["temperature"]  # inherited: the exported network divides by it, as its source's did
+    assert temperature == pytest.approx(quickstart[2].data.metrics["calibration/temperature"], rel=1e-5) != 1.0
+    for batch in (1, 7):  # the batch axis is dynamic; the checkpoint is the network before calibration
         x = np.random.default_rng(batch).integers(0, 256, (batch, 3, 16, 16), dtype=np.uint8)
-        assert np.abs(exported.predict(x) - source.predict(x)).max() < 1e-3
+        assert np.abs(exported.predict(x) - source.predict(x) / temperature).max() < 1e-3
 
 
 def test_int8_loads_and_agrees_with_fp32_on_95_percent_of_digits(exports):

@@ -17,6 +17,17 @@ from cnnlab.evaluate import class_drops, selective
 from conftest import QUICKSTART, cnnlab, cnnlab_here, make_image_folder, mlflow_client, only_run
 
 
+def on_store(monkeypatch, cwd: Path) -> None:
+    """This process on the quick start's store (an earlier test's mlflow.set_tracking_uri may have set another)."""
+    import mlflow
+
+    uri = f"sqlite:///{cwd}/mlruns/mlflow.db"
+    for variable in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.setenv(variable, uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+
+
 def test_the_temperature_undoes_overconfidence_and_the_ece_matches_torchmetrics():
     generator = torch.Generator().manual_seed(0)
     true_logits = torch.randn(4000, 10, generator=generator) * 2
@@ -65,7 +76,7 @@ def test_a_fit_logs_calibration_and_every_consumer_gives_the_same_calibrated_pro
     from cnnlab import load
 
     cwd, client, run, _ = quickstart
-    monkeypatch.chdir(cwd)  # the quick start's store
+    on_store(monkeypatch, cwd)
     metrics = run.data.metrics
     assert metrics["test/ece"] < metrics["test/ece_uncalibrated"]
     assert metrics["calibration/ece_after"] < metrics["calibration/ece_before"]
@@ -79,7 +90,6 @@ def test_a_fit_logs_calibration_and_every_consumer_gives_the_same_calibrated_pro
     # the checkpoint is the network before calibration: its logits / T are what every consumer must give
     checkpoint = Path(run.data.tags["cnnlab.checkpoint_dir"]) / "best.ckpt"
     expected = softmax(load.model(str(checkpoint)).logits(images) / temperature)
-    mlflow.set_tracking_uri(f"sqlite:///{cwd}/mlruns/mlflow.db")
     pyfunc = mlflow.pyfunc.load_model(run.data.tags["cnnlab.model_uri"])
     probabilities = np.array(pyfunc.predict(pd.DataFrame({"image": images}))["probabilities"].tolist())
     assert np.allclose(probabilities, expected, atol=1e-5)
@@ -98,7 +108,7 @@ def test_predict_answers_unsure_below_min_confidence(quickstart, tmp_path, monke
     from cnnlab import load
 
     cwd, _, run, _ = quickstart
-    monkeypatch.chdir(cwd)  # the quick start's store
+    on_store(monkeypatch, cwd)
     network = load.model(run.info.run_id)
     images = [sample for sample, _ in network.samples]
     for i, raw in enumerate(images):
@@ -203,7 +213,7 @@ def test_a_serving_worker_answers_unsure_below_its_min_confidence_flag(quickstar
     from cnnlab.serve import Counters, ImageClassifierAPI
 
     cwd, _, run, _ = quickstart
-    monkeypatch.chdir(cwd)  # the quick start's store
+    on_store(monkeypatch, cwd)
     api = ImageClassifierAPI(
         run.info.run_id, 10**7, 5.0, 0, str(cwd), Counters(1), 1, 8, 0.01, thresholds=(0.999999, None)
     )

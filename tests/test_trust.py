@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 from torchmetrics.functional.classification import multiclass_calibration_error
 
-from cnnlab.calibration import Reliability, confidence_curve, ece, fit_temperature, threshold_for
+from cnnlab.calibration import Reliability, confidence_curve, ece, fit_temperature, selective, threshold_for
 from cnnlab.cnnlab_model import softmax
-from cnnlab.evaluate import class_drops, selective
+from cnnlab.evaluate import class_drops
 from conftest import QUICKSTART, cnnlab, cnnlab_here, make_image_folder, mlflow_client, only_run
 
 

@@ -73,18 +73,18 @@ def ece(table: list[tuple[float, float, int]]) -> float:
     return sum(n * abs(acc - conf) for conf, acc, n in table) / max(1, sum(n for _, _, n in table))
 
 
+def selective(logits, labels, threshold: float) -> tuple[float, float]:
+    """(coverage, accuracy) when answering only where the top probability reaches `threshold`: the share of images
+    answered, and the accuracy on those (1.0 when none is). Logits and labels as tensors or arrays."""
+    confidence, predicted = torch.as_tensor(logits).float().softmax(-1).max(-1)
+    answered, correct = confidence >= threshold, predicted == torch.as_tensor(labels)
+    coverage = float(answered.float().mean()) if len(correct) else 0.0
+    return coverage, float(correct[answered].float().mean()) if answered.any() else 1.0
+
+
 def confidence_curve(logits: torch.Tensor, labels: torch.Tensor) -> list[list[float]]:
-    """[threshold, coverage, accuracy] at each of THRESHOLDS: the share of images whose top probability reaches
-    the threshold, and the accuracy on those (1.0 when none does)."""
-    confidence, predicted = logits.float().softmax(-1).max(-1)
-    correct = (predicted == labels).float()
-    rows = []
-    for threshold in THRESHOLDS:
-        kept = confidence >= threshold
-        n = int(kept.sum())
-        accuracy = float(correct[kept].mean()) if n else 1.0
-        rows.append([threshold, round(n / max(1, len(labels)), 6), round(accuracy, 6)])
-    return rows
+    """[threshold, coverage, accuracy] (`selective`) at each of THRESHOLDS."""
+    return [[t, *(round(v, 6) for v in selective(logits, labels, t))] for t in THRESHOLDS]
 
 
 def threshold_for(meta: dict, precision: float) -> tuple[float, float, float]:

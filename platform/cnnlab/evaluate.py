@@ -1,5 +1,5 @@
 """Scoring a loaded model on labelled images: the one evaluator of the promotion gate, export parity and
-`compress report` (overall scores, per-class recall drops, coverage and accuracy above a confidence threshold).
+`compress report` (overall scores, per-class recall drops).
 Every image goes through the model's own preprocessing (as served), in batches."""
 
 from __future__ import annotations
@@ -28,17 +28,6 @@ def scores(logits: np.ndarray, labels, num_classes: int) -> dict[str, float]:
         "test/f1": float(multiclass_f1_score(logits, labels, num_classes, average="macro")),
         "test/loss": float(torch.nn.functional.cross_entropy(logits, labels)),
     }
-
-
-def selective(logits: np.ndarray, labels, threshold: float) -> tuple[float, float]:
-    """(coverage, accuracy) when answering only where the top probability reaches `threshold`: the share of images
-    answered, and the accuracy on those (1.0 when none is)."""
-    from cnnlab.cnnlab_model import softmax
-
-    probs = softmax(np.asarray(logits, np.float32))
-    answered = probs.max(1) >= threshold
-    right = probs.argmax(1) == np.asarray(labels)
-    return float(answered.mean()) if len(right) else 0.0, float(right[answered].mean()) if answered.any() else 1.0
 
 
 Z = 1.645  # one-sided 95%: how many standard errors of a class's recall drop are put down to chance

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Literal
 
 from cnnlab import UserError, load, store
-from cnnlab.evaluate import METRICS, class_drops, logits, scores, selective
+from cnnlab.calibration import selective
+from cnnlab.evaluate import METRICS, class_drops, logits, scores
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 LOWER_IS_BETTER = {"test/loss"}

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import requests
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from cnnlab.data import DataModule
 from conftest import STORE_VARIABLES, cnnlab_here, processes, serving
@@ -330,14 +331,43 @@ def test_alias_swap_under_load_fails_no_request(server, digits):
         t.join()
     assert requests.get(f"{url}/info", headers=AUTH, timeout=10).json()["version"] == "2"
     assert [s for s, _ in results if s != 200] == []
+    served = {  # the swap shows in /metrics: the new version's info series is 1, the old one's 0
+        s.labels["version"]: s.value
+        for family in text_string_to_metric_families(requests.get(f"{url}/metrics", headers=AUTH, timeout=10).text)
+        for s in family.samples
+        if s.name == "cnnlab_model_info"
+    }
+    assert served == {"1": 0, "2": 1}, served
     assert {v for _, v in results} == {"1", "2"} and results[-1][1] == "2"
 
 
-def test_shutdown_leaves_no_process_behind(server):
-    process = server["process"]
+def test_shutdown_answers_the_requests_in_flight_and_leaves_no_process_behind(server, digits):
+    """SIGTERM (what Kubernetes sends) under load: every request sent before it is answered."""
+    process, url, signalled, results = server["process"], server["url"], [float("inf")], []
     assert len(session_processes(process.pid)) >= 2  # the server and its workers
+
+    def load():
+        for i in range(10_000):
+            began = time.monotonic()
+            try:
+                response = requests.post(
+                    f"{url}/predict", data=digits[0][i % 50], timeout=60, headers={**AUTH, "Content-Type": "image/png"}
+                )
+                results.append((began < signalled[0], response.status_code))
+            except requests.ConnectionError:  # refused or reset: a new request after the signal
+                results.append((began < signalled[0], None))
+                return
+
+    threads = [threading.Thread(target=load) for _ in range(8)]
+    for t in threads:
+        t.start()
+    time.sleep(1)
+    signalled[0] = time.monotonic() - 0.05  # requests begun this long before the signal have surely connected
     process.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join()
     assert process.wait(timeout=60) == 0  # a stop is no error
+    assert {status for before, status in results if before} == {200}, results[-20:]
     log = (server["cwd"] / "serve.log").read_text()
     assert "Traceback" not in log and "KeyboardInterrupt" not in log and "cnnlab serve: stopped" in log, log[-3000:]
     deadline = time.time() + 30

@@ -404,21 +404,13 @@ def write_meta(folder: Path, network: Path, meta: dict, samples: list[tuple[byte
     return meta
 
 
-def save_model(path, folder: Path, meta: dict) -> str:
-    """An MLflow model at `path` whose pyfunc is this module, loading `folder` (network, cnnlab.json, samples);
-    returns its digest (recorded in the MLmodel)."""
-    from importlib.metadata import version
-
-    import mlflow.pyfunc
-    import pandas as pd
+def signature():
+    """The pyfunc's signature: one binary `image` column in; label, score and probabilities out."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, DataType, Schema
     from mlflow.types.schema import Array
 
-    runtime = {"onnx": ["onnxruntime", "onnx"], "openvino": ["openvino"]}.get(
-        meta["runtime"], [f"torch=={version('torch').split('+')[0]}"]
-    )
-    signature = ModelSignature(
+    return ModelSignature(
         Schema([ColSpec(DataType.binary, "image")]),
         Schema(
             [
@@ -428,6 +420,19 @@ def save_model(path, folder: Path, meta: dict) -> str:
             ]
         ),
     )
+
+
+def save_model(path, folder: Path, meta: dict) -> str:
+    """An MLflow model at `path` whose pyfunc is this module, loading `folder` (network, cnnlab.json, samples);
+    returns its digest (recorded in the MLmodel)."""
+    from importlib.metadata import version
+
+    import mlflow.pyfunc
+    import pandas as pd
+
+    runtime = {"onnx": ["onnxruntime", "onnx"], "openvino": ["openvino"]}.get(
+        meta["runtime"], [f"torch=={version('torch').split('+')[0]}"]
+    )
     examples = [(folder / s["file"]).read_bytes() for s in meta["samples"][:2]]
     digest = verify(folder)
     mlflow.pyfunc.save_model(
@@ -435,7 +440,7 @@ def save_model(path, folder: Path, meta: dict) -> str:
         loader_module="cnnlab_model",
         data_path=str(folder),
         code_paths=[os.path.abspath(__file__)],
-        signature=signature,
+        signature=signature(),
         input_example=pd.DataFrame({"image": examples}) if examples else None,
         pip_requirements=[*runtime, "numpy", "pandas", "pillow", "opencv-python-headless", "pyyaml"],
         metadata={

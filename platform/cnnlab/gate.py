@@ -1,6 +1,7 @@
 """The request gate in front of `cnnlab serve`'s workers (ASGI middleware): the API key, the limits (body size,
-bytes in flight, images per request, slow bodies), every accepted body shape turned into one JSON form for the
-workers, and every malformed request answered with a 4xx JSON error, never a 5xx."""
+bytes in flight, images per request, slow bodies), every accepted body shape of every protocol (/predict, Open
+Inference v2, MLflow's /invocations) turned into one JSON form for the workers, every malformed request answered
+with a 4xx JSON error in its protocol's shape, never a 5xx, and every request counted for /metrics."""
 
 from __future__ import annotations
 
@@ -8,8 +9,13 @@ import asyncio
 import base64
 import hmac
 import json
+import time
+from functools import partial
+
+from cnnlab import metrics, protocols
 
 ERROR_KEY = "cnnlab_error"  # a worker's per-request error, answered by the Gate with its own status
+OPEN = ("/health", "/v2/health/live", "/v2/health/ready", "/ping")  # probes need no API key
 ERRORS = {
     400: "bad request",
     401: "unauthorized",
@@ -55,8 +61,8 @@ PREDICT_OPENAPI = {  # LitServe registers /predict without a body schema; this d
 }
 
 
-def _json_error(status: int, message: str) -> tuple[dict, bytes]:
-    body = json.dumps({"detail": message}).encode()  # FastAPI's shape, as the workers' errors
+def _json_error(status: int, message: str, protocol: str = "cnnlab") -> tuple[dict, bytes]:
+    body = protocols.error_body(protocol, status, message)
     return (
         {
             "type": "http.response.start",
@@ -88,19 +94,38 @@ class Gate:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        counts, route, began = metrics.families(), metrics.endpoint(scope["path"]), time.perf_counter()
+        answered = {"status": 499}  # a client that left before its answer
+
+        async def counted(message):
+            if message["type"] == "http.response.start":
+                answered["status"] = message["status"]
+            await send(message)
+
+        counts.in_flight.inc()
+        try:
+            return await self._gate(scope, receive, counted)
+        finally:
+            counts.in_flight.dec()
+            counts.requests.labels(route, str(answered["status"])).inc()
+            counts.latency.labels(route).observe(time.perf_counter() - began)
+
+    async def _gate(self, scope, receive, send):
+        path, protocol = scope["path"], protocols.of(scope["path"])
+        reply = partial(self._reply, send, protocol=protocol)
         # latin-1 decodes any byte: a header that is not UTF-8 must not fail a request, /health included
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if self.api_key and scope["path"] != "/health":
+        if self.api_key and path not in OPEN:
             given = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ").strip()
             if not hmac.compare_digest(given.encode("latin-1"), self.api_key.encode()):  # constant time
-                return await self._reply(send, 401, "missing or wrong API key: send it as X-API-Key or a Bearer token")
-        if scope["path"] != "/predict" or scope["method"] != "POST":
+                return await reply(401, "missing or wrong API key: send it as X-API-Key or a Bearer token")
+        if scope["method"] != "POST" or not (path in ("/predict", "/invocations") or protocols.V2_INFER.match(path)):
             return await self.app(scope, receive, send)
         declared = headers.get("content-length", "0")
         if not declared.isascii() or not declared.isdigit() or len(declared) > 15:
-            return await self._reply(send, 400, "Content-Length is not a number")
+            return await reply(400, "Content-Length is not a number")
         if int(declared) > self.max_body_bytes:
-            return await self._reply(send, 413, f"body over {self.max_body_bytes} bytes (--max-body-bytes)")
+            return await reply(413, f"body over {self.max_body_bytes} bytes (--max-body-bytes)")
         held = 0
         try:
             chunks = []
@@ -108,44 +133,47 @@ class Gate:
                 try:
                     message = await asyncio.wait_for(receive(), self.body_timeout)
                 except asyncio.TimeoutError:
-                    return await self._reply(send, 408, f"the body did not arrive within {self.body_timeout:g} s")
+                    return await reply(408, f"the body did not arrive within {self.body_timeout:g} s")
                 if message["type"] == "http.disconnect":
                     return None
                 chunk = message.get("body", b"")
                 if held + len(chunk) > self.max_body_bytes:
-                    return await self._reply(send, 413, f"body over {self.max_body_bytes} bytes (--max-body-bytes)")
+                    return await reply(413, f"body over {self.max_body_bytes} bytes (--max-body-bytes)")
                 if self.inflight + len(chunk) > self.max_inflight_bytes:
-                    return await self._reply(
-                        send, 503, "busy: too many bytes in flight (--max-inflight-bytes); retry shortly"
-                    )
+                    return await reply(503, "busy: too many bytes in flight (--max-inflight-bytes); retry shortly")
                 chunks.append(chunk)
                 held += len(chunk)
-                self.inflight += len(chunk)
+                self._hold(len(chunk))
                 if not message.get("more_body"):
                     break
             body = b"".join(chunks)
             if not body:
-                return await self._reply(
-                    send, 400, 'empty body: send an image (image/*), a multipart file or JSON {"images": [base64, ...]}'
+                return await reply(
+                    400, 'empty body: send an image (image/*), a multipart file or JSON {"images": [base64, ...]}'
                 )
             try:
-                payload = await self._payload(headers.get("content-type", ""), body, scope)
-                query = _query(scope)
-                payload["top_k"] = _top_k(query.get("top_k", payload.get("top_k")))
-                payload["min_confidence"] = _probability(query.get("min_confidence", payload.get("min_confidence")))
+                if protocol == "v2":
+                    payload = protocols.v2_request(path, body, headers.get("inference-header-content-length"))
+                elif protocol == "mlflow":
+                    payload = protocols.mlflow_request(body)
+                else:
+                    payload = await self._payload(headers.get("content-type", ""), body, scope)
+                    query = _query(scope)
+                    payload["top_k"] = _top_k(query.get("top_k", payload.get("top_k")))
+                    payload["min_confidence"] = query.get("min_confidence", payload.get("min_confidence"))
+                payload["min_confidence"] = _probability(payload.get("min_confidence"))
             except LookupError as err:
-                return await self._reply(send, 415, str(err))
+                return await reply(415, str(err))
             except ValueError as err:
-                return await self._reply(send, 400, str(err))
-            if len(payload["images"]) > self.max_images:
-                return await self._reply(
-                    send,
-                    413,
-                    f"{len(payload['images'])} images in one request; at most {self.max_images} (--max-images)",
-                )
+                return await reply(400, str(err))
+            count = payload["shape"][0] if "shape" in payload else len(payload["images"])
+            if count > self.max_images:
+                return await reply(413, f"{count} images in one request; at most {self.max_images} (--max-images)")
             data = json.dumps(payload).encode()
             scope = {
                 **scope,
+                "path": "/predict",  # every protocol reaches the same batching workers
+                "raw_path": b"/predict",
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
                 + [(k, v) for k, v in scope["headers"] if k.lower() not in (b"content-type", b"content-length")],
             }
@@ -158,12 +186,17 @@ class Gate:
                 sent = True
                 return {"type": "http.request", "body": data, "more_body": False}
 
-            return await self.app(scope, replay, self._error_status(send))
+            return await self.app(scope, replay, self._error_status(send, protocol))
         finally:
-            self.inflight -= held
+            self._hold(-held)
+
+    def _hold(self, size: int) -> None:
+        """Bytes of bodies held (one event loop: no lock needed), counted for /metrics too."""
+        self.inflight += size
+        metrics.families().in_flight_bytes.set(self.inflight)
 
     @staticmethod
-    def _error_status(send):
+    def _error_status(send, protocol: str):
         """Wrap `send`: a worker's per-request error item goes out as a JSON error with its own 4xx status."""
         held = {}
 
@@ -179,7 +212,7 @@ class Gate:
                 start = held.pop("start")
                 if body.startswith(b'{"' + ERROR_KEY.encode()):
                     error = json.loads(body)[ERROR_KEY]
-                    start, body = _json_error(int(error["status"]), str(error["detail"]))
+                    start, body = _json_error(int(error["status"]), str(error["detail"]), protocol)
                 else:
                     start = {
                         **start,
@@ -205,7 +238,7 @@ class Gate:
             return {"images": [base64.b64encode(f).decode() for f in await _multipart_files(params, body, scope)]}
         if kind == "application/json":
             try:
-                payload = json.loads(body, parse_constant=_no_constant)
+                payload = json.loads(body, parse_constant=protocols.no_constant)
             except (ValueError, RecursionError):
                 raise ValueError("the JSON body does not parse (or nests too deep, or holds NaN/Infinity)") from None
             images = (
@@ -221,14 +254,10 @@ class Gate:
         )
 
     @staticmethod
-    async def _reply(send, status: int, message: str):
-        start, body = _json_error(status, message)
+    async def _reply(send, status: int, message: str, protocol: str = "cnnlab"):
+        start, body = _json_error(status, message, protocol)
         await send(start)
         await send({"type": "http.response.body", "body": body})
-
-
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not JSON")
 
 
 MAX_TOP_K = 1000

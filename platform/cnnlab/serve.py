@@ -7,10 +7,13 @@ hardened inputs.
     GET  /health    200 once the workers are ready.
     GET  /info      model name, version, alias, classes, input size, backend, and per-worker counters.
     GET  /docs, /openapi.json
+    /v2/...         the Open Inference Protocol v2 (KServe, Triton): probes, model metadata, infer
+    GET  /ping, POST /invocations   MLflow's scoring protocol, answered as `mlflow models serve` answers
+    GET  /metrics   Prometheus metrics of every process (cnnlab.metrics)
 
-Bodies reach the workers as JSON (the gate, cnnlab.gate, turns raw and multipart images into base64), where
-each request is decoded and center-cropped, then concurrent requests are stacked into one model call. The
-workers count in shared memory and describe what they loaded in a file written at each load (not per request);
+Bodies reach the workers as JSON (the gate, cnnlab.gate, turns raw and multipart images and the other protocols'
+requests into it, cnnlab.protocols), where each request is decoded and center-cropped, then concurrent requests
+are stacked into one model call. The workers count in shared memory and describe what they loaded in a file written at each load (not per request);
 the main process loads no model.
 """
 
@@ -22,11 +25,11 @@ import json
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import tempfile
 import threading
 import time
-from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -34,7 +37,7 @@ import litserve as ls
 import numpy as np
 from fastapi import HTTPException
 
-from cnnlab import UserError
+from cnnlab import UserError, metrics, protocols
 from cnnlab.cnnlab_model import RUNTIMES, read_image, softmax
 from cnnlab.gate import ERROR_KEY, PREDICT_OPENAPI, Gate
 
@@ -110,7 +113,22 @@ class ImageClassifierAPI(ls.LitAPI):
         if uri != self.uri:  # a pinned version loaded for the alias: keep the alias's name
             loaded.alias, loaded.source = self.uri.partition("@")[2], self.uri
         self._write_state(loaded)
+        info = metrics.families().model
+        if getattr(self, "current", None):  # a swap: the old version's series drops to 0
+            info.labels(*self._labels(self.current)).set(0)
+        info.labels(*self._labels(loaded)).set(1)
         return loaded
+
+    @staticmethod
+    def _labels(loaded) -> tuple:
+        return (
+            loaded.name or "model",
+            loaded.version or "",
+            loaded.alias or "",
+            loaded.runtime,
+            loaded.engine,
+            loaded.digest,
+        )
 
     def _follow(self):
         """Poll the registry; load a moved alias's version beside the old one, then swap in one step."""
@@ -152,13 +170,36 @@ class ImageClassifierAPI(ls.LitAPI):
         request's pixels together stay within --max-pixels, and its decoding within --max-decode-seconds."""
         budget = {"pixels": self.max_pixels, "deadline": time.monotonic() + self.max_decode_seconds}
         try:
+            self._check_model(request)
+            if "pixels" in request:
+                arrays = self._pixels(request["pixels"], request["shape"])
+            else:
+                arrays = np.stack([self._image(i, text, budget) for i, text in enumerate(request["images"])])
             return {
-                "arrays": np.stack([self._image(i, text, budget) for i, text in enumerate(request["images"])]),
+                "arrays": arrays,
                 "top_k": max(1, min(int(request.get("top_k") or 5), len(self.current.classes))),
-                "min_confidence": request.get("min_confidence"),
+                **{k: request.get(k) for k in ("min_confidence", "protocol", "outputs", "id")},
             }
         except HTTPException as err:
             return {"error": err.status_code, "detail": err.detail}
+
+    def _check_model(self, request) -> None:
+        """An Open Inference request names the model (and maybe the version) it wants: this one, or 404."""
+        if request.get("protocol") != "v2":
+            return
+        name, version = self.current.name or "model", self.current.version
+        if request["model"] != name or request["version"] not in (None, version):
+            asked = request["model"] + (f" version {request['version']}" if request["version"] else "")
+            raise HTTPException(404, f"model {asked} is not served here; {name} version {version} is")
+
+    def _pixels(self, text: str, shape: list[int]) -> np.ndarray:
+        """A UINT8 N x H x W x C batch (Open Inference), each image cropped as an encoded one would be."""
+        if shape[0] * shape[1] * shape[2] > self.max_pixels:
+            raise HTTPException(
+                413, f"{shape[0]} x {shape[1]} x {shape[2]} pixels: over --max-pixels {self.max_pixels}"
+            )
+        batch = np.frombuffer(base64.b64decode(text), np.uint8).reshape(shape)
+        return np.stack([self.current.preprocess(image) for image in batch])
 
     def _image(self, index: int, text: str, budget: dict) -> np.ndarray:
         if time.monotonic() > budget["deadline"]:
@@ -200,12 +241,7 @@ class ImageClassifierAPI(ls.LitAPI):
                 continue
             count = len(item["arrays"])
             out.append(
-                {
-                    "probs": output["probs"][start : start + count],
-                    "top_k": item["top_k"],
-                    "min_confidence": item.get("min_confidence"),
-                    "model": output["model"],
-                }
+                {**item, "arrays": None, "probs": output["probs"][start : start + count], "model": output["model"]}
             )
             start += count
         return out
@@ -218,12 +254,16 @@ class ImageClassifierAPI(ls.LitAPI):
         if batch["arrays"] is not None:
             probs = softmax(current.predict(np.ascontiguousarray(batch["arrays"].transpose(0, 3, 1, 2))))
             self.counters.add(self.slot, model_calls=1, images=len(probs))
+            counts = metrics.families()
+            counts.model_calls.inc()
+            counts.images.inc(len(probs))
+            counts.batch.observe(len(probs))
         self.counters.add(self.slot, requests=len(batch["inputs"]))
         output = {
             **batch,
             "probs": probs,
             "model": {
-                "name": current.name,
+                "name": current.name or "model",
                 "version": current.version,
                 "classes": current.classes,
                 "min_confidence": current.min_confidence,
@@ -236,6 +276,10 @@ class ImageClassifierAPI(ls.LitAPI):
             return {ERROR_KEY: {"status": output["error"], "detail": output["detail"]}}
         classes, threshold = output["model"]["classes"], output.get("min_confidence")
         threshold = output["model"]["min_confidence"] if threshold is None else threshold
+        if output.get("protocol") == "v2":
+            return protocols.v2_answer(output["probs"], classes, threshold, output["model"], output)
+        if output.get("protocol") == "mlflow":  # the pyfunc's answer, as mlflow models serve gives it
+            return protocols.mlflow_answer(output["probs"], classes)
         predictions = []
         for row in output["probs"]:
             order = np.argsort(-row)[: output["top_k"]]
@@ -252,28 +296,6 @@ class ImageClassifierAPI(ls.LitAPI):
             "predictions": predictions,
             "model": {"name": output["model"]["name"], "version": output["model"]["version"]},
         }
-
-
-async def info(state_dir: str, counters: Counters, static: dict):
-    """GET /info: the static description plus what each worker has loaded and served."""
-    from fastapi.responses import JSONResponse
-
-    workers = []
-    for path in sorted(Path(state_dir).glob("worker-*.json")):
-        try:
-            state = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        workers.append({**state, **counters.read(state["slot"])})
-    current = max(workers, key=lambda w: int(w["version"] or 0), default={})
-    return JSONResponse(
-        {
-            **static,
-            **{k: current.get(k) for k in ("name", "version", "alias", "sha256", "params", "min_confidence")},
-            "workers": workers,
-            **{field: sum(w[field] for w in workers) for field in Counters.FIELDS},
-        }
-    )
 
 
 def serve(
@@ -361,6 +383,10 @@ def serve(
         accelerator = "cuda"
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
     state_dir = tempfile.mkdtemp(prefix="cnnlab-serve-")
+    metrics.start(str(Path(state_dir, "metrics")))  # before any serving process counts
+    Path(state_dir, "metrics").mkdir()
+    import mlflow.pyfunc.scoring_server  # noqa: F401  (/invocations parses with it: loaded once, before the forks)
+
     api = ImageClassifierAPI(
         uri,
         max_pixels,
@@ -407,7 +433,7 @@ def serve(
         "max_batch_size": max_batch_size,
         "batch_timeout_ms": batch_timeout_ms,
     }
-    server.app.add_api_route("/info", partial(info, state_dir, counters, static), methods=["GET"])
+    protocols.add_routes(server.app, state_dir, counters, static, workers)
     for route in server.app.routes:
         if getattr(route, "path", None) == "/predict":
             route.openapi_extra = PREDICT_OPENAPI
@@ -433,5 +459,6 @@ def serve(
         pass
     except RuntimeError as err:  # LitServe's "One or more workers failed to start": their error is logged above
         raise UserError(f"cnnlab serve: {err} (the workers' error is above); nothing is served.") from None
+    shutil.rmtree(state_dir, ignore_errors=True)
     print("cnnlab serve: stopped", flush=True)
     return 0

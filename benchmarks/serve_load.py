@@ -1,7 +1,9 @@
 """A bounded load on `cnnlab serve` and on `mlflow models serve --env-manager local`, same registered model.
 
-N requests, one image each, at concurrency C, on loopback only. Prints req/s, p50 and p99 latency of
-both, and the ratios (target: >= 3x the throughput of mlflow models serve at concurrency 16, lower p99).
+N requests, one image each, at concurrency C, on loopback only, to each of cnnlab's protocols in turn (/predict,
+Open Inference v2 with binary and JSON tensors, MLflow's /invocations) and to MLflow's server. Prints req/s, p50
+and p99 latency of each, and the ratios (target: >= 3x the throughput of mlflow models serve at concurrency 16,
+lower p99; each protocol's cost against /predict).
 Run it in a project folder whose store holds the model (e.g. after `make quickstart` and
 `cnnlab register ... --name digits && cnnlab promote digits`).
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import json
 import os
 import signal
 import socket
@@ -63,8 +66,8 @@ def stop(process: subprocess.Popen) -> None:
 
 
 def load(send, n: int, concurrency: int) -> dict:
-    for _ in range(concurrency):  # warm up every connection path
-        send()
+    with ThreadPoolExecutor(concurrency) as pool:  # warm up every connection and the model (10% of the requests)
+        list(pool.map(lambda _: send(), range(max(concurrency, n // 10))))
     latencies = []
 
     def one(_):
@@ -108,16 +111,34 @@ def main(argv=None) -> int:
     server = start(
         [sys.executable, "-m", "cnnlab", "serve", args.model, "--port", str(port)], f"http://127.0.0.1:{port}/health"
     )
-    try:
-        results["cnnlab serve"] = load(
-            lambda: (
-                session.post(
-                    f"http://127.0.0.1:{port}/predict", data=image, timeout=60, headers={"Content-Type": "image/png"}
-                ).status_code
-            ),
-            args.requests,
-            args.concurrency,
-        )
+    url = f"http://127.0.0.1:{port}"
+    name = requests.get(f"{url}/info", timeout=10).json()["name"] or "model"
+    encoded = base64.b64encode(image).decode()
+    v2_json = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [encoded]}]}
+    tensor = len(image).to_bytes(4, "little") + image  # the binary-data extension, as tritonclient sends it
+    header = json.dumps(
+        {
+            "inputs": [
+                {"name": "image", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": len(tensor)}}
+            ]
+        }
+    ).encode()
+    binary_headers = {"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream"}
+    split = {"dataframe_split": {"columns": ["image"], "data": [[encoded]]}}
+    ours = {  # each protocol on the same server, one after the other
+        "cnnlab serve /predict": lambda: session.post(
+            f"{url}/predict", data=image, timeout=60, headers={"Content-Type": "image/png"}
+        ),
+        "cnnlab serve /v2 binary": lambda: session.post(
+            f"{url}/v2/models/{name}/infer", data=header + tensor, timeout=60, headers=binary_headers
+        ),
+        "cnnlab serve /v2 JSON": lambda: session.post(f"{url}/v2/models/{name}/infer", json=v2_json, timeout=60),
+        "cnnlab serve /invocations": lambda: session.post(f"{url}/invocations", json=split, timeout=60),
+    }
+    try:  # one unrecorded pass first: the model's first batches of each size are slow (measured: the first row's p99)
+        load(lambda: ours["cnnlab serve /predict"]().status_code, args.requests // 2, args.concurrency)
+        for row, send in ours.items():
+            results[row] = load(lambda send=send: send().status_code, args.requests, args.concurrency)
     finally:
         stop(server)
 
@@ -151,14 +172,18 @@ def main(argv=None) -> int:
         stop(server)
 
     print(f"\n{args.requests} requests of one image at concurrency {args.concurrency}, {args.model}, loopback")
-    print(f"{'server':<22} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
-    for name, r in results.items():
-        print(f"{name:<22} {r['rps']:>8.1f} {r['p50']:>8.1f} {r['p99']:>8.1f} {r['errors']:>7}")
-    ours, theirs = results["cnnlab serve"], results["mlflow models serve"]
+    print(f"{'server':<26} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
+    for row, r in results.items():
+        print(f"{row:<26} {r['rps']:>8.1f} {r['p50']:>8.1f} {r['p99']:>8.1f} {r['errors']:>7}")
+    ours, theirs = results["cnnlab serve /predict"], results["mlflow models serve"]
     print(
         f"throughput ratio {ours['rps'] / theirs['rps']:.2f}x (target >= 3x), p99 ratio "
         f"{ours['p99'] / theirs['p99']:.2f} (target < 1)"
     )
+    for row in ("cnnlab serve /v2 binary", "cnnlab serve /v2 JSON", "cnnlab serve /invocations"):
+        print(f"{row} against /predict: {results[row]['rps'] / ours['rps']:.2f}x the throughput")
+    same = results["cnnlab serve /invocations"]["rps"] / theirs["rps"]
+    print(f"/invocations: cnnlab serve {same:.2f}x mlflow models serve (the same request)")
     return 0
 
 

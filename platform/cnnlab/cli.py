@@ -88,6 +88,10 @@ COMMANDS = {
     "compare": ("cnnlab.compare:compare", "train recipes under one budget and compare them (nested MLflow runs)"),
     "ui": ("cnnlab.cli:ui", "open the MLflow UI on the project's store (mlruns/ or MLFLOW_TRACKING_URI)"),
     "predict": ("cnnlab.predict:predict", "classify images with a model: cnnlab predict MODEL_URI PATH ..."),
+    "explain": (
+        "cnnlab.explain:explain",
+        "class-activation maps of a model's answers: cnnlab explain MODEL_URI PATH ...",
+    ),
 }
 # Parameters spelled otherwise on the command line than in the signature, and the positional ones' names.
 FLAGS = {"fmt": ["--format"], "recipe": ["--config"], "n": ["-n"], "output": ["--output", "-o"], "overrides": ["--set"]}

@@ -232,11 +232,17 @@ def engine_of(meta: dict, runtime: str | None = None) -> str:
 
 
 def load_network(
-    folder, threads: int | None = None, device: str = "cpu", runtime: str | None = None, recorded: str | None = None
+    folder,
+    threads: int | None = None,
+    device: str = "cpu",
+    runtime: str | None = None,
+    recorded: str | None = None,
+    unflatten: bool = False,
 ) -> Network:
     """The network of a model's data folder (where cnnlab.json lies), on its own runtime, or on `runtime`:
     `openvino` runs an ONNX or OpenVINO network with OpenVINO, `onnxruntime` an ONNX one with ONNX Runtime.
-    Its files are checked first (`verify`, against the `recorded` digest when given)."""
+    Its files are checked first (`verify`, against the `recorded` digest when given). `unflatten`: a torch
+    program keeps its modules (`net.layer4` ...) for hooks, at some speed."""
     folder = Path(folder)
     meta = json.loads((folder / META_FILE).read_text())
     if meta.get("schema", 0) > SCHEMA:
@@ -258,7 +264,8 @@ def load_network(
     if threads:
         torch.set_num_threads(threads)
     if runtime == "torch":
-        module = torch.export.load(str(file)).module()
+        program = torch.export.load(str(file))
+        module = torch.export.unflatten(program) if unflatten else program.module()
     elif runtime == "torchscript":
         module = torch.jit.load(str(file), map_location="cpu")
     else:

@@ -10,11 +10,14 @@ from cnnlab.cnnlab_model import Network, torch_predict
 from cnnlab.module import ClassifierModule
 
 
-def model(uri: str, threads: int | None = None, device: str = "cpu", runtime: str | None = None) -> Network:
-    """The model a URI names (see store.URI_FORMS), on its own runtime or on `runtime`."""
+def model(
+    uri: str, threads: int | None = None, device: str = "cpu", runtime: str | None = None, unflatten: bool = False
+) -> Network:
+    """The model a URI names (see store.URI_FORMS), on its own runtime or on `runtime` (`unflatten`: see
+    cnnlab_model.load_network)."""
     ref = store.resolve(uri)
     if ref.kind != "checkpoint":
-        return store.load(ref, threads, device, runtime)
+        return store.load(ref, threads, device, runtime, unflatten)
     if runtime:
         raise UserError(f"'{uri}' is a checkpoint, which runs on torch: export it to run it on {runtime}.")
     network = from_checkpoint(Path(ref.artifact), device)

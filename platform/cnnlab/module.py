@@ -77,6 +77,8 @@ class ClassifierModule(L.LightningModule):
         calibrate: before a test (and so before the model is logged), fit a temperature on the val split's
             logits (cnnlab.calibration); the network divides its logits by it, so every runtime gives
             calibrated probabilities. Logs test/ece (calibrated) and test/ece_uncalibrated.
+        mistakes: after a test, log the gallery of this many test images the model got wrong with the highest
+            confidence, each beside its class-activation map (mistakes/*.png and *.csv on the run); 0: none
     """
 
     def __init__(
@@ -111,6 +113,7 @@ class ClassifierModule(L.LightningModule):
         compile_mode: str | None = None,
         tta: Literal["flip", "ten_crop"] | None = None,
         calibrate: bool = True,
+        mistakes: int = 16,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"], logger=False)

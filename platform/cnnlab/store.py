@@ -209,7 +209,13 @@ def _meta_file(uri: str, folder: Path) -> Path:
     return folder / META_FILE
 
 
-def load(uri: str | ModelRef, threads: int | None = None, device: str = "cpu", runtime: str | None = None) -> Network:
+def load(
+    uri: str | ModelRef,
+    threads: int | None = None,
+    device: str = "cpu",
+    runtime: str | None = None,
+    unflatten: bool = False,
+) -> Network:
     """The model artifact a URI (or its resolved ModelRef) names, on its own runtime (or `runtime`, see
     load_network), from the artifact alone (no recipe, no training data). A checkpoint is no artifact:
     cnnlab.load.model takes those too."""
@@ -220,7 +226,7 @@ def load(uri: str | ModelRef, threads: int | None = None, device: str = "cpu", r
         model = download(ref, tmp)
         folder = _meta_file(ref.uri, data_folder(model)).parent
         try:
-            network = load_network(folder, threads, device, runtime, recorded_digest(model))
+            network = load_network(folder, threads, device, runtime, recorded_digest(model), unflatten)
         except (ValueError, OSError) as err:
             raise UserError(f"'{ref.uri}': {err}.") from None
     network.source, network.name, network.version, network.alias = ref.uri, ref.name, ref.version, ref.alias

@@ -3,6 +3,7 @@ metrics, the best checkpoint and the test plots; a resumed fit continues its own
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -11,6 +12,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
 import yaml
 from lightning.pytorch import Callback
 from lightning.pytorch.cli import SaveConfigCallback
@@ -234,6 +237,8 @@ class Tracking(Callback):
         fig.tight_layout()
         logger.experiment.log_figure(logger.run_id, fig, "plots/confusion_matrix.png")
         plt.close(fig)
+        if pl_module.hparams.get("mistakes") and "test" in getattr(trainer.datamodule, "splits", {}):
+            log_mistakes(logger, pl_module, trainer.datamodule, pl_module.hparams.mistakes)
 
     def on_fit_end(self, trainer, pl_module) -> None:
         logger, checkpoint = mlflow_logger(trainer), trainer.checkpoint_callback
@@ -241,6 +246,58 @@ class Tracking(Callback):
             return
         logger.experiment.log_artifact(logger.run_id, checkpoint.best_model_path, "checkpoints")
         logger.experiment.set_tag(logger.run_id, "cnnlab.best_checkpoint", Path(checkpoint.best_model_path).name)
+
+
+class Eager(torch.nn.Module):
+    """A ClassifierModule's calibrated logits through its plain network (`net`), never a compiled one."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, images):
+        return self.module.net(self.module.normalize(images)) / self.module.temperature
+
+
+@torch.no_grad()
+def log_mistakes(logger: MLFlowLogger, module, datamodule, count: int) -> None:
+    """The `count` test images the model got wrong with the highest confidence, each beside its class-activation
+    map of the wrong answer, as mistakes/confident_mistakes.png, and the list as mistakes/confident_mistakes.csv
+    (rank, index in the test split, its name, true label, predicted label, probability)."""
+    from cnnlab.cam import default_layer, maps, overlay, sheet
+
+    training, wrong = module.training, []
+    module.eval()
+    seen = 0
+    for images, labels in (b for b in datamodule.test_dataloader() if b is not None):
+        probs = module(images.to(module.device)).float().softmax(-1).cpu()
+        confidence, predicted = probs.max(1)
+        for i in (predicted != labels).nonzero().flatten().tolist():
+            wrong.append((float(confidence[i]), seen + i, int(labels[i]), int(predicted[i]), images[i]))
+        seen += len(labels)
+    wrong = sorted(wrong, key=lambda w: -w[0])[:count]
+    classes, split = list(module.classes), datamodule.splits["test"]
+    rows = [["rank", "index", "name", "label", "predicted", "probability"]]
+    rows += [[r + 1, i, split.name(i), classes[y], classes[p], f"{c:.6f}"] for r, (c, i, y, p, _) in enumerate(wrong)]
+    tiles = []
+    if wrong:
+        batch = torch.stack([w[4] for w in wrong]).to(module.device)
+        plain = Eager(module)  # hooks on the plain network, whether or not the fit compiled it
+        layer = default_layer(plain, batch.shape[-1])
+        heat = maps(plain, layer, batch, [w[3] for w in wrong])
+        for (c, _, y, p, image), h in zip(wrong, heat):
+            picture = image.permute(1, 2, 0).cpu().numpy()
+            tiles.append(
+                (np.concatenate([picture, overlay(picture, h)], 1), f"true {classes[y]}\n{classes[p]} {c:.2f}")
+            )
+    module.train(training)
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(Path(tmp) / "confident_mistakes.csv", "w", newline="") as f:
+            csv.writer(f).writerows(rows)
+        if tiles:
+            title = f"the {len(tiles)} most confident of {seen} test images' mistakes (left: image, right: its map)"
+            sheet(tiles, Path(tmp) / "confident_mistakes.png", title, columns=4)
+        logger.experiment.log_artifacts(logger.run_id, tmp, "mistakes")
 
 
 def log_dataset(client, run_id: str, source: str, data: dict) -> None:

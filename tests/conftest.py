@@ -200,3 +200,29 @@ def write_shard(path, first: int, n: int, mode: str = "w:gz"):
                 info = tarfile.TarInfo(f"{i:05d}.{ext}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
+
+
+def on_store(monkeypatch, cwd: Path) -> None:
+    """This process on the quick start's store (an earlier test's mlflow.set_tracking_uri may have set another)."""
+    import mlflow
+
+    uri = f"sqlite:///{cwd}/mlruns/mlflow.db"
+    for variable in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.setenv(variable, uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+
+
+def mutated(body: bytes, rng) -> bytes:
+    """A body with a few bytes flipped, cut or inserted (the fuzz tests' mutation)."""
+    body = bytearray(body)
+    for _ in range(rng.integers(1, 8)):
+        k = int(rng.integers(0, len(body)))
+        choice = rng.integers(0, 3)
+        if choice == 0:
+            body[k] = int(rng.integers(0, 256))
+        elif choice == 1:
+            del body[k : k + int(rng.integers(1, 16))]
+        else:
+            body[k:k] = rng.integers(0, 256, int(rng.integers(1, 16)), dtype=np.uint8).tobytes()
+    return bytes(body)

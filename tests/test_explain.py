@@ -9,17 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import QUICKSTART, cnnlab, cnnlab_here, mlflow_client, only_run
-
-
-def on_store(monkeypatch, cwd: Path) -> None:
-    import mlflow
-
-    uri = f"sqlite:///{cwd}/mlruns/mlflow.db"
-    for variable in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
-        monkeypatch.setenv(variable, uri)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+from conftest import QUICKSTART, cnnlab, cnnlab_here, mlflow_client, on_store, only_run
 
 
 def test_the_default_layer_is_the_last_one_that_keeps_a_map():

@@ -17,7 +17,7 @@ from PIL import Image
 
 from cnnlab import metrics, protocols
 from cnnlab.data import DataModule
-from conftest import STORE_VARIABLES, serving
+from conftest import STORE_VARIABLES, mutated, serving
 
 KEY = "protocol-test-key"
 AUTH = {"X-API-Key": KEY}
@@ -276,17 +276,7 @@ def test_fuzzed_v2_and_invocations_bodies_get_4xx_and_valid_neighbours_200(serve
     bad = [("/v2/models/digits/infer", h, b) for h, b in V2_MALFORMED]
     for i in range(60):
         path, body = ("/v2/models/digits/infer", valid_v2) if i % 2 else ("/invocations", valid_mlflow)
-        body = bytearray(body)
-        for _ in range(rng.integers(1, 8)):  # flip, cut or insert a few bytes
-            k = int(rng.integers(0, len(body)))
-            choice = rng.integers(0, 3)
-            if choice == 0:
-                body[k] = int(rng.integers(0, 256))
-            elif choice == 1:
-                del body[k : k + int(rng.integers(1, 16))]
-            else:
-                body[k:k] = rng.integers(0, 256, int(rng.integers(1, 16)), dtype=np.uint8).tobytes()
-        bad.append((path, {"Content-Type": "application/json"}, bytes(body)))
+        bad.append((path, {"Content-Type": "application/json"}, mutated(body, rng)))
     valid = [
         ("/v2/models/digits/infer", {}, valid_v2),
         ("/invocations", {"Content-Type": "application/json"}, valid_mlflow),

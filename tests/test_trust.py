@@ -14,18 +14,7 @@ from torchmetrics.functional.classification import multiclass_calibration_error
 from cnnlab.calibration import Reliability, confidence_curve, ece, fit_temperature, selective, threshold_for
 from cnnlab.cnnlab_model import softmax
 from cnnlab.evaluate import class_drops
-from conftest import QUICKSTART, cnnlab, cnnlab_here, make_image_folder, mlflow_client, only_run
-
-
-def on_store(monkeypatch, cwd: Path) -> None:
-    """This process on the quick start's store (an earlier test's mlflow.set_tracking_uri may have set another)."""
-    import mlflow
-
-    uri = f"sqlite:///{cwd}/mlruns/mlflow.db"
-    for variable in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
-        monkeypatch.setenv(variable, uri)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+from conftest import QUICKSTART, cnnlab, cnnlab_here, make_image_folder, mlflow_client, on_store, only_run
 
 
 def test_the_temperature_undoes_overconfidence_and_the_ece_matches_torchmetrics():

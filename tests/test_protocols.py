@@ -234,36 +234,19 @@ def test_metrics_parse_and_count_the_requests_sent(server, digits):
     assert count(after, "cnnlab_requests_in_flight") == 1  # the scrape itself
 
 
+JSON = {"Content-Type": "application/json"}
 V2_MALFORMED = [
-    ({"Content-Type": "application/json"}, b"{"),
-    ({"Content-Type": "application/json"}, b"[]"),
-    (
-        {"Content-Type": "application/json"},
-        b'{"inputs": [{"name": "x", "shape": [1, 99999, 99999, 3], "datatype": "UINT8", "data": []}]}',
-    ),
-    (
-        {"Content-Type": "application/json"},
-        b'{"inputs": [{"name": "x", "shape": [1, 400, 400, 3], "datatype": "UINT8", "parameters": {"binary_data_size": 1}}]}',
-    ),
+    (JSON, b"{"),
+    (JSON, b"[]"),
+    (JSON, b'{"inputs": [{"name": "x", "shape": [1, 99999, 99999, 3], "datatype": "UINT8", "data": []}]}'),
+    (JSON, b'{"inputs": [{"shape": [1, 400, 400, 3], "datatype": "UINT8", "parameters": {"binary_data_size": 1}}]}'),
     ({"Inference-Header-Content-Length": "abc"}, b"{}"),
     ({"Inference-Header-Content-Length": "99"}, b"{}"),
-    (
-        {"Content-Type": "application/json"},
-        b'{"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": [[[[["a"]]]]]}]}',
-    ),
-    (
-        {"Content-Type": "application/json"},
-        b'{"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": [1]}]}',
-    ),
-    (
-        {"Content-Type": "application/json"},
-        json.dumps({"inputs": [{"shape": [65], "datatype": "BYTES", "data": ["a"] * 65}]}).encode(),
-    ),
-    (
-        {"Content-Type": "application/json"},
-        b'{"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": ["a"]}], "parameters": {"min_confidence": 7}}',
-    ),
-    ({"Content-Type": "application/json"}, b"[" * 100_000 + b"]" * 100_000),
+    (JSON, b'{"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": [[[[["a"]]]]]}]}'),
+    (JSON, b'{"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": [1]}]}'),
+    (JSON, json.dumps({"inputs": [{"shape": [65], "datatype": "BYTES", "data": ["a"] * 65}]}).encode()),
+    (JSON, b'{"inputs": [{"shape": [1], "datatype": "BYTES", "data": ["a"]}], "parameters": {"min_confidence": 7}}'),
+    (JSON, b"[" * 100_000 + b"]" * 100_000),
 ]
 
 

@@ -14,8 +14,8 @@ from PIL import Image
 
 from cnnlab import UserError
 from cnnlab.cam import METHODS, default_layer, maps, overlay, sheet
-from cnnlab.cnnlab_model import read_image, softmax
-from cnnlab.predict import find_images
+from cnnlab.cnnlab_model import softmax
+from cnnlab.predict import find_images, read_batches
 
 
 def explain(
@@ -70,17 +70,10 @@ def explain(
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     tiles, written = [], 0
-    for start in range(0, len(files), batch_size):
-        good, images = [], []
-        for file in files[start : start + batch_size]:
-            try:
-                images.append(network.preprocess(read_image(Path(file).read_bytes(), Image.MAX_IMAGE_PIXELS)[0]))
-                good.append(file)
-            except Exception as err:  # unreadable, not an image, truncated: listed, not fatal
-                skipped.append((file, f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"))
-        if not images:
+    for good, batch, failed in read_batches(network, files, batch_size):
+        skipped += failed
+        if batch is None:
             continue
-        batch = np.stack(images)
         x = torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2)))
         probs = softmax(network.predict(x.numpy()))
         chosen = [classes.index(target)] * len(good) if target is not None else list(probs.argmax(1))

@@ -36,6 +36,7 @@ def start(folder: str) -> None:
 
     if "prometheus_client" in sys.modules and os.environ.get(FOLDER) != folder:
         raise RuntimeError("prometheus_client was imported before cnnlab.metrics.start: its values would not add up")
+    os.makedirs(folder, exist_ok=True)
     os.environ[FOLDER] = folder
 
 

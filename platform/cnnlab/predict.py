@@ -59,29 +59,39 @@ def read_csv(path: Path) -> list[str]:
     return [str(path.parent / row[column]) if not Path(row[column]).is_absolute() else row[column] for row in body]
 
 
+def read_batches(network, files: list[str], batch_size: int):
+    """Yield (paths, uint8 N x H x W x 3 inputs, [(path, error)]) per batch of files, each image read and cropped
+    as the network takes it; a file that does not decode is listed with its error, never fatal."""
+    for start in range(0, len(files), batch_size):
+        good, images, failed = [], [], []
+        for file in files[start : start + batch_size]:
+            try:
+                with open(file, "rb") as f:
+                    raw = f.read()
+                images.append(network.preprocess(read_image(raw, Image.MAX_IMAGE_PIXELS)[0]))  # PIL's bomb limit
+                good.append(file)
+            except Exception as err:  # unreadable, not an image, truncated, too large
+                failed.append(
+                    (file, f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else 'unreadable'}")
+                )
+        yield good, np.stack(images) if images else None, failed
+
+
 def classify(network, files: list[str], batch_size: int, tta: str | None):
     """Yield (path, probabilities) for images that decode, (path, error) for those that do not."""
     from tqdm import tqdm
 
     with tqdm(total=len(files), unit="img", disable=None, file=sys.stderr) as bar:
-        for start in range(0, len(files), batch_size):
-            good, images = [], []
-            for file in files[start : start + batch_size]:
-                try:
-                    with open(file, "rb") as f:
-                        raw = f.read()
-                    images.append(network.preprocess(read_image(raw, Image.MAX_IMAGE_PIXELS)[0]))  # PIL's bomb limit
-                    good.append(file)
-                except Exception as err:  # unreadable, not an image, truncated, too large: listed, not fatal
-                    yield file, f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else 'unreadable'}"
-            if images:
-                batch = np.ascontiguousarray(np.stack(images).transpose(0, 3, 1, 2))
+        for good, images, failed in read_batches(network, files, batch_size):
+            yield from failed
+            if images is not None:
+                batch = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
                 probs = softmax(np.asarray(network.predict(batch), np.float32))
                 if tta == "flip":
                     mirrored = np.ascontiguousarray(batch[..., ::-1])
                     probs = (probs + softmax(np.asarray(network.predict(mirrored), np.float32))) / 2
                 yield from zip(good, probs)
-            bar.update(min(batch_size, len(files) - start))
+            bar.update(len(good) + len(failed))
 
 
 def predict(

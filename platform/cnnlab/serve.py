@@ -13,8 +13,8 @@ hardened inputs.
 
 Bodies reach the workers as JSON (the gate, cnnlab.gate, turns raw and multipart images and the other protocols'
 requests into it, cnnlab.protocols), where each request is decoded and center-cropped, then concurrent requests
-are stacked into one model call. The workers count in shared memory and describe what they loaded in a file written at each load (not per request);
-the main process loads no model.
+are stacked into one model call. The workers count in shared memory and describe what they loaded in a file
+written at each load (not per request); the main process loads no model.
 """
 
 from __future__ import annotations
@@ -384,7 +384,6 @@ def serve(
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
     state_dir = tempfile.mkdtemp(prefix="cnnlab-serve-")
     metrics.start(str(Path(state_dir, "metrics")))  # before any serving process counts
-    Path(state_dir, "metrics").mkdir()
     import mlflow.pyfunc.scoring_server  # noqa: F401  (/invocations parses with it: loaded once, before the forks)
 
     api = ImageClassifierAPI(

@@ -73,6 +73,10 @@ def ui(host: str = "127.0.0.1", port: int = 5000, backend_store_uri: str | None 
 COMMANDS = {
     "zoo": ("cnnlab.cli:zoo", "list the architectures: params, GFLOPs, input size, paper top-1"),
     "data check": ("cnnlab.datacheck:report", "report unreadable, truncated, non-image, odd-mode and oversized images"),
+    "data audit": (
+        "cnnlab.audit:audit",
+        "find probably mislabelled images (cleanlab) from cross-validation fits or a model",
+    ),
     "data preview": ("cnnlab.datacheck:preview_recipe", "write a PNG grid of augmented training samples of a recipe"),
     "register": ("cnnlab.registry:register_run", "register a run's model as a new version (alias challenger)"),
     "promote": ("cnnlab.registry:promote", "move the `champion` alias to a version, if it beats the champion"),

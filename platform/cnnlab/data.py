@@ -36,6 +36,7 @@ from cnnlab.sources import (
     Fetch,
     Samples,
     ShardError,
+    fold_splits,
     load_members,
     open_image,
     read_members,
@@ -276,6 +277,9 @@ class DataModule(L.LightningDataModule):
         sampler: `balanced` draws training images with replacement, each class equally often on average
             (torch's WeightedRandomSampler; under DDP Lightning shares it out among the ranks). For imbalanced
             data; see also model.class_weights.
+        fold: `k/K`, cross-validation fold k of K: the train and val images pooled and dealt per class into K
+            folds (split_seed); fold k is the val split, the others the train split, test stays (the fits of
+            `cnnlab data audit`).
         tta: linked from model.tta: with `ten_crop`, test images are resized to image_size / crop_pct and
             kept whole, for the model to cut its ten crops from.
     """
@@ -308,6 +312,7 @@ class DataModule(L.LightningDataModule):
         random_erasing: float = 0.0,
         retries: int = 3,
         timeout: float = 60.0,
+        fold: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -342,6 +347,11 @@ class DataModule(L.LightningDataModule):
             for name, samples in splits.items()
             if len(samples) or name == "train"
         }
+        if fold:
+            k, folds = parse_fold(fold)
+            if stream:
+                raise UserError("data.fold: cross-validation reads every image into memory: set data.stream: false.")
+            self.splits = fold_splits(self.splits, k, folds, split_seed)
         self.datasets: dict[str, ImageDataset | ShardStream] = {}
 
     @property
@@ -444,6 +454,14 @@ class DataModule(L.LightningDataModule):
         if mode and batch is not None and self.trainer is not None and self.trainer.training:
             batch = (augment_on_device(batch[0], mode), batch[1])
         return batch
+
+
+def parse_fold(fold: str) -> tuple[int, int]:
+    """`k/K` as (k, K), 1 <= k <= K, K >= 2."""
+    k, _, folds = str(fold).partition("/")
+    if not (k.isdigit() and folds.isdigit() and 1 <= int(k) <= int(folds) and int(folds) >= 2):
+        raise UserError(f"data.fold='{fold}' must be k/K: fold k (from 1) of K >= 2 folds, e.g. 1/5.")
+    return int(k), int(folds)
 
 
 def labelled(meta: dict, data: str | None, splits: tuple[str, ...] = ("test", "val")) -> tuple[DataModule, str]:

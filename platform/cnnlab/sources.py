@@ -466,6 +466,23 @@ def stratified_split(samples: Samples, fractions: dict[str, float], seed: int) -
     return {name: samples.subset(sorted(ix)) for name, ix in index.items()}
 
 
+def fold_splits(splits: dict[str, Samples], fold: int, folds: int, seed: int) -> dict[str, Samples]:
+    """Cross-validation fold `fold` (from 1) of `folds`: the train and val splits pooled and dealt per class into
+    `folds` folds with a fixed seed; this fold is the val split, the others the train split. Test stays."""
+    pool = [splits[s] for s in ("train", "val") if s in splits]
+    pooled = Samples(
+        [item for s in pool for item in s.items],
+        [label for s in pool for label in s.labels],
+        [s.name(i) for s in pool for i in range(len(s))] if any(s.names for s in pool) else [],
+    )
+    rng, labels, held = np.random.default_rng(seed), np.asarray(pooled.labels), []
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        held += members[(fold - 1 + int(label)) % folds :: folds].tolist()  # each class starts at another fold
+    rest = sorted(set(range(len(pooled))) - set(held))
+    return {**splits, "train": pooled.subset(rest), "val": pooled.subset(sorted(held))}
+
+
 def open_image(item, max_pixels: int) -> tuple[np.ndarray, str]:
     """Decode a path or encoded bytes to an RGB uint8 array; also returns the original mode."""
     try:
@@ -486,7 +503,7 @@ def synthetic_image(index: int, size: int) -> np.ndarray:
     return np.random.default_rng(index).integers(0, 256, (size, size, 3), dtype=np.uint8)
 
 
-SPLIT_KEYS = ("source", "val_fraction", "test_fraction", "split_seed", "synthetic_size")
+SPLIT_KEYS = ("source", "val_fraction", "test_fraction", "split_seed", "synthetic_size", "fold")
 
 
 def recorded_data(data) -> dict:

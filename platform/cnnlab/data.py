@@ -456,6 +456,16 @@ class DataModule(L.LightningDataModule):
         return batch
 
 
+def limited(loader, limit: int | float):
+    """The batches of a loader that Lightning's `limit_*_batches` lets its loop run: an int that many, a fraction
+    that share; so the passes made beside the loops (calibration, the mistakes gallery) take no more."""
+    if isinstance(limit, float) and limit >= 1.0:
+        return iter(loader)
+    if isinstance(limit, float):
+        limit = max(1, int(len(loader) * limit))
+    return itertools.islice(loader, limit)
+
+
 def parse_fold(fold: str) -> tuple[int, int]:
     """`k/K` as (k, K), 1 <= k <= K, K >= 2."""
     k, _, folds = str(fold).partition("/")

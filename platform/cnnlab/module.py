@@ -25,7 +25,7 @@ from torchmetrics.classification import (
 
 from cnnlab import UserError
 from cnnlab.calibration import Reliability
-from cnnlab.data import DEFAULT_IMAGE_SIZE
+from cnnlab.data import DEFAULT_IMAGE_SIZE, limited
 from cnnlab.models import MIN_INPUT, SMALL_INPUT_FAMILIES, create_model, new_layers
 from cnnlab.pretrained import load_into, match_shapes, preprocessing
 
@@ -331,7 +331,7 @@ class ClassifierModule(L.LightningModule):
             return
         training, outputs, labels = self.training, [], []
         self.eval()
-        for batch in datamodule.val_dataloader():
+        for batch in limited(datamodule.val_dataloader(), self.trainer.limit_val_batches):
             if batch is not None:
                 outputs.append(self.raw_logits(batch[0].to(self.device)).float().cpu())
                 labels.append(batch[1])

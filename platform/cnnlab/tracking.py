@@ -238,7 +238,7 @@ class Tracking(Callback):
         logger.experiment.log_figure(logger.run_id, fig, "plots/confusion_matrix.png")
         plt.close(fig)
         if pl_module.hparams.get("mistakes") and "test" in getattr(trainer.datamodule, "splits", {}):
-            log_mistakes(logger, pl_module, trainer.datamodule, pl_module.hparams.mistakes)
+            log_mistakes(logger, pl_module, trainer.datamodule, pl_module.hparams.mistakes, trainer.limit_test_batches)
 
     def on_fit_end(self, trainer, pl_module) -> None:
         logger, checkpoint = mlflow_logger(trainer), trainer.checkpoint_callback
@@ -260,16 +260,17 @@ class Eager(torch.nn.Module):
 
 
 @torch.no_grad()
-def log_mistakes(logger: MLFlowLogger, module, datamodule, count: int) -> None:
+def log_mistakes(logger: MLFlowLogger, module, datamodule, count: int, limit: int | float = 1.0) -> None:
     """The `count` test images the model got wrong with the highest confidence, each beside its class-activation
     map of the wrong answer, as mistakes/confident_mistakes.png, and the list as mistakes/confident_mistakes.csv
     (rank, index in the test split, its name, true label, predicted label, probability)."""
     from cnnlab.cam import default_layer, maps, overlay, sheet
+    from cnnlab.data import limited
 
     training, wrong = module.training, []
     module.eval()
     seen = 0
-    for images, labels in (b for b in datamodule.test_dataloader() if b is not None):
+    for images, labels in (b for b in limited(datamodule.test_dataloader(), limit) if b is not None):
         probs = module(images.to(module.device)).float().softmax(-1).cpu()
         confidence, predicted = probs.max(1)
         for i in (predicted != labels).nonzero().flatten().tolist():

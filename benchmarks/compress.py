@@ -30,7 +30,7 @@ from cnnlab import load
 from cnnlab.cnnlab_model import load_network
 from cnnlab.compress import latency_ms
 from cnnlab.data import labelled
-from cnnlab.evaluate import evaluate
+from cnnlab.evaluate import logits, scores
 from cnnlab.export import convert, openvino_installed
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "cifar10"
@@ -146,7 +146,11 @@ def main(argv=None) -> int:
                     results[label] = {
                         "ms_b1": latency_ms(network.predict, 32, 1, args.runs),
                         "ms_b32": latency_ms(network.predict, 32, 32, 10),
-                        "top1": evaluate(network, datamodule.splits[split])["test/acc"],
+                        "top1": scores(
+                            logits(network, datamodule.splits[split]),
+                            datamodule.splits[split].labels,
+                            len(network.classes),
+                        )["test/acc"],
                         "params": source.params,
                         "mb": meta["bytes"] / 1e6,
                     }

@@ -191,13 +191,16 @@ def test_ui_shows_the_quickstart_run_and_the_champion_in_a_real_browser(quicksta
         [sys.executable, "-m", "cnnlab", "ui", "--port", str(port)],
         cwd=cwd,
         env=env,
-        stdout=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
+        text=True,
         start_new_session=True,
     )
     shots = ROOT / "test-artifacts"
     shots.mkdir(exist_ok=True)
     try:
+        link = ui.stdout.readline().split(" at ")[1].split()[0]  # the experiment's runs page
+        assert link.startswith(f"http://127.0.0.1:{port}/#/experiments/") and link.endswith("/runs"), link
         deadline = time.time() + 120
         while socket.socket().connect_ex(("127.0.0.1", port)) and time.time() < deadline:
             time.sleep(0.5)
@@ -213,12 +216,11 @@ def test_ui_shows_the_quickstart_run_and_the_champion_in_a_real_browser(quicksta
                     "--disable-sync",
                 ],
             )
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(f"http://127.0.0.1:{port}/", timeout=60_000)
-            page.get_by_text("cnnlab", exact=True).first.wait_for(timeout=60_000)  # the page has rendered
-            if page.get_by_text("Model training", exact=True).count():  # the home page's view switch, where shown
-                page.get_by_text("Model training", exact=True).first.click()
-            page.get_by_text("cnnlab", exact=True).first.click()
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})  # a new context: a fresh profile
+            page.goto(link, timeout=60_000)
+            # What a newcomer sees first, without a click: the runs table, with the latest run in it.
+            page.get_by_role("link", name="quickstart").first.wait_for(timeout=60_000)
+            page.screenshot(path=shots / "ui_runs_table.png", full_page=True)
             page.get_by_role("link", name="quickstart").first.click()
             page.get_by_text("test/acc", exact=True).first.wait_for(timeout=30_000)
             assert "val/acc" in page.inner_text("body")

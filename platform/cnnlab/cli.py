@@ -47,25 +47,55 @@ def zoo(search: str | None = None) -> int:
     return 0
 
 
-def ui(host: str = "127.0.0.1", port: int = 5000, backend_store_uri: str | None = None) -> int:
-    """Open the MLflow UI on the project's store (mlruns/ or MLFLOW_TRACKING_URI).
+def ui(
+    host: str = "127.0.0.1",
+    port: int = 5000,
+    backend_store_uri: str | None = None,
+    experiment: str = "cnnlab",
+    open: bool = False,
+) -> int:
+    """Open the MLflow UI on the project's store (mlruns/ or MLFLOW_TRACKING_URI), at the experiment's runs.
 
     Args:
         host: bind address (this machine only by default)
         port: the UI's port
         backend_store_uri: another store than the project's
+        experiment: the experiment whose runs table the printed link opens
+        open: open the link in a browser once the UI answers
     """
+    import socket
     import subprocess
+    import time
+    import webbrowser
 
-    from cnnlab.store import default_tracking_uri
+    from cnnlab import store
 
-    uri = backend_store_uri or default_tracking_uri()
+    uri = backend_store_uri or store.default_tracking_uri()
     if uri.startswith(("http://", "https://")):
         raise UserError(f"MLFLOW_TRACKING_URI points at an MLflow server ({uri}): open that address in a browser.")
-    print(f"MLflow UI for {uri} at http://{host}:{port} (Ctrl-C stops it)", flush=True)
-    return subprocess.call(
+    # The runs page itself: MLflow's home page and an experiment's default tab depend on what the browser
+    # remembers (a fresh profile lands on the GenAI overview, mlflow/mlflow#24498).
+    found = store.client(uri).get_experiment_by_name(experiment)
+    address = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    link = f"{address}/#/experiments/{found.experiment_id}/runs" if found else f"{address}/"
+    where = f"the runs of experiment {experiment}" if found else f"no experiment {experiment} yet"
+    print(f"MLflow UI for {uri}: {where} at {link} (Ctrl-C stops it)", flush=True)
+    ui = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
     )
+    if open:
+        deadline = time.time() + 60
+        while ui.poll() is None and time.time() < deadline:
+            with socket.socket() as probe:
+                if probe.connect_ex((address.split("//")[1].rsplit(":", 1)[0], port)) == 0:
+                    webbrowser.open(link)
+                    break
+            time.sleep(0.5)
+    try:
+        return ui.wait()
+    except KeyboardInterrupt:
+        ui.terminate()
+        return ui.wait()
 
 
 # name: (where it lives, one line for `cnnlab --help`). Each command's flags come from its function's signature and

@@ -92,6 +92,17 @@ def cnnlab_here(*args: str, cwd: Path, env: dict | None = None) -> subprocess.Co
     return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
+# Headless Chromium as CI runs it: no sandbox (root in a container), nothing fetched from the network.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+]
+
+
 def require(variable: str, what: str) -> str:
     """A service address that .ci/services exports; CI (CNNLAB_REQUIRE_SERVICES=1) fails without it."""
     value = os.environ.get(variable)

@@ -14,7 +14,18 @@ import pytest
 
 from cnnlab.data import DataModule
 from cnnlab.tracking import MLflowLogger
-from conftest import QUICKSTART, ROOT, STORE_VARIABLES, cnnlab, cnnlab_here, free_port, mlflow_client, only_run, require
+from conftest import (
+    CHROMIUM_ARGS,
+    QUICKSTART,
+    ROOT,
+    STORE_VARIABLES,
+    cnnlab,
+    cnnlab_here,
+    free_port,
+    mlflow_client,
+    only_run,
+    require,
+)
 
 FAST = ["--trainer.enable_progress_bar=false", "--data.num_workers=0"]
 
@@ -205,17 +216,7 @@ def test_ui_shows_the_quickstart_run_and_the_champion_in_a_real_browser(quicksta
         while socket.socket().connect_ex(("127.0.0.1", port)) and time.time() < deadline:
             time.sleep(0.5)
         with sync_playwright() as p:
-            browser = p.chromium.launch(
-                executable_path=executable,
-                args=[
-                    "--no-sandbox",
-                    "--disable-gpu",
-                    "--disable-background-networking",
-                    "--disable-component-update",
-                    "--no-first-run",
-                    "--disable-sync",
-                ],
-            )
+            browser = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1400, "height": 1000})  # a new context: a fresh profile
             page.goto(link, timeout=60_000)
             # What a newcomer sees first, without a click: the runs table, with the latest run in it.

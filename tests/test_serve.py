@@ -20,7 +20,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from cnnlab.data import DataModule
-from conftest import STORE_VARIABLES, cnnlab_here, mutated, processes, serving
+from conftest import CHROMIUM_ARGS, STORE_VARIABLES, cnnlab_here, mutated, processes, require, serving
 
 KEY = "s3cret-test-key"
 AUTH = {"X-API-Key": KEY}
@@ -365,3 +365,40 @@ def test_shutdown_answers_the_requests_in_flight_and_leaves_no_process_behind(se
     while session_processes(process.pid) and time.time() < deadline:
         time.sleep(0.5)
     assert session_processes(process.pid) == []
+
+
+@pytest.mark.slow
+def test_the_page_classifies_a_dropped_digit_with_the_key_typed_into_it(server, digits, tmp_path):
+    """GET / in a real headless Chromium: no key, the page says the server needs it; the key typed once, an
+    uploaded digit comes back with its label and probability, from the same /predict any client uses."""
+    executable = require("CNNLAB_TEST_CHROMIUM", "Chromium")
+    from playwright.sync_api import sync_playwright
+
+    images, labels = digits
+    page_html = requests.get(server["url"] + "/", timeout=30)
+    assert page_html.status_code == 200 and "text/html" in page_html.headers["content-type"]
+    assert "http://" not in page_html.text.replace(server["url"], "") and "https://" not in page_html.text  # no CDN
+    known = requests.post(server["url"] + "/predict", data=images[0], headers={**AUTH, "Content-Type": "image/png"})
+    expected = known.json()["predictions"][0]
+    assert expected["label"] == str(labels[0]) or expected["unsure"]
+    (tmp_path / "digit.png").write_bytes(images[0])
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        page.goto(server["url"] + "/", timeout=60_000)
+        page.get_by_text("needs its API key").wait_for(timeout=30_000)
+        page.set_input_files("#files", str(tmp_path / "digit.png"))
+        page.locator(".card .error").first.wait_for(timeout=30_000)
+        assert "API key" in page.locator(".card .error").first.inner_text()
+        page.fill("#key", KEY)
+        page.dispatch_event("#key", "change")
+        page.get_by_text("swap version").wait_for(timeout=30_000)
+        page.set_input_files("#files", str(tmp_path / "digit.png"))
+        answer = page.locator(".card .answer:not(.error)").first
+        answer.wait_for(timeout=30_000)
+        shown = answer.inner_text()
+        browser.close()
+    if expected["unsure"]:
+        assert shown.startswith("unsure")
+    else:
+        assert shown.startswith(f"{expected['label']} ") and shown.endswith("%")

@@ -15,7 +15,7 @@ from functools import partial
 from cnnlab import metrics, protocols
 
 ERROR_KEY = "cnnlab_error"  # a worker's per-request error, answered by the Gate with its own status
-OPEN = ("/health", "/v2/health/live", "/v2/health/ready", "/ping")  # probes need no API key
+OPEN = ("/", "/health", "/v2/health/live", "/v2/health/ready", "/ping")  # the page and the probes need no API key
 ERRORS = {
     400: "bad request",
     401: "unauthorized",

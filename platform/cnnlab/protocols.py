@@ -243,9 +243,9 @@ def states(state_dir: str) -> list[dict]:
 
 
 def add_routes(app, state_dir: str, counters, static: dict, workers: int) -> None:
-    """/info for people; the probes and model metadata of Open Inference v2 and MLflow's /ping; /metrics."""
+    """A page to try the model (/) and /info for people; the probes and model metadata of Open Inference v2 and MLflow's /ping; /metrics."""
     from fastapi import Response
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import HTMLResponse, JSONResponse
 
     def current() -> dict:
         return max(states(state_dir), key=lambda w: int(w["version"] or 0), default={})
@@ -285,7 +285,13 @@ def add_routes(app, state_dir: str, counters, static: dict, workers: int) -> Non
         body, content_type = metrics.exposition()
         return Response(body, media_type=content_type)
 
+    def page():  # a page to try the model: it calls /predict with the key typed into it, as any client does
+        from importlib.resources import files
+
+        return HTMLResponse((files("cnnlab") / "presets" / "try.html").read_text())
+
     routes = {
+        "/": page,
         "/info": info,
         "/v2": lambda: JSONResponse({**SERVER, "version": _version()}),
         "/v2/health/live": lambda: Response(status_code=200),
@@ -297,6 +303,7 @@ def add_routes(app, state_dir: str, counters, static: dict, workers: int) -> Non
         "/v2/models/{name}/versions/{version}/ready": ready,
         "/metrics": exposition,
     }
+    app.router.routes[:] = [r for r in app.router.routes if getattr(r, "path", None) not in routes]  # LitServe's "/"
     for path, endpoint in routes.items():
         app.add_api_route(path, endpoint, methods=["GET"])
 

@@ -332,41 +332,6 @@ def test_alias_swap_under_load_fails_no_request(server, digits):
     assert {v for _, v in results} == {"1", "2"} and results[-1][1] == "2"
 
 
-def test_shutdown_answers_the_requests_in_flight_and_leaves_no_process_behind(server, digits):
-    """SIGTERM (what Kubernetes sends) under load: every request sent before it is answered."""
-    process, url, signalled, results = server["process"], server["url"], [float("inf")], []
-    assert len(session_processes(process.pid)) >= 2  # the server and its workers
-
-    def load():
-        for i in range(10_000):
-            began = time.monotonic()
-            try:
-                response = requests.post(
-                    f"{url}/predict", data=digits[0][i % 50], timeout=60, headers={**AUTH, "Content-Type": "image/png"}
-                )
-                results.append((began < signalled[0], response.status_code))
-            except requests.ConnectionError:  # refused or reset: a new request after the signal
-                results.append((began < signalled[0], None))
-                return
-
-    threads = [threading.Thread(target=load) for _ in range(8)]
-    for t in threads:
-        t.start()
-    time.sleep(1)
-    signalled[0] = time.monotonic() - 0.05  # requests begun this long before the signal have surely connected
-    process.send_signal(signal.SIGTERM)
-    for t in threads:
-        t.join()
-    assert process.wait(timeout=60) == 0  # a stop is no error
-    assert {status for before, status in results if before} == {200}, results[-20:]
-    log = (server["cwd"] / "serve.log").read_text()
-    assert "Traceback" not in log and "KeyboardInterrupt" not in log and "cnnlab serve: stopped" in log, log[-3000:]
-    deadline = time.time() + 30
-    while session_processes(process.pid) and time.time() < deadline:
-        time.sleep(0.5)
-    assert session_processes(process.pid) == []
-
-
 @pytest.mark.slow
 def test_the_page_classifies_a_dropped_digit_with_the_key_typed_into_it(server, digits, tmp_path):
     """GET / in a real headless Chromium: no key, the page says the server needs it; the key typed once, an
@@ -402,3 +367,38 @@ def test_the_page_classifies_a_dropped_digit_with_the_key_typed_into_it(server, 
         assert shown.startswith("unsure")
     else:
         assert shown.startswith(f"{expected['label']} ") and shown.endswith("%")
+
+
+def test_shutdown_answers_the_requests_in_flight_and_leaves_no_process_behind(server, digits):
+    """SIGTERM (what Kubernetes sends) under load: every request sent before it is answered."""
+    process, url, signalled, results = server["process"], server["url"], [float("inf")], []
+    assert len(session_processes(process.pid)) >= 2  # the server and its workers
+
+    def load():
+        for i in range(10_000):
+            began = time.monotonic()
+            try:
+                response = requests.post(
+                    f"{url}/predict", data=digits[0][i % 50], timeout=60, headers={**AUTH, "Content-Type": "image/png"}
+                )
+                results.append((began < signalled[0], response.status_code))
+            except requests.ConnectionError:  # refused or reset: a new request after the signal
+                results.append((began < signalled[0], None))
+                return
+
+    threads = [threading.Thread(target=load) for _ in range(8)]
+    for t in threads:
+        t.start()
+    time.sleep(1)
+    signalled[0] = time.monotonic() - 0.05  # requests begun this long before the signal have surely connected
+    process.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join()
+    assert process.wait(timeout=60) == 0  # a stop is no error
+    assert {status for before, status in results if before} == {200}, results[-20:]
+    log = (server["cwd"] / "serve.log").read_text()
+    assert "Traceback" not in log and "KeyboardInterrupt" not in log and "cnnlab serve: stopped" in log, log[-3000:]
+    deadline = time.time() + 30
+    while session_processes(process.pid) and time.time() < deadline:
+        time.sleep(0.5)
+    assert session_processes(process.pid) == []

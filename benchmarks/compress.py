@@ -28,9 +28,8 @@ import torch
 
 from cnnlab import load
 from cnnlab.cnnlab_model import load_network
-from cnnlab.compress import latency_ms
 from cnnlab.data import labelled
-from cnnlab.evaluate import logits, scores
+from cnnlab.evaluate import latency_ms, logits, scores
 from cnnlab.export import convert, openvino_installed
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "cifar10"

@@ -51,7 +51,7 @@ class Distillation(Callback):
             return
         from cnnlab import UserError, load
 
-        teacher = load.model(self.teacher_uri)
+        teacher = load.model(self.teacher_uri, program=True)
         if teacher.module is None:
             raise UserError(
                 f"Distillation teacher '{self.teacher_uri}' is a model of format {teacher.meta.get('format')}, not torch: "

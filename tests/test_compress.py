@@ -204,7 +204,7 @@ def test_openvino_exports_fp32_and_int8_agree_with_torch(exports, quickstart, mo
         assert exported.predict(x).shape == source.predict(x).shape == (batch, 10)
 
 
-def test_an_onnx_model_runs_on_openvino_or_cuda_and_a_torch_one_says_why_not(exports, monkeypatch, capsys):
+def test_an_onnx_model_runs_on_openvino_or_cuda_and_an_openvino_one_says_why_not(exports, monkeypatch, capsys):
     cwd, folder = exports
     on_store(monkeypatch, cwd)
     ort, ov = load.model(str(folder / "fp32")), load.model(str(folder / "fp32"), runtime="openvino")
@@ -217,8 +217,10 @@ def test_an_onnx_model_runs_on_openvino_or_cuda_and_a_torch_one_says_why_not(exp
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         assert "has no working CUDA or TensorRT provider here" in capsys.readouterr().err
     assert np.abs(cuda.predict(x) - ort.predict(x)).max() < 1e-2
-    with pytest.raises(UserError, match="a torch network cannot run on openvino: export it"):
-        load.model("models:/digits/1", runtime="openvino")
+    fit = load.model("models:/digits/1", runtime="openvino")  # a fit's model: its ONNX twin
+    assert fit.engine == "openvino" and np.abs(fit.predict(x) - load.model("models:/digits/1").predict(x)).max() < 1e-3
+    with pytest.raises(UserError, match="a openvino network cannot run on onnxruntime: export it"):
+        load.model(str(folder / "openvino"), runtime="onnxruntime")
 
 
 @pytest.mark.slow
@@ -269,9 +271,9 @@ def test_compress_report_converts_for_every_runtime_installed(quickstart):
     result = cnnlab_here("compress", "report", "models:/digits/1", "--all-runtimes", "--runs", 3, cwd=cwd)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith(("models:/", "-> "))]
-    engines = ["torch.export, torch", "onnx, onnxruntime", "onnx-int8, onnxruntime", "openvino, openvino"]
-    engines.append("openvino-int8, openvino")
-    assert len(rows) == 5 and all(f"({engine})" in row for engine, row in zip(engines, rows))
+    engines = ["torch.export, onnxruntime", "torch.export, torch", "onnx, onnxruntime", "onnx-int8, onnxruntime"]
+    engines += ["openvino, openvino", "openvino-int8, openvino"]  # the fit's model served (its twin), its program
+    assert len(rows) == 6 and all(f"({engine})" in row for engine, row in zip(engines, rows)), rows
     assert all(float(row.split()[-2]) >= 0.95 for row in rows)  # agreement with the torch model
 
 

@@ -157,11 +157,12 @@ def test_a_googlenet_paper_fit_logs_its_auxiliary_loss_and_a_model_without_them(
     from cnnlab.pretrained import load_into
     from conftest import QUICKSTART, mlflow_client, only_run
 
-    limits = ["--trainer.limit_train_batches=3", "--trainer.limit_val_batches=2", "--trainer.limit_test_batches=2"]
-    main(["fit", "--config", str(QUICKSTART), "--model.model=googlenet_paper", "--trainer.max_epochs=1", *limits])
+    short = ["--trainer.limit_train_batches=3", "--trainer.limit_val_batches=2", "--trainer.limit_test_batches=2"]
+    short += ["--data.num_workers=0"]  # in this process: no loader worker, which would be a fork of a test process
+    main(["fit", "--config", str(QUICKSTART), "--model.model=googlenet_paper", "--trainer.max_epochs=1", *short])
     run = only_run(mlflow_client())
     assert run.data.metrics["train/aux_loss"] > 0 and "test/acc" in run.data.metrics
-    logged = store.load(f"runs:/{run.info.run_id}/model")
+    logged = store.load(f"runs:/{run.info.run_id}/model", program=True)  # the torch program, not its CPU twin
     assert logged.predict(np.zeros((3, 3, 16, 16), np.uint8)).shape == (3, 10)
     assert logged.params < 7.1e6  # the main network alone: the auxiliary classifiers' 6.4M are not in it
     fresh = ClassifierModule("googlenet_paper", num_classes=10, small_input=True, image_size=16)

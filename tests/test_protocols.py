@@ -228,7 +228,7 @@ def test_metrics_parse_and_count_the_requests_sent(server, digits):
     latency = count(after, "cnnlab_request_seconds_count", endpoint="/predict")
     assert latency - count(before, "cnnlab_request_seconds_count", endpoint="/predict") == 7
     info = [dict(labels) for (name, labels), value in after.items() if name == "cnnlab_model_info" and value == 1]
-    assert [(i["name"], i["version"], i["engine"]) for i in info] == [("digits", "1", "torch")] and len(
+    assert [(i["name"], i["version"], i["engine"]) for i in info] == [("digits", "1", "onnxruntime")] and len(
         info[0]["digest"]
     ) == 64
     assert count(after, "cnnlab_requests_in_flight") == 1  # the scrape itself

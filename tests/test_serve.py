@@ -98,6 +98,7 @@ def test_info_health_and_openapi(server):
     info = requests.get(f"{server['url']}/info", headers=AUTH, timeout=10).json()
     assert info["name"] == "swap" and info["alias"] == "champion" and info["input_size"] == 16
     assert info["classes"] == [str(i) for i in range(10)] and info["runtime"] == "torch"
+    assert info["engine"] == "onnxruntime"  # a fit's program runs its ONNX twin on a CPU
 
 
 def test_the_server_loads_the_very_artifact_the_gate_evaluated(server):
@@ -106,6 +107,7 @@ def test_the_server_loads_the_very_artifact_the_gate_evaluated(server):
     version = mlflow_client(f"sqlite:///{server['cwd']}/mlruns/mlflow.db").get_model_version("swap", "1")
     info = requests.get(f"{server['url']}/info", headers=AUTH, timeout=10).json()
     assert version.tags["promotion.runtime"] == info["runtime"] == "torch"
+    assert version.tags["promotion.engine"] == info["engine"] == "onnxruntime"  # the gate ran what serves
     assert len(info["sha256"]) == 64 and version.tags["promotion.sha256"] == info["sha256"]
     served = next(Path(version.source.removeprefix("file://")).rglob("cnnlab.json"))
     assert info["sha256"] == hashlib.sha256(served.read_bytes()).hexdigest()  # the digest of the file it loaded

@@ -4,16 +4,19 @@ inference needs, described by `cnnlab.json` (schema below, versioned by SCHEMA):
     network.pt2 | network.onnx | network.ts   the network, taking uint8 N x 3 x H x W RGB, returning logits
                                               (it normalizes itself): a torch.export program, an ONNX
                                               model (fp32 or int8) or TorchScript
+    cpu.onnx      a fit's program again as ONNX (`cpu_network`), which CPUs run on ONNX Runtime
     cnnlab.json   schema, classes, image_size, crop_pct, mean, std, preprocess, input, output, runtime,
-                  format, network, files (the sha256 of each network file), samples, data (the source it
-                  was trained on), source (what an export was made from), checks (an export's parity)
+                  format, network, cpu_network, files (the sha256 of each network file), samples, data (the
+                  source it was trained on), source (what an export was made from), checks (an export's parity)
     samples/      a few encoded images with their labels (`samples` in cnnlab.json), for parity checks
 
 The model's digest is the sha256 of its cnnlab.json (which holds the sha256 of every network file), recorded
 in the MLmodel's metadata (`cnnlab.sha256`) and in the model's tags; every load checks both before the
 network is read, so a changed or damaged file is refused in one line naming it.
 
-A fit logs one (runtime torch); `cnnlab export` writes the same kind with another network. This file is
+A fit logs one (runtime torch, with its ONNX twin for CPUs: 3-5x faster there at batch 1, see
+benchmarks/README.md; the torch program stays for GPUs, distillation, fine-tuning and explanations); `cnnlab
+export` writes the same kind with another network. This file is
 copied into every model (its `code/` folder) and is its pyfunc loader, so it imports nothing of cnnlab:
 `mlflow.pyfunc.load_model(...)` needs numpy, pandas, pillow, opencv and the runtime (torch or onnxruntime).
 cnnlab itself loads models through `load_network`, so the gate, the server, exports and the pyfunc run
@@ -27,6 +30,7 @@ import json
 import os
 import sys
 import threading
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +43,7 @@ META_FILE = "cnnlab.json"
 SCHEMA = 2  # 2: `files` holds each network file's sha256, the digest is cnnlab.json's (1: `sha256` of the network)
 NETWORK_FILES = {"torch": "network.pt2", "onnx": "network.onnx", "torchscript": "network.ts", "openvino": "network.xml"}
 RUNTIMES = ("onnxruntime", "openvino")  # the runtimes that may run another's network file (--runtime)
+CPU_FILE = "cpu.onnx"  # a fit's ONNX twin of its program
 PREPROCESS = (
     "decode to RGB uint8; resize the short side to image_size / crop_pct (area filter when shrinking, "
     "`interpolation` when enlarging, default bilinear); center crop image_size x image_size; N x 3 x H x W"
@@ -222,13 +227,46 @@ def torch_predict(module, device: str = "cpu"):
     return predict
 
 
-def engine_of(meta: dict, runtime: str | None = None) -> str:
-    """What runs a model's network: its own runtime, or `runtime` where that one can run it (ValueError else)."""
-    own = meta["runtime"]
+def engine_of(meta: dict, runtime: str | None = None, device: str = "cpu", program: bool = False) -> str:
+    """What runs a model's network: its own runtime, or `runtime` where that one can run it (ValueError else).
+    A program with an ONNX twin runs the twin on ONNX Runtime on a CPU where onnxruntime is installed, unless
+    the `program` itself is wanted (and on a GPU)."""
+    from importlib.util import find_spec
+
+    own, twin = meta["runtime"], bool(meta.get("cpu_network"))
+    if runtime is None and twin and not program and device == "cpu" and find_spec("onnxruntime"):
+        return "onnxruntime"
     runtime = runtime or {"onnx": "onnxruntime"}.get(own, own)
-    if runtime != own and (runtime, own) not in (("onnxruntime", "onnx"), ("openvino", "onnx")):
+    onnx = own == "onnx" or twin
+    if runtime != own and not (onnx and runtime in RUNTIMES):
         raise ValueError(f"a {own} network cannot run on {runtime}: export it to ONNX (or OpenVINO) first")
     return runtime
+
+
+def network_file(folder: Path, meta: dict, engine: str) -> Path:
+    """The file `engine` runs: a program's ONNX twin on ONNX Runtime or OpenVINO, else the network."""
+    return folder / (meta["cpu_network"] if engine in RUNTIMES and meta["runtime"] == "torch" else meta["network"])
+
+
+def write_onnx(module, image_size: int, path: Path) -> Path:
+    """A torch module (or exported program) as an ONNX graph at `path`, any batch size."""
+    import torch
+
+    example = torch.zeros(2, 3, image_size, image_size, dtype=torch.uint8)
+    with warnings.catch_warnings():  # a program's module says "training mode": its graph was traced for inference
+        warnings.filterwarnings("ignore", "Exporting a model while it is in training mode")
+        torch.onnx.export(
+            module,
+            (example,),
+            str(path),
+            dynamo=True,
+            verbose=False,  # no progress lines
+            external_data=False,
+            input_names=["images"],
+            output_names=["logits"],
+            dynamic_shapes={"images": {0: torch.export.Dim("batch")}},
+        )
+    return path
 
 
 def load_network(
@@ -238,11 +276,13 @@ def load_network(
     runtime: str | None = None,
     recorded: str | None = None,
     unflatten: bool = False,
+    program: bool = False,
 ) -> Network:
     """The network of a model's data folder (where cnnlab.json lies), on its own runtime, or on `runtime`:
     `openvino` runs an ONNX or OpenVINO network with OpenVINO, `onnxruntime` an ONNX one with ONNX Runtime.
     Its files are checked first (`verify`, against the `recorded` digest when given). `unflatten`: a torch
-    program keeps its modules (`net.layer4` ...) for hooks, at some speed."""
+    program keeps its modules (`net.layer4` ...) for hooks, at some speed. `program`: a fit's torch program
+    with its module (for distillation, fine-tuning, exports), not its ONNX twin."""
     folder = Path(folder)
     meta = json.loads((folder / META_FILE).read_text())
     if meta.get("schema", 0) > SCHEMA:
@@ -250,11 +290,11 @@ def load_network(
             f"{folder / META_FILE} has schema {meta['schema']}; this code reads up to {SCHEMA}: upgrade cnnlab"
         )
     digest = verify(folder, recorded)
-    file = folder / meta["network"]
-    runtime = engine_of(meta, runtime)
+    runtime = engine_of(meta, runtime, device, program or unflatten)
+    file = network_file(folder, meta, runtime)
     samples = [((folder / s["file"]).read_bytes(), s["label"]) for s in meta.get("samples", [])]
     if runtime == "onnxruntime":
-        predict, params = _onnxruntime(file, threads, device)
+        predict, params = load_onnx(file, threads, device)
         return Network(predict, meta, params=params, samples=samples, engine=runtime, digest=digest)
     if runtime == "openvino":
         predict, params = _openvino(file, threads, device)
@@ -282,7 +322,7 @@ def load_network(
     )
 
 
-def _onnxruntime(file: Path, threads: int | None, device: str):
+def load_onnx(file: Path, threads: int | None, device: str):
     """An ONNX Runtime session; on `cuda[:N]` TensorRT's or CUDA's execution provider where this onnxruntime
     has one (onnxruntime-gpu: pip install "cnnlab[gpu]"), else the CPU, said in one line."""
     import onnx
@@ -292,6 +332,7 @@ def _onnxruntime(file: Path, threads: int | None, device: str):
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers: list = ["CPUExecutionProvider"]
     if device != "cpu":
         index = {"device_id": int(device.partition(":")[2] or 0)}
@@ -381,8 +422,11 @@ def data_folder(model_folder) -> Path:
     return Path(model_folder) / mlmodel["flavors"]["python_function"]["data"]
 
 
-def write_meta(folder: Path, network: Path, meta: dict, samples: list[tuple[bytes, int]]) -> dict:
-    """cnnlab.json beside the network file, with the sample images; returns the full metadata."""
+def write_meta(
+    folder: Path, network: Path, meta: dict, samples: list[tuple[bytes, int]], cpu_network: Path | None = None
+) -> dict:
+    """cnnlab.json beside the network file (and its ONNX twin), with the sample images; returns the full
+    metadata."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "samples").mkdir(exist_ok=True)
     rows = []
@@ -395,7 +439,10 @@ def write_meta(folder: Path, network: Path, meta: dict, samples: list[tuple[byte
         "schema": SCHEMA,
         **meta,
         "network": network.name,
-        "files": {path.name: sha256(path) for path in network_files(network)},
+        **({"cpu_network": cpu_network.name} if cpu_network else {}),
+        "files": {
+            path.name: sha256(path) for path in [*network_files(network), *([cpu_network] if cpu_network else [])]
+        },
         "bytes": sum(path.stat().st_size for path in network_files(network)),
         "samples": rows,
         "preprocess": PREPROCESS,
@@ -438,7 +485,8 @@ def save_model(path, folder: Path, meta: dict) -> str:
     import pandas as pd
 
     runtime = {"onnx": ["onnxruntime", "onnx"], "openvino": ["openvino"]}.get(
-        meta["runtime"], [f"torch=={version('torch').split('+')[0]}"]
+        meta["runtime"],
+        [f"torch=={version('torch').split('+')[0]}", *(["onnxruntime"] if "cpu_network" in meta else [])],
     )
     examples = [(folder / s["file"]).read_bytes() for s in meta["samples"][:2]]
     digest = verify(folder)

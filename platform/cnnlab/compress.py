@@ -8,28 +8,13 @@ that first model (the baseline). The table is printed and logged to MLflow.
 
 from __future__ import annotations
 
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from cnnlab import UserError, load, store
-from cnnlab.evaluate import agreement, logits, scores
-
-
-def latency_ms(predict, image_size: int, batch: int, runs: int) -> float:
-    x = np.random.default_rng(0).integers(0, 256, (batch, 3, image_size, image_size), dtype=np.uint8)
-    for _ in range(3):
-        predict(x)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        predict(x)
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+from cnnlab.evaluate import agreement, latency_ms, logits, scores
 
 
 def report(
@@ -79,6 +64,9 @@ def converted(source, train, folder: Path, threads: int) -> list:
     else:
         print('cnnlab: OpenVINO is not installed (pip install "cnnlab[openvino]"): its rows are left out.')
     out = []
+    if source.module is None:  # a fit's model runs its ONNX twin on the CPU: its program converts, and is a row
+        source = load.model(source.source, threads, program=True)
+        out.append(("-> its torch program", source))
     for fmt, int8 in formats:
         path = folder / str(len(out))
         meta = convert(source, path, fmt, int8, train)
@@ -111,14 +99,15 @@ def time_and_score(variants: list, samples, runs: int) -> list[dict]:
 
 
 def format_table(rows: list[dict], threads: int, data: str) -> str:
+    width = max(len("variant"), *(len(r["variant"]) for r in rows))  # the whole name: a runtime is at its end
     lines = [
         f"CPU, {threads} threads; top-1 on {data}; drop in points against the first row",
-        f"{'variant':<48} {'params':>10} {'MB':>7} {'ms b1':>8} {'ms b32':>8} {'x b1':>5} {'top-1':>7} {'agree':>7} "
+        f"{'variant':<{width}} {'params':>10} {'MB':>7} {'ms b1':>8} {'ms b32':>8} {'x b1':>5} {'top-1':>7} {'agree':>7} "
         f"{'drop':>6}",
     ]
     for r in rows:
         lines.append(
-            f"{r['variant'][:48]:<48} {r['params'] / 1e6:>9.2f}M {r['mb']:>7.1f} {r['ms_b1']:>8.2f} "
+            f"{r['variant']:<{width}} {r['params'] / 1e6:>9.2f}M {r['mb']:>7.1f} {r['ms_b1']:>8.2f} "
             f"{r['ms_b32']:>8.1f} {r['speedup_b1']:>5.2f} {r['top1']:>7.4f} {r['agreement']:>7.4f} {r['drop']:>+6.2f}"
         )
     return "\n".join(lines)

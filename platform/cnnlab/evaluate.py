@@ -1,14 +1,30 @@
 """Scoring a loaded model on labelled images: the one evaluator of the promotion gate, export parity and
-`compress report` (overall scores, per-class recall drops).
+`compress report` (overall scores, per-class recall drops); and its latency, for `compress report` and `tune`.
 Every image goes through the model's own preprocessing (as served), in batches."""
 
 from __future__ import annotations
+
+import statistics
+import time
 
 import numpy as np
 import torch
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
 
 METRICS = ("test/acc", "test/top5", "test/f1", "test/loss")
+
+
+def latency_ms(predict, image_size: int, batch: int, runs: int) -> float:
+    """Median milliseconds of `predict` on a batch of random uint8 images, after three warm-up calls."""
+    x = np.random.default_rng(0).integers(0, 256, (batch, 3, image_size, image_size), dtype=np.uint8)
+    for _ in range(3):
+        predict(x)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        predict(x)
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
 
 
 def logits(network, samples, batch: int = 256) -> np.ndarray:

@@ -18,7 +18,7 @@ from typing import Literal
 import numpy as np
 
 from cnnlab import UserError, load, store
-from cnnlab.cnnlab_model import META_FILE, NETWORK_FILES, Network, load_network, save_model, write_meta
+from cnnlab.cnnlab_model import META_FILE, NETWORK_FILES, Network, load_network, save_model, write_meta, write_onnx
 from cnnlab.evaluate import agreement, scores
 
 FORMATS = ("onnx", "openvino", "torchscript")
@@ -26,23 +26,6 @@ INT8_FILE = "network.int8.onnx"
 # what an export takes over from its source's cnnlab.json (its network already divides by the temperature)
 KEPT = ("classes", "image_size", "crop_pct", "interpolation", "mean", "std", "model", "data", "run_id")
 KEPT += ("temperature", "calibration")
-
-
-def to_onnx(module, image_size: int, path: Path) -> Path:
-    import torch
-
-    example = torch.zeros(2, 3, image_size, image_size, dtype=torch.uint8)
-    torch.onnx.export(
-        module,
-        (example,),
-        str(path),
-        dynamo=True,
-        external_data=False,
-        input_names=["images"],
-        output_names=["logits"],
-        dynamic_shapes={"images": {0: torch.export.Dim("batch")}},
-    )
-    return path
 
 
 def to_int8(fp32: Path, path: Path, batches) -> Path:
@@ -132,7 +115,7 @@ def convert(source: Network, folder: Path, fmt: str, int8: bool = False, train=N
         with torch.no_grad():
             torch.jit.trace(source.module, torch.zeros(2, 3, size, size, dtype=torch.uint8)).save(str(path))
     else:
-        onnx = to_onnx(source.module, size, folder / "graph.onnx")
+        onnx = write_onnx(source.module, size, folder / "graph.onnx")
         batches = calibration(source, train, calib_batches) if int8 else None
         if fmt == "openvino":
             path = to_openvino(onnx, folder / NETWORK_FILES["openvino"], batches)
@@ -181,7 +164,7 @@ def export(
     target = Path(out)
     if target.exists() and any(target.iterdir()) and not (target / "MLmodel").exists():
         raise UserError(f"--out {out} is a folder with other files in it: choose a new or empty folder.")
-    source = load.model(uri)
+    source = load.model(uri, program=True)
     if source.runtime != "torch":
         raise UserError(
             f"'{uri}' is already exported (format {source.meta.get('format')}): export from the torch model it "

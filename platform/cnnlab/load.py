@@ -11,13 +11,18 @@ from cnnlab.module import ClassifierModule
 
 
 def model(
-    uri: str, threads: int | None = None, device: str = "cpu", runtime: str | None = None, unflatten: bool = False
+    uri: str,
+    threads: int | None = None,
+    device: str = "cpu",
+    runtime: str | None = None,
+    unflatten: bool = False,
+    program: bool = False,
 ) -> Network:
-    """The model a URI names (see store.URI_FORMS), on its own runtime or on `runtime` (`unflatten`: see
-    cnnlab_model.load_network)."""
+    """The model a URI names (see store.URI_FORMS), on its own runtime or on `runtime` (`unflatten`, `program`:
+    see cnnlab_model.load_network)."""
     ref = store.resolve(uri)
     if ref.kind != "checkpoint":
-        return store.load(ref, threads, device, runtime, unflatten)
+        return store.load(ref, threads, device, runtime, unflatten, program)
     if runtime:
         raise UserError(f"'{uri}' is a checkpoint, which runs on torch: export it to run it on {runtime}.")
     network = from_checkpoint(Path(ref.artifact), device)

@@ -43,7 +43,7 @@ def read(spec: str) -> tuple[dict, dict, list[str] | None]:
         saved = store.read_checkpoint(ref.artifact, f"model.pretrained='{spec}'")
         state, meta = saved.get("state_dict") or {}, store.checkpoint_meta(saved)
     else:
-        network = store.load(ref)
+        network = store.load(ref, program=True)
         if network.module is None or network.runtime != "torch":
             raise UserError(
                 f"model.pretrained='{spec}' is a model of format {network.meta.get('format')}, not torch: start "

@@ -365,7 +365,7 @@ def serve(
     # a bad URI, runtime or a changed file fails here, not in a worker; the model loads there alone
     meta = store.check(uri)
     try:
-        engine = engine_of(meta, runtime)
+        engine = engine_of(meta, runtime, device)
     except ValueError as err:
         raise UserError(f"'{uri}': {err}.") from None
     threshold, why = answer_threshold(meta, 0.0, min_confidence, target_precision)  # checks the flags here

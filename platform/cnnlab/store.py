@@ -215,9 +215,10 @@ def load(
     device: str = "cpu",
     runtime: str | None = None,
     unflatten: bool = False,
+    program: bool = False,
 ) -> Network:
     """The model artifact a URI (or its resolved ModelRef) names, on its own runtime (or `runtime`, see
-    load_network), from the artifact alone (no recipe, no training data). A checkpoint is no artifact:
+    load_network; `program`: a fit's torch program, not its CPU twin), from the artifact alone (no recipe, no training data). A checkpoint is no artifact:
     cnnlab.load.model takes those too."""
     ref = uri if isinstance(uri, ModelRef) else resolve(uri)
     if ref.kind == "checkpoint":
@@ -226,7 +227,7 @@ def load(
         model = download(ref, tmp)
         folder = _meta_file(ref.uri, data_folder(model)).parent
         try:
-            network = load_network(folder, threads, device, runtime, recorded_digest(model), unflatten)
+            network = load_network(folder, threads, device, runtime, recorded_digest(model), unflatten, program)
         except (ValueError, OSError) as err:
             raise UserError(f"'{ref.uri}': {err}.") from None
     network.source, network.name, network.version, network.alias = ref.uri, ref.name, ref.version, ref.alias

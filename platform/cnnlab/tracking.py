@@ -363,6 +363,41 @@ def pip_freeze() -> str:
     )
 
 
+def cpu_twin(program, meta: dict, path: Path, examples: list) -> Path | None:
+    """The program as ONNX at `path`, which CPUs run on ONNX Runtime (3-5x faster at batch 1 than the program,
+    benchmarks/default_runtime.py); kept only where it gives the program's answers on the sample images (and
+    where onnxruntime is installed), else said and left out: the model then runs its program everywhere."""
+    from importlib.util import find_spec
+
+    import numpy as np
+    import torch
+
+    from cnnlab import cnnlab_model
+
+    if not find_spec("onnxruntime"):
+        return None
+    size = meta["image_size"]
+    try:
+        cnnlab_model.write_onnx(program, size, path)
+        images = [cnnlab_model.center_crop(cnnlab_model.decode(raw), size, meta["crop_pct"], meta.get("interpolation"))
+                  for raw, _ in examples] or [np.full((size, size, 3), 128, np.uint8)]  # fmt: skip
+        x = np.ascontiguousarray(np.stack(images).transpose(0, 3, 1, 2))
+        with torch.inference_mode():
+            ours = program.module()(torch.from_numpy(x)).numpy()
+        theirs = cnnlab_model.load_onnx(path, 1, "cpu")[0](x)
+    except Exception as err:  # an operator ONNX lacks: the program alone serves
+        print(f"cnnlab: no ONNX twin for CPUs ({type(err).__name__}: {str(err)[:200]}); the model runs its program")
+        return None
+    gap = float(np.abs(ours - theirs).max())
+    if gap > 1e-3 * max(1.0, float(np.abs(ours).max())) or (ours.argmax(1) != theirs.argmax(1)).any():
+        print(
+            f"cnnlab: no ONNX twin for CPUs: its logits differ from the program's by {gap:.2e}; the model runs its program"
+        )
+        path.unlink()
+        return None
+    return path
+
+
 def log_model(logger: MLFlowLogger, module, datamodule, samples: int = 16) -> str:
     """Log the trained module as a cnnlab model (a torch.export program with everything inference needs, see
     cnnlab_model) on the fit's run; returns its models:/ URI."""
@@ -412,7 +447,8 @@ def log_model(logger: MLFlowLogger, module, datamodule, samples: int = 16) -> st
             example = torch.zeros(2, 3, size, size, dtype=torch.uint8)
             program = torch.export.export(module, (example,), dynamic_shapes={"images": {0: torch.export.Dim("batch")}})
             torch.export.save(program, folder / cnnlab_model.NETWORK_FILES["torch"])
-            meta = cnnlab_model.write_meta(folder, folder / cnnlab_model.NETWORK_FILES["torch"], meta, examples)
+            twin = cpu_twin(program, meta, folder / cnnlab_model.CPU_FILE, examples)
+            meta = cnnlab_model.write_meta(folder, folder / cnnlab_model.NETWORK_FILES["torch"], meta, examples, twin)
             digest = cnnlab_model.save_model(Path(tmp) / "model", folder, meta)
             return store.log_model(
                 logger.experiment,

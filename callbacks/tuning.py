@@ -13,7 +13,8 @@ class OptunaPruning(Callback):
     """Reports `monitor` to the study's trial after every validation (`trial.report`) and stops the fit
     when the pruner says so (`trial.should_prune`), recording the epoch as a user attribute; the tuner reads
     the reported values back as the trial's `intermediate_values`. Under DDP rank 0 alone talks to Optuna
-    and every rank stops together. A non-finite training loss ends the trial as failed.
+    and every rank stops together. A non-finite training loss ends the trial as failed. In a study of two
+    objectives Optuna neither takes reports nor prunes: the values are kept in the storage all the same.
     """
 
     def __init__(
@@ -41,9 +42,8 @@ class OptunaPruning(Callback):
             study_name=self.study_name, storage=storage, pruner=make_pruner(self.pruner, self.max_epochs)
         )
         study_id = storage.get_study_id_from_name(self.study_name)
-        self.trial = optuna.trial.Trial(
-            study, storage.get_trial_id_from_study_id_trial_number(study_id, self.trial_number)
-        )
+        self.trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, self.trial_number)
+        self.trial, self.store = optuna.trial.Trial(study, self.trial_id), storage
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
@@ -51,7 +51,9 @@ class OptunaPruning(Callback):
         stop = False
         if trainer.is_global_zero:
             value = trainer.callback_metrics.get(self.monitor)
-            if value is not None:
+            if value is not None and len(self.trial.study.directions) > 1:
+                self.store.set_trial_intermediate_value(self.trial_id, trainer.current_epoch, float(value))
+            elif value is not None:
                 self.trial.report(float(value), step=trainer.current_epoch)
                 stop = self.trial.should_prune()
                 if stop:

@@ -14,23 +14,13 @@ import yaml
 
 from cnnlab.cli import main
 from cnnlab.tune import open_storage
-from conftest import QUICKSTART, cnnlab, cnnlab_here, mlflow_client, processes, require
+from conftest import cnnlab, cnnlab_here, mlflow_client, processes, require
 
 SPACE = {
     "model.optimizer.init_args.lr": {"type": "float", "low": 0.05, "high": 0.4, "log": True},
     "model.label_smoothing": {"type": "float", "low": 0.0, "high": 0.2},
     "data.batch_size": {"type": "int", "low": 64, "high": 128, "step": 64},
 }
-
-
-@pytest.fixture
-def small(workdir):
-    """The quick-start recipe at 8 px, 3 short epochs, no loader workers: seconds per trial."""
-    recipe = yaml.safe_load(QUICKSTART.read_text())
-    recipe["trainer"].update(max_epochs=3, limit_train_batches=8)
-    recipe["data"].update(image_size=8, num_workers=0)
-    (workdir / "small.yaml").write_text(yaml.safe_dump(recipe))
-    return workdir / "small.yaml"
 
 
 def write_space(workdir, space, name="space.yaml"):
@@ -295,8 +285,8 @@ def test_one_sigterm_ends_the_running_trials_at_once_and_the_study_resumes(small
     recipe["trainer"]["max_epochs"] = 40  # trials that would run for minutes
     (workdir / "long.yaml").write_text(yaml.safe_dump(recipe))
     storage, space = f"sqlite:///{workdir}/mlruns/optuna.db", write_space(workdir, SPACE)
-    args = ["--config", workdir / "long.yaml", "--space", space, "--study", "stopped", "--storage", storage]
-    tune, trials = study_running_two_trials(args, 6, workdir)
+    flags = ["--space", space, "--study", "stopped", "--storage", storage]
+    tune, trials = study_running_two_trials(["--config", workdir / "long.yaml", *flags], 6, workdir)
     time.sleep(8)  # into their epochs
     tune.send_signal(signal.SIGTERM)
     stopped_at = time.time()
@@ -315,7 +305,7 @@ def test_one_sigterm_ends_the_running_trials_at_once_and_the_study_resumes(small
     runs = {r.data.tags.get("optuna.trial"): r.info.status for r in client.search_runs([experiment])}
     assert runs == {"0": "KILLED", "1": "KILLED", None: "KILLED"}, runs  # both trials and the study's parent
 
-    resumed = cnnlab("tune", *args, "--n-trials", "1", cwd=workdir)
+    resumed = cnnlab("tune", "--config", small, *flags, "--n-trials", "1", cwd=workdir)  # short epochs this time
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     states = [t.state.name for t in optuna.load_study(study_name="stopped", storage=open_storage(storage)).trials]
     assert states == ["FAIL", "FAIL", "COMPLETE"]

@@ -187,7 +187,7 @@ def promote(
     samples = datamodule.splits[split]
     fingerprint = samples.fingerprint(datamodule.describe()["root"])
     print(
-        f"evaluating {name} v{candidate.version} ({network.runtime}, sha256 {network.digest[:12]}) on "
+        f"evaluating {name} v{candidate.version} ({network.runtime} on {network.engine}, sha256 {network.digest[:12]}) on "
         f"{datamodule.source} {split} ({len(samples)} images, fingerprint {fingerprint})"
     )
     outputs = {"candidate": logits(network, samples)}
@@ -232,6 +232,7 @@ def promote(
             "promotion.data_source": datamodule.source,
             "promotion.data_fingerprint": fingerprint,
             "promotion.runtime": network.runtime,
+            "promotion.engine": network.engine,
             "promotion.sha256": network.digest,
             "promotion.time": when,
             **({"promotion.min_confidence": str(threshold)} if threshold else {}),
@@ -310,6 +311,11 @@ def _print_table(results: dict, candidate: str, champion: str | None, metric: st
         print(row + ("   <- gate" if key == metric else ""))
 
 
+def latency(tags: dict) -> str:
+    """A version's latency as a --target study timed it (e.g. `0.41 ms onnx-int8`), or `-`."""
+    return f"{tags['tune.latency_ms']} ms {tags.get('tune.target', '')}" if "tune.latency_ms" in tags else "-"
+
+
 def models_table(name: str | None = None, /) -> int:
     """List registered models, versions, aliases and key metrics.
 
@@ -325,8 +331,8 @@ def models_table(name: str | None = None, /) -> int:
         )
         return 1 if name else 0
     print(
-        f"{'model':<24} {'version':>7} {'aliases':<20} {'test/acc':>9} {'test/f1':>8} {'promotion':<10} "
-        f"{'recipe':<28} run"
+        f"{'model':<24} {'version':>7} {'aliases':<20} {'test/acc':>9} {'test/f1':>8} {'latency':<20} "
+        f"{'promotion':<10} {'recipe':<28} run"
     )
     for model in registered:
         aliases: dict[str, list[str]] = {}
@@ -335,7 +341,7 @@ def models_table(name: str | None = None, /) -> int:
         for v in sorted(client.search_model_versions(f"name='{model.name}'"), key=lambda v: -int(v.version)):
             print(
                 f"{model.name:<24} {v.version:>7} {','.join(sorted(aliases.get(str(v.version), []))) or '-':<20} "
-                f"{v.tags.get('test/acc', '-'):>9} {v.tags.get('test/f1', '-'):>8} "
+                f"{v.tags.get('test/acc', '-'):>9} {v.tags.get('test/f1', '-'):>8} {latency(v.tags):<20} "
                 f"{v.tags.get('promotion.decision', '-'):<10} {v.tags.get('recipe', '-'):<28} {v.run_id}"
             )
     return 0

@@ -4,6 +4,10 @@ Each trial draws its values once, here, and writes them into a recipe that a `cn
 (on one device or with DDP alike), with the pruning callback reporting to the study's storage and the MLflow
 logger writing into a run nested under the study's. Several workers share a study through its storage;
 other machines join with the same --study and a PostgreSQL --storage.
+
+With `--target RUNTIME` the study has two objectives: the metric and the latency of the trial's model on that
+runtime (converted as `cnnlab export` would, timed at batch 1 here). Its Pareto front is printed, plotted and,
+with `--register NAME`, registered: one version per trial on the front.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from cnnlab.supervisor import apply, end_all, remove_stale_temp, signal_all, why
 from cnnlab.supervisor import fit as fit_process
 
 SAMPLERS = ("tpe", "random", "cmaes", "qmc", "grid")
+TARGETS = ("onnx-int8", "onnx", "openvino", "openvino-int8", "torch")
 TYPES = ("float", "int", "categorical")
 
 
@@ -178,7 +183,12 @@ class Study:
         direction: str,
         seed: int | None = None,
         heartbeat: float = 60,
+        target: str | None = None,
+        latency_runs: int = 50,
+        latency_threads: int = 1,
     ):
+        import threading
+
         import optuna
 
         from cnnlab.store import default_tracking_uri
@@ -190,22 +200,32 @@ class Study:
         check_space(self.recipe, self.space, space_path)
         self.name = study_name or f"{Path(config).stem}-{Path(space_path).stem}"
         self.storage_url = storage_url(storage)
-        self.metric, self.direction, self.pruner_name = metric, direction, pruner
+        self.metric, self.direction, self.target = metric, direction, target
+        self.latency_runs, self.latency_threads, self.timing = latency_runs, latency_threads, threading.Lock()
+        # Optuna prunes no trial of two objectives; and a fast network still learning is what a front needs
+        self.pruner_name = "none" if target else pruner
+        directions = [direction, "minimize"] if target else [direction]
         trainer = self.recipe.get("trainer") or {}
         self.max_epochs = int(trainer.get("max_epochs") or 10)
         self.storage = open_storage(self.storage_url, heartbeat)
         self.study = optuna.create_study(
             study_name=self.name,
             storage=self.storage,
-            direction=direction,
+            directions=directions,
             sampler=make_sampler(sampler, self.space, grids, seed),
-            pruner=make_pruner(pruner, self.max_epochs),
+            pruner=make_pruner(self.pruner_name, self.max_epochs),
             load_if_exists=True,
         )
-        if self.study.direction.name.lower() != direction:
+        found = [d.name.lower() for d in self.study.directions]
+        if found != directions:
             raise UserError(
-                f"--study {self.name} exists with direction {self.study.direction.name.lower()}, "
-                f"not {direction}. Use another --study name."
+                f"--study {self.name} exists with objectives {' and '.join(found)}, not {' and '.join(directions)}"
+                f"{' (a --target study: metric and latency)' if len(found) == 2 else ''}. Use another --study name."
+            )
+        if target and self.study.user_attrs.get("target", target) != target:
+            raise UserError(
+                f"--study {self.name} times its trials on {self.study.user_attrs['target']}, not {target}. "
+                "Use another --study name."
             )
         self.tracking_uri = default_tracking_uri()
         logger = trainer.get("logger") if isinstance(trainer.get("logger"), dict) else {}
@@ -255,9 +275,10 @@ class Study:
             trial.set_user_attr("mlflow_run_id", run.id)
             return self.run_trial(trial, recipe, run)
 
-    def run_trial(self, trial, recipe: dict, run) -> float:
+    def run_trial(self, trial, recipe: dict, run) -> float | tuple[float, float]:
         """One trial's fit in its own process, logging into `run`; its outcome recorded on both (the run's status
-        set before TrialFailed or TrialPruned tells Optuna)."""
+        set before TrialFailed or TrialPruned tells Optuna). With a target, the fit tests and logs its best
+        epoch's model, which is then timed on the target: (metric, milliseconds)."""
         import optuna
 
         runnable = apply(
@@ -287,7 +308,9 @@ class Study:
             self.tracking_uri,
             name=f"trial-{trial.number}",
             env={"OMP_NUM_THREADS": self.threads},
-            extra=[
+            extra=["--checkpoint.save_top_k=1", "--checkpoint.save_last=false"]  # the model on the front
+            if self.target
+            else [
                 "--test_after_fit=false",
                 "--log_model=false",  # the best recipe is refit, so
                 "--checkpoint.save_top_k=0",
@@ -312,8 +335,58 @@ class Study:
             self._finish(trial, run, "PRUNED", f"pruned after epoch {frozen.user_attrs[PRUNED_AT]}")
             raise optuna.TrialPruned(f"pruned after epoch {frozen.user_attrs[PRUNED_AT]}")
         best = (max if self.direction == "maximize" else min)(scores.values())
-        self._finish(trial, run, "COMPLETE", f"{self.metric} {best:.4f}")
-        return best
+        if not self.target:
+            self._finish(trial, run, "COMPLETE", f"{self.metric} {best:.4f}")
+            return best
+        try:
+            ms, mb = self.latency(run.id)
+        except Exception as err:  # a model the target cannot run fails its trial, not the study
+            reason = f"timing on {self.target} failed: {type(err).__name__}: {str(err)[:300]}"
+            self._finish(trial, run, "FAIL", reason)
+            raise TrialFailed(reason) from None
+        trial.set_user_attr("mb", round(mb, 3))
+        run.client.log_metric(run.id, "latency_ms", ms)
+        self._finish(trial, run, "COMPLETE", f"{self.metric} {best:.4f}, {ms:.3f} ms on {self.target}")
+        return best, ms
+
+    def latency(self, run_id: str) -> tuple[float, float]:
+        """The run's logged model converted for the target (int8 calibrated on its training split), timed at
+        batch 1: (median ms, MB). One timing at a time in this process; the other workers' fits still run."""
+        from cnnlab import load
+        from cnnlab.cnnlab_model import load_network
+        from cnnlab.data import labelled
+        from cnnlab.evaluate import latency_ms
+        from cnnlab.export import convert
+
+        with self.timing, tempfile.TemporaryDirectory(prefix="cnnlab-tune-") as tmp:
+            network = load.model(run_id, self.latency_threads, program=True)
+            if self.target != "torch":
+                fmt, _, int8 = self.target.partition("-")
+                train = labelled(network.meta, None)[0].splits["train"] if int8 else None
+                convert(network, Path(tmp) / "model", fmt, bool(int8), train)
+                network = load_network(Path(tmp) / "model", self.latency_threads)
+            ms = latency_ms(network.predict, network.image_size, 1, self.latency_runs)
+            return ms, network.meta.get("bytes", 4 * network.params) / 1e6
+
+    def register_front(self, name: str) -> None:
+        """Every trial on the Pareto front as a version of NAME (fastest first, so the most accurate ends as the
+        challenger), tagged with its metric and latency; a trial registered by an earlier invocation is not again."""
+        from cnnlab import store
+        from cnnlab.registry import register
+
+        client, done = store.client(self.tracking_uri), dict(self.study.user_attrs.get("registered") or {})
+        for t in sorted(self.study.best_trials, key=lambda t: t.values[1]):
+            key = f"{name}/{t.number}"
+            if key not in done:
+                version = register(t.user_attrs["mlflow_run_id"], name).version
+                tags = {self.metric: f"{t.values[0]:.6g}", "latency_ms": f"{t.values[1]:.4g}", "target": self.target}
+                tags |= {"threads": self.latency_threads, "study": self.name, "trial": t.number}
+                for tag, value in tags.items():
+                    client.set_model_version_tag(name, version, f"tune.{tag}", str(value))
+                done[key] = version
+                self.study.set_user_attr("registered", done)
+            print(f"registered {name} v{done[key]}: trial {t.number}, {self.metric} {t.values[0]:.4f}, "
+                  f"{t.values[1]:.3f} ms on {self.target}")  # fmt: skip
 
     def _finish(self, trial, run, state: str, note: str) -> None:
         """Record the outcome on the trial and on its MLflow run (pruned: KILLED, failed: FAILED)."""
@@ -346,9 +419,14 @@ class Study:
         for state in ("COMPLETE", "PRUNED", "FAIL"):
             client.log_metric(self.parent, f"trials/{state.lower()}", states.count(state))
         client.log_text(self.parent, leaderboard(self.study, self.metric), "leaderboard.txt")
+        names = [self.metric, f"ms at batch 1 ({self.target})"] if self.target else None
         with tempfile.TemporaryDirectory() as tmp:
-            for path in plots(self.study, Path(tmp)):
+            for path in plots(self.study, Path(tmp), names):
                 client.log_artifact(self.parent, str(path), "plots")
+        if self.target:
+            client.log_text(self.parent, front_table(self.study, self.metric, self.target), "pareto_front.txt")
+            client.log_metric(self.parent, "pareto_front/trials", len(self.study.best_trials))
+            return None  # no one best recipe: each trial's run holds its own
         written = None
         try:
             best = self.study.best_trial
@@ -385,33 +463,59 @@ def _show(value) -> str:
 
 
 def leaderboard(study, metric: str) -> str:
-    """Trials best first: number, state, value, epochs, seconds, drawn values."""
-    reverse = study.direction.name == "MAXIMIZE"
+    """Trials best first (by the metric): number, state, value (and latency, * on the Pareto front, in a study
+    of two objectives), epochs, seconds, drawn values."""
+    reverse = study.directions[0].name == "MAXIMIZE"
+    two = len(study.directions) > 1
+    front = {t.number for t in study.best_trials} if two else set()
     trials = sorted(
         study.trials,
         key=lambda t: (
             t.state.name != "COMPLETE",
-            -(t.value or 0) if reverse else (t.value if t.value is not None else math.inf),
+            -(t.values or [0])[0] if reverse else (t.values[0] if t.values else math.inf),
             t.number,
         ),
     )
+    objectives = f"{metric} ({study.directions[0].name.lower()})" + (", ms (minimize), * on the front" if two else "")
+    ms_head = f" {'ms':>8} " if two else ""
     rows = [
-        f"study {study.study_name}: {len(trials)} trials, {metric} ({study.direction.name.lower()})",
-        f"{'trial':>5} {'state':<9} {metric:>10} {'epochs':>6} {'seconds':>8}  params",
+        f"study {study.study_name}: {len(trials)} trials, {objectives}",
+        f"{'trial':>5} {'state':<9} {metric:>10}{ms_head} {'epochs':>6} {'seconds':>8}  params",
     ]
     for t in trials:
-        value = f"{t.value:.4f}" if t.value is not None else "-"
+        value = f"{t.values[0]:.4f}" if t.values else "-"
+        ms = (
+            (f" {t.values[1]:>8.3f}" + ("*" if t.number in front else " ") if t.values else f" {'-':>8} ")
+            if two
+            else ""
+        )
         params = ", ".join(f"{k}={_show(v)}" for k, v in t.params.items())
         reason = f"  ({t.user_attrs.get('fail_reason', '')[:100]})" if t.state.name == "FAIL" else ""
         rows.append(
-            f"{t.number:>5} {t.state.name:<9} {value:>10} {t.user_attrs.get('epochs', '-'):>6} "
+            f"{t.number:>5} {t.state.name:<9} {value:>10}{ms} {t.user_attrs.get('epochs', '-'):>6} "
             f"{t.user_attrs.get('seconds', '-'):>8}  {params}{reason}"
         )
     return "\n".join(rows) + "\n"
 
 
-def plots(study, folder: Path) -> list[Path]:
-    """Optuna's own matplotlib plots as PNGs (those the finished trials allow)."""
+def front_table(study, metric: str, target: str) -> str:
+    """The Pareto front, fastest first: trial, metric, latency on the target, MB, the trial's drawn values."""
+    front = sorted(study.best_trials, key=lambda t: t.values[1])
+    rows = [
+        f"Pareto front of {study.study_name}: {len(front)} trial(s), {metric} against ms at batch 1 on {target}",
+        f"{'trial':>5} {metric:>10} {'ms':>9} {'MB':>7}  params",
+    ]
+    for t in front:
+        params = ", ".join(f"{k}={_show(v)}" for k, v in t.params.items())
+        rows.append(
+            f"{t.number:>5} {t.values[0]:>10.4f} {t.values[1]:>9.3f} {t.user_attrs.get('mb', 0):>7.2f}  {params}"
+        )
+    return "\n".join(rows) + "\n"
+
+
+def plots(study, folder: Path, names: list[str] | None = None) -> list[Path]:
+    """Optuna's own matplotlib plots as PNGs (those the finished trials allow); in a study of two objectives
+    (`names`), the Pareto front and the others on the first objective."""
     import warnings
 
     import matplotlib
@@ -421,16 +525,20 @@ def plots(study, folder: Path) -> list[Path]:
     import optuna.visualization.matplotlib as vis
 
     out = []
+    first = {"target": lambda t: t.values[0], "target_name": names[0]} if names else {}
     for name, fn in (
-        ("optimization_history", vis.plot_optimization_history),
-        ("param_importances", vis.plot_param_importances),
-        ("parallel_coordinate", vis.plot_parallel_coordinate),
+        ("pareto_front", lambda s: vis.plot_pareto_front(s, target_names=names) if names else None),
+        ("optimization_history", lambda s: vis.plot_optimization_history(s, **first)),
+        ("param_importances", lambda s: vis.plot_param_importances(s, **first)),
+        ("parallel_coordinate", lambda s: vis.plot_parallel_coordinate(s, **first)),
         ("intermediate_values", vis.plot_intermediate_values),
     ):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 axes = fn(study)
+            if axes is None:
+                continue
             figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
             figure.set_size_inches(10, 6)
             figure.tight_layout()
@@ -471,6 +579,10 @@ def tune(
     seed: int | None = None,
     out_dir: str = "recipes/tuned",
     heartbeat: float = 60,
+    target: Literal[TARGETS] | None = None,
+    latency_runs: int = 50,
+    latency_threads: int = 1,
+    register: str | None = None,
     show: str | None = None,
 ) -> int:
     """An Optuna study over a recipe: pruned trials, workers, one MLflow parent run with a nested run per trial.
@@ -491,6 +603,12 @@ def tune(
         out_dir: where the best recipe is written
         heartbeat: seconds between a running trial's heartbeats; trials of a killed study that miss two are
             failed when it resumes
+        target: a second objective, latency on this runtime: each complete trial's model is converted for it and
+            timed at batch 1; the study keeps the Pareto front of the metric and the latency (no pruning)
+        latency_runs: timed runs per trial (the median is kept)
+        latency_threads: CPU threads for the timing (the serving machine's)
+        register: with --target, register every trial on the Pareto front as a version of this name, tagged
+            with its metric and latency
         show: print this study's leaderboard and exit
     """
     if show:
@@ -501,12 +619,34 @@ def tune(
         raise UserError(f"--workers {workers} must be at least 1.")
     if n_trials is None and timeout is None:
         raise UserError("give --n-trials N or --timeout SECONDS (or both) so the study ends.")
+    if register and not target:
+        raise UserError(
+            "--register NAME registers the Pareto front of a --target study. A study of one metric writes its best "
+            "recipe: fit that with `cnnlab fit --config recipes/tuned/STUDY.yaml --register NAME`."
+        )
+    if latency_runs < 1 or latency_threads < 1:
+        raise UserError(f"--latency-runs {latency_runs} and --latency-threads {latency_threads} must be at least 1.")
+    if target and target.startswith("openvino"):
+        from cnnlab.export import openvino_installed
+
+        if not openvino_installed():
+            raise UserError(f'--target {target} needs OpenVINO: pip install "cnnlab[openvino]".')
     remove_stale_temp()
-    runner = Study(config, space, study, storage, sampler, pruner, metric, direction, seed, heartbeat)
+    runner = Study(
+        config, space, study, storage, sampler, pruner, metric, direction, seed, heartbeat, target, latency_runs,
+        latency_threads,
+    )  # fmt: skip
     runner.study.set_user_attr("metric", metric)
+    if target:
+        runner.study.set_user_attr("target", target)
+    objectives = (
+        f"{direction} {metric} and minimize ms at batch 1 on {target} ({latency_threads} thread(s)), no pruning"
+        if target
+        else f"{pruner} pruner, {direction} {metric}"
+    )
     print(
         f"study '{runner.name}' in {redact(runner.storage_url)}: {n_trials or 'unlimited'} trials, "
-        f"{workers} worker(s), {sampler} sampler, {pruner} pruner, {direction} {metric}",
+        f"{workers} worker(s), {sampler} sampler, {objectives}",
         flush=True,
     )
 
@@ -534,5 +674,9 @@ def tune(
     print(leaderboard(runner.study, metric), end="")
     if written:
         print(f"best recipe: {written} (fit it with `cnnlab fit --config {written}`)")
+    if target:
+        print(front_table(runner.study, metric, target), end="")
+        if register:
+            runner.register_front(register)
     print(f"MLflow: parent run {runner.parent} with one nested run per trial, in {runner.tracking_uri}")
     return 0

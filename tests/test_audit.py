@@ -50,9 +50,9 @@ def test_the_ranking_puts_a_confidently_contradicted_label_first():
         label = i % 4
         probs = rng.uniform(0.05, 0.1, 4)
         probs[label] = 0.8
-        rows.append({"path": f"{i}.png", "split": "val", "label": label, "probs": probs, "classes": list("abcd")})
+        rows.append({"path": f"{i}.png", "split": "val", "label": label, "probs": probs})
     rows[7]["label"], rows[7]["probs"] = 2, np.array([0.01, 0.01, 0.01, 0.97])  # sure of d, labelled c
-    ranked, flagged = rank(rows)
+    ranked, flagged = rank(rows, list("abcd"))
     assert ranked[0]["path"] == "7.png" and ranked[0]["given"] == "c" and ranked[0]["suggested"] == "d"
     assert ranked[0]["issue"] and flagged == 1 and [r["rank"] for r in ranked] == list(range(1, 201))
 

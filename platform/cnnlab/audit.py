@@ -52,16 +52,16 @@ def audit(
         raise UserError(f"--folds {folds}: cross-validation needs 2 folds or more.")
     started = time.time()
     # what can be wrong with the input is found before the audit's run is opened
-    rows, how = model_probabilities(model, source) if model else (None, None)
+    rows, how, classes = model_probabilities(model, source) if model else (None, None, None)
     fits = None if model else fold_recipe(recipe, source, max_epochs)
     tags = {"cnnlab.role": "audit", "cnnlab.audit.source": source}
     with store.run(f"audit-{Path(source).name or source}", tags) as parent:
         if fits:
-            rows, how = fold_probabilities(*fits, folds, parent)
+            rows, how, classes = fold_probabilities(*fits, folds, parent)
         log(parent, {"source": source, "method": how[:500], **({"model": model} if model else {})})
         folder = Path(out)
         folder.mkdir(parents=True, exist_ok=True)
-        ranked, flagged = rank(rows)
+        ranked, flagged = rank(rows, classes)
         write_csv(ranked, folder / "label_issues.csv")
         grid(ranked[: min(top, max(flagged, 1))], folder / "suspects.png", how)
         parent.client.log_artifact(parent.id, str(folder / "label_issues.csv"), "audit")
@@ -95,8 +95,9 @@ def fold_recipe(recipe: str, source: str, max_epochs: int | None) -> tuple:
     return path, base, datamodule
 
 
-def fold_probabilities(path: Path, base: dict, datamodule, folds: int, parent) -> tuple[list, str]:
-    """Each fold's images scored by the model of a fit on the other folds (a child run of `parent`)."""
+def fold_probabilities(path: Path, base: dict, datamodule, folds: int, parent) -> tuple[list, str, list[str]]:
+    """Each fold's images scored by the model of a fit on the other folds (a child run of `parent`); what was
+    audited, in words; the classes."""
     from cnnlab import load, store
     from cnnlab.sources import fold_splits
     from cnnlab.supervisor import apply, fit, why_failed
@@ -123,11 +124,12 @@ def fold_probabilities(path: Path, base: dict, datamodule, folds: int, parent) -
                 raise UserError(f"fold {k}/{folds}: the fit failed: {why_failed(proc)}")
             held = fold_splits(datamodule.splits, k, folds, seed)["val"]
             rows += scored(load.model(run.id), held, f"fold {k}")
-    return rows, f"{folds}-fold cross-validation of {path.name} on the train and val splits"
+    return rows, f"{folds}-fold cross-validation of {path.name} on the train and val splits", datamodule.classes
 
 
-def model_probabilities(model: str, source: str) -> tuple[list, str]:
-    """The model's probabilities on the val and test splits of the source, as split when it was trained."""
+def model_probabilities(model: str, source: str) -> tuple[list, str, list[str]]:
+    """The model's probabilities on the val and test splits of the source, as split when it was trained; what
+    was audited, in words; the model's classes."""
     from cnnlab import load
     from cnnlab.data import labelled
 
@@ -137,7 +139,8 @@ def model_probabilities(model: str, source: str) -> tuple[list, str]:
     rows = [row for split in splits for row in scored(network, datamodule.splits[split], split)]
     unseen = " and ".join(f"{split} ({len(datamodule.splits[split])})" for split in splits)
     trained = len(datamodule.splits["train"])
-    return rows, f"{model} on the {unseen} images it never trained on; its {trained} training images need the fold fits"
+    how = f"{model} on the {unseen} images it never trained on; its {trained} training images need the fold fits"
+    return rows, how, network.classes
 
 
 def scored(network, samples, split: str) -> list[dict]:
@@ -152,14 +155,13 @@ def scored(network, samples, split: str) -> list[dict]:
             "split": split,
             "label": label,
             "probs": p,
-            "classes": network.classes,
             "image": (samples, i),
         }
         for i, (label, p) in enumerate(zip(samples.labels, probs))
     ]
 
 
-def rank(rows: list[dict]) -> tuple[list[dict], int]:
+def rank(rows: list[dict], classes: list[str]) -> tuple[list[dict], int]:
     """The rows ranked by label quality (cleanlab's self-confidence: the probability of the given label), worst
     first, each marked an issue or not by confident learning (prune by noise rate); the number of issues."""
     from cleanlab.filter import find_label_issues
@@ -172,7 +174,6 @@ def rank(rows: list[dict]) -> tuple[list[dict], int]:
     probs /= probs.sum(1, keepdims=True)
     issues = find_label_issues(labels, probs)
     quality = get_label_quality_scores(labels, probs)
-    classes = rows[0]["classes"]
     ranked = []
     for place, i in enumerate(np.argsort(quality, kind="stable"), start=1):
         suggested = int(probs[i].argmax())

@@ -76,7 +76,8 @@ def ui(
     # The runs page itself: MLflow's home page and an experiment's default tab depend on what the browser
     # remembers (a fresh profile lands on the GenAI overview, mlflow/mlflow#24498).
     found = store.client(uri).get_experiment_by_name(experiment)
-    address = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    local = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # where this machine reaches the UI
+    address = f"http://{local}:{port}"
     link = f"{address}/#/experiments/{found.experiment_id}/runs" if found else f"{address}/"
     where = f"the runs of experiment {experiment}" if found else f"no experiment {experiment} yet"
     print(f"MLflow UI for {uri}: {where} at {link} (Ctrl-C stops it)", flush=True)
@@ -87,7 +88,7 @@ def ui(
         deadline = time.time() + 60
         while ui.poll() is None and time.time() < deadline:
             with socket.socket() as probe:
-                if probe.connect_ex((address.split("//")[1].rsplit(":", 1)[0], port)) == 0:
+                if probe.connect_ex((local, port)) == 0:
                     webbrowser.open(link)
                     break
             time.sleep(0.5)

@@ -243,7 +243,10 @@ def states(state_dir: str) -> list[dict]:
 
 
 def add_routes(app, state_dir: str, counters, static: dict, workers: int) -> None:
-    """A page to try the model (/) and /info for people; the probes and model metadata of Open Inference v2 and MLflow's /ping; /metrics."""
+    """A page to try the model (/) and /info for people; the probes and model metadata of Open Inference v2 and
+    MLflow's /ping; /metrics."""
+    from importlib.resources import files
+
     from fastapi import Response
     from fastapi.responses import HTMLResponse, JSONResponse
 
@@ -285,13 +288,11 @@ def add_routes(app, state_dir: str, counters, static: dict, workers: int) -> Non
         body, content_type = metrics.exposition()
         return Response(body, media_type=content_type)
 
-    def page():  # a page to try the model: it calls /predict with the key typed into it, as any client does
-        from importlib.resources import files
-
-        return HTMLResponse((files("cnnlab") / "presets" / "try.html").read_text())
+    # a page to try the model: it calls /predict with the key typed into it, as any client does
+    page = (files("cnnlab") / "presets" / "try.html").read_text()
 
     routes = {
-        "/": page,
+        "/": lambda: HTMLResponse(page),
         "/info": info,
         "/v2": lambda: JSONResponse({**SERVER, "version": _version()}),
         "/v2/health/live": lambda: Response(status_code=200),

@@ -76,6 +76,7 @@ def test_resume_after_a_kill_continues_the_same_mlflow_run(workdir):
         QUICKSTART,
         "--trainer.max_epochs=4",
         "--data.num_workers=0",
+        "--data.image_size=8",
         "--trainer.enable_progress_bar=false",
     ]
     stop_in_second_epoch(args, workdir, signal.SIGKILL)
@@ -111,6 +112,7 @@ def test_sigterm_saves_marks_the_run_killed_and_resume_keeps_every_learning_rate
         f"--model.lr_scheduler={json.dumps(timm_cosine)}",
         "--trainer.max_epochs=3",
         "--data.num_workers=0",
+        "--data.image_size=8",
         "--trainer.enable_progress_bar=false",
         "--log_model=false",
     ]
@@ -152,6 +154,21 @@ def test_a_scheduler_class_path_leaves_total_steps_for_the_module_to_fill():
     assert scheduler.keywords["total_steps"] is None
 
 
+@pytest.mark.parametrize("precision, expected", [("bf16-mixed", True), ("32-true", False)])
+def test_bf16_on_the_cpu_runs_channels_last_unless_told(precision, expected):
+    """bf16 convolutions in the default layout are about 15x slower on a CPU without bf16 kernels."""
+    import lightning as L
+
+    for asked in (None, False):
+        module = ClassifierModule("resnet18", num_classes=2, small_input=True, image_size=16, channels_last=asked)
+        module.trainer = L.Trainer(accelerator="cpu", precision=precision, logger=False)
+        module.setup("fit")
+        kernel = next(p for p in module.net.parameters() if p.dim() == 4)
+        chosen = expected and asked is None
+        assert module.hparams.channels_last is chosen
+        assert kernel.is_contiguous(memory_format=torch.channels_last) is chosen
+
+
 @pytest.mark.slow
 def test_onecycle_on_a_very_short_fit_is_refused_or_works(workdir):
     short = cnnlab(
@@ -162,6 +179,7 @@ def test_onecycle_on_a_very_short_fit_is_refused_or_works(workdir):
         "--trainer.limit_train_batches=4",
         "--trainer.limit_val_batches=1",
         "--data.num_workers=0",
+        "--data.image_size=8",
         "--log_model=false",
         "--test_after_fit=false",
         cwd=workdir,
@@ -180,6 +198,7 @@ def test_ddp_on_two_cpu_processes_makes_one_run_with_synced_metrics(workdir):
         "--trainer.strategy=ddp",
         "--trainer.accelerator=cpu",
         "--data.num_workers=0",
+        "--data.image_size=8",
         "--data.val_fraction=0.25",  # 450 images: an even split over two ranks, no padding
         "--trainer.enable_progress_bar=false",
         "--register",
@@ -195,7 +214,7 @@ def test_ddp_on_two_cpu_processes_makes_one_run_with_synced_metrics(workdir):
     # The last checkpoint holds the weights of the last validation: evaluate them on the whole val split alone.
     last = next(workdir.glob("mlruns/*/*/checkpoints/last.ckpt"))
     model = ClassifierModule.load_from_checkpoint(last, map_location="cpu").eval()
-    data = DataModule("digits", image_size=16, val_fraction=0.25, test_fraction=0.2, num_workers=0)
+    data = DataModule("digits", image_size=8, val_fraction=0.25, test_fraction=0.2, num_workers=0)
     correct = total = 0
     with torch.no_grad():
         for images, labels in data.loader("val"):
@@ -303,6 +322,7 @@ def test_two_torchrun_nodes_train_as_two_processes_on_one_node(workdir):
         "--trainer.strategy=ddp",
         "--trainer.accelerator=cpu",
         "--data.num_workers=0",
+        "--data.image_size=8",
         "--data.val_fraction=0.25",
         "--trainer.enable_progress_bar=false",
         "--test_after_fit=false",

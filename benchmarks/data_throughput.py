@@ -158,7 +158,14 @@ def main(argv=None) -> int:
             )
             for name, shards, preset, size, batch, batches in (
                 ("CIFAR-10 32 px, gz shards", source, "cifar", 32, 256, args.batches),
-                ("ImageNet-style 224 px, tar", write_shards(folder, imagenet_bytes(1200)), "standard", 224, 64, 10),
+                (  # 1,200 images and 10 batches at the defaults
+                    "ImageNet-style 224 px, tar",
+                    write_shards(folder, imagenet_bytes(max(256, args.images * 3 // 5))),
+                    "standard",
+                    224,
+                    64,
+                    max(1, args.batches // 4),
+                ),
             )
         ]
     torch.set_num_threads(1)

@@ -1,6 +1,8 @@
 # The two set-up commands of the README, and the rest of the project's chores.
 VENV ?= .venv
 BIN := $(VENV)/bin
+# Two test processes, each taking whole files in collection order (tests/conftest.py: LONGEST_FIRST).
+PYTEST := $(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 export NO_ALBUMENTATIONS_UPDATE := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
@@ -27,11 +29,11 @@ quickstart: install
 test: install
 	bash -c 'if bash .ci/services; then source /tmp/cnnlab-services/env; \
 	  else echo "services not started: their tests are skipped"; fi; \
-	  $(BIN)/python -m pytest -n 2 --dist loadfile; code=$$?; bash .ci/services stop; exit $$code'
+	  $(PYTEST); code=$$?; bash .ci/services stop; exit $$code'
 
 # The tests not marked slow: every module's unit tests, no fit, no server, no study; the loop while working.
 test-fast: install
-	$(BIN)/python -m pytest -n 2 --dist loadfile -m "not slow"
+	$(PYTEST) -m "not slow"
 
 # ruff (lint and format) and the import-linter contract of the layers (pyproject.toml); CI runs it before the
 # tests. platform/cnnlab/callbacks links to callbacks/, so tools that read the package from its folder see

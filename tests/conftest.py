@@ -30,16 +30,40 @@ for _variable in STORE_VARIABLES:
     os.environ.pop(_variable, None)
 
 
+# The files that take minutes, longest first (a full run's --durations). The test processes take whole files in
+# collection order (the Makefile's PYTEST): the long ones start first and the short ones fill in at the end, so
+# that no process is left alone with a long file while the other waits.
+LONGEST_FIRST = (
+    "test_tune.py",
+    "test_training.py",
+    "test_registry.py",
+    "test_gpu_paths.py",
+    "test_compress.py",
+    "test_serve.py",
+    "test_gpu_script.py",
+    "test_trust.py",
+    "test_bad_input.py",
+    "test_tune_front.py",
+    "test_wheel.py",
+    "test_faults.py",
+    "test_compare.py",
+)
+
+
 def pytest_collection_modifyitems(items):
-    """A test that needs the trained quick-start model (directly or through another fixture) is slow too."""
+    """A test that needs the trained quick-start model (directly or through another fixture) is slow too. The
+    files of LONGEST_FIRST come first, in its order; each file's tests keep theirs."""
     for item in items:
         if "quickstart" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+    rank = {name: k for k, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 def pytest_configure(config):
-    if os.environ.get("PYTEST_XDIST_WORKER"):  # test processes share the cores: a torch thread each, set before
-        os.environ.setdefault("OMP_NUM_THREADS", "1")  # torch is imported; their subprocesses inherit it
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # test processes share the cores, set before torch is imported and
+        os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by their subprocesses: a torch thread each,
+        os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")  # and no pool of compiling processes
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -54,6 +78,18 @@ def workdir(tmp_path, monkeypatch):
     for variable in STORE_VARIABLES:  # mlflow.set_tracking_uri() and set_registry_uri() export them
         monkeypatch.delenv(variable, raising=False)
     return tmp_path
+
+
+@pytest.fixture
+def small(workdir):
+    """The quick-start recipe at 8 px, 3 short epochs, no loader workers (a study's trials): seconds each."""
+    import yaml
+
+    recipe = yaml.safe_load(QUICKSTART.read_text())
+    recipe["trainer"].update(max_epochs=3, limit_train_batches=8)
+    recipe["data"].update(image_size=8, num_workers=0)
+    (workdir / "small.yaml").write_text(yaml.safe_dump(recipe))
+    return workdir / "small.yaml"
 
 
 def cnnlab(*args: str, cwd: Path, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -21,7 +21,7 @@ from cnnlab import UserError
 from cnnlab.callbacks.checkpoints import AtomicCheckpointIO, LastCheckpoint
 from conftest import QUICKSTART, STORE_VARIABLES, cnnlab, cnnlab_here, mlflow_client, only_run
 
-FAST = ["--trainer.enable_progress_bar=false", "--data.num_workers=0"]
+FAST = ["--trainer.enable_progress_bar=false", "--data.num_workers=0", "--data.image_size=8"]  # 8 px: 4x less work
 
 
 @pytest.fixture

@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 
 from cnnlab import UserError
-from cnnlab.cli import main
 from cnnlab.data import DataModule
 from cnnlab.sources import shard_list
-from conftest import CIFAR10, QUICKSTART, mlflow_client, only_run, write_shard
+from conftest import CIFAR10, QUICKSTART, cnnlab, mlflow_client, only_run, write_shard
 
 
 class Server:
@@ -76,11 +75,13 @@ def test_a_recipe_trains_from_shards_served_over_http_with_a_flaky_shard(serve, 
     server = serve(CIFAR10.parent)
     server.plan["/cifar10/train-00001.tar.gz"] = ["503", "cut"]  # fails twice, then answers
     source = f"{server.url}/cifar10/{{train-{{00000..00001}},test-00000}}.tar.gz"
-    main(
-        ["fit", "--config", str(QUICKSTART), f"--data.source={source}", "--data.stream=true", "--data.num_workers=1"]
-        + ["--data.image_size=16", "--trainer.max_epochs=1", "--trainer.limit_train_batches=3"]
-        + ["--trainer.limit_val_batches=2", "--trainer.limit_test_batches=2", "--model.lr_scheduler=null"]
+    fit = cnnlab(  # a process of its own: its loader worker is a fork, which a test process must not make
+        *["fit", "--config", QUICKSTART, f"--data.source={source}", "--data.stream=true", "--data.num_workers=1"],
+        *["--data.image_size=16", "--trainer.max_epochs=1", "--trainer.limit_train_batches=3"],
+        *["--trainer.limit_val_batches=2", "--trainer.limit_test_batches=2", "--model.lr_scheduler=null"],
+        cwd=workdir,
     )
+    assert fit.returncode == 0, fit.stderr[-3000:]
     run = only_run(mlflow_client())
     assert run.info.status == "FINISHED" and "test/acc" in run.data.metrics
     # both failures were met (and retried) while the shard was indexed; the fit then read it again

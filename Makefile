@@ -1,8 +1,9 @@
 # The two set-up commands of the README, and the rest of the project's chores.
 VENV ?= .venv
 BIN := $(VENV)/bin
-# Two test processes, each taking whole files in collection order (tests/conftest.py: LONGEST_FIRST).
-PYTEST := $(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder
+# Two test processes, each taking whole files in collection order (tests/conftest.py: LONGEST_FIRST). A test process
+# that dies ends the run at once, naming its test: xdist's file scheduler would otherwise wait forever for its files.
+PYTEST := $(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder --max-worker-restart=0
 export NO_ALBUMENTATIONS_UPDATE := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1

@@ -212,6 +212,8 @@ def quickstart(tmp_path_factory):
     while not (shared / "code").exists() and time.time() < deadline:
         time.sleep(1)
     assert (shared / "code").exists(), "the quick-start fit took over 20 minutes"
+    for started in STARTED:  # reaped by the test process that started it
+        started.wait()
     stdout, stderr = (shared / "stdout").read_text(), (shared / "stderr").read_text()
     result = subprocess.CompletedProcess(["cnnlab", "fit"], int((shared / "code").read_text()), stdout, stderr)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -74,6 +74,18 @@ def _cache(tmp_path_factory):
     os.environ["CNNLAB_CACHE"] = str(shared_folder(tmp_path_factory) / "cache")
 
 
+@pytest.fixture(autouse=True)
+def _signal_handlers():
+    """Each test leaves its process's signal handlers as it found them. A handler left behind (torch sets one for
+    SIGCHLD with a DataLoader's first workers) runs at every later child's exit; after the compress tests had run
+    in the same process (OpenVINO's CPU plugin sets signal stacks), its delivery killed the process with SIGSEGV."""
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT)}
+    yield
+    for signum, handler in saved.items():
+        if handler is not None and signal.getsignal(signum) is not handler:
+            signal.signal(signum, handler)
+
+
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
     """A fresh project folder: `mlruns/` (the default store) lands here."""

@@ -183,7 +183,6 @@ FIT = [
 
 @pytest.mark.slow
 def test_training_on_a_bad_file_names_it(bad_folder, workdir):
-    # a process of its own, as the other fits of the suite
     result = cnnlab(*FIT, f"--data.source={bad_folder}", cwd=workdir)
     assert result.returncode == 2, result.stderr[-3000:]
     assert "src/cat/fake.jpg: not an image" in result.stderr or "truncated.jpg" in result.stderr
